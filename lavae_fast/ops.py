@@ -1,0 +1,376 @@
+"""The engine's public functional API and the one place where ops are dispatched by device.
+
+Every op is a real PyTorch operator in the ``lavae_fast`` namespace (``torch.ops.lavae_fast.*``),
+defined here with ``torch.library`` so that it exists whether or not a compiled backend was built:
+
+* the schema, the autograd formula (``register_autograd``) and the fake/meta implementation
+  (``register_fake``, for ``torch.compile``) are defined in this module;
+* ``CompositeExplicitAutograd`` holds the plain-PyTorch fallback from :mod:`lavae_fast.reference`;
+* the C++ extension ``lavae_fast._C`` registers CPU kernels (``TORCH_LIBRARY_IMPL(lavae_fast, CPU)``),
+  which take precedence over the fallback for CPU tensors;
+* ``lavae_fast.kernels`` registers Triton kernels for CUDA tensors.
+
+Backward passes are ops of their own (``*_backward``), so fused backends implement them too.
+No op draws random numbers: noise is an argument (SPEC §5).
+
+Inputs are checked here, once, at the boundary: shapes, dtypes, devices and ``n`` ∈ [0, M]
+(the last one only for CPU tensors outside ``torch.compile``, where it costs no device sync).
+Value checks (range, NaN) belong to the entry points (model forward, data loading, CLIs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backends
+from . import reference as _ref
+
+__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+_lib = torch.library.Library("lavae_fast", "DEF")
+_lib.define(
+    "place_loglik(Tensor x, Tensor sprites, Tensor loc, Tensor n, Tensor? index, float eps)"
+    " -> (Tensor loglik, Tensor canvas)"
+)
+_lib.define(
+    "place_loglik_backward(Tensor grad_loglik, Tensor? grad_canvas, Tensor x, Tensor sprites,"
+    " Tensor loc, Tensor n, Tensor? index, Tensor canvas, float eps, bool need_sprites,"
+    " bool need_loc) -> (Tensor grad_sprites, Tensor grad_loc)"
+)
+_lib.define(
+    "gumbel_topk_relaxed(Tensor logits, Tensor n, float tau, int max_objects, Tensor gumbel)"
+    " -> (Tensor relaxed, Tensor log_q, Tensor index)"
+)
+_lib.define(
+    "gumbel_topk_relaxed_backward(Tensor? grad_relaxed, Tensor? grad_log_q, Tensor logits,"
+    " Tensor index, Tensor relaxed, Tensor n, float tau) -> Tensor"
+)
+_lib.define("count_objects(Tensor h_loc, float threshold, int max_objects) -> Tensor")
+_lib.define("gather_appearance(Tensor h_app, Tensor loc, Tensor n, Tensor? index) -> Tensor")
+_lib.define(
+    "gather_appearance_backward(Tensor grad, Tensor h_app, Tensor loc, Tensor n, Tensor? index,"
+    " bool need_h_app, bool need_loc) -> (Tensor grad_h_app, Tensor grad_loc)"
+)
+
+# Reference fallbacks: any device without a fused kernel.
+for _name, _fn in [
+    ("place_loglik", _ref._fallback_place_loglik),
+    ("place_loglik_backward", _ref._fallback_place_loglik_backward),
+    ("gumbel_topk_relaxed", _ref._fallback_gumbel_topk_relaxed),
+    ("gumbel_topk_relaxed_backward", _ref._fallback_gumbel_topk_relaxed_backward),
+    ("count_objects", _ref._fallback_count_objects),
+    ("gather_appearance", _ref._fallback_gather_appearance),
+    ("gather_appearance_backward", _ref._fallback_gather_appearance_backward),
+]:
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes only, for torch.compile and opcheck.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("lavae_fast::place_loglik")
+def _(x, sprites, loc, n, index, eps):
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape)
+
+
+@torch.library.register_fake("lavae_fast::place_loglik_backward")
+def _(grad_loglik, grad_canvas, x, sprites, loc, n, index, canvas, eps, need_sprites, need_loc):
+    gs = sprites.new_empty(sprites.shape) if need_sprites else sprites.new_empty(0)
+    gl = loc.new_empty(loc.shape) if need_loc else loc.new_empty(0)
+    return gs, gl
+
+
+@torch.library.register_fake("lavae_fast::gumbel_topk_relaxed")
+def _(logits, n, tau, max_objects, gumbel):
+    B, D = logits.shape
+    return (
+        logits.new_empty(B, max_objects, D),
+        logits.new_empty(B),
+        logits.new_empty(B, max_objects, dtype=torch.long),
+    )
+
+
+@torch.library.register_fake("lavae_fast::gumbel_topk_relaxed_backward")
+def _(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("lavae_fast::count_objects")
+def _(h_loc, threshold, max_objects):
+    return h_loc.new_empty(h_loc.shape[0], dtype=torch.long)
+
+
+@torch.library.register_fake("lavae_fast::gather_appearance")
+def _(h_app, loc, n, index):
+    return h_app.new_empty(h_app.shape[0], loc.shape[1], h_app.shape[1])
+
+
+@torch.library.register_fake("lavae_fast::gather_appearance_backward")
+def _(grad, h_app, loc, n, index, need_h_app, need_loc):
+    gh = h_app.new_empty(h_app.shape) if need_h_app else h_app.new_empty(0)
+    gl = loc.new_empty(loc.shape) if need_loc else loc.new_empty(0)
+    return gh, gl
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: each backward is an op of its own, so fused backends implement it too.
+# ---------------------------------------------------------------------------------------------
+
+
+def _place_setup(ctx, inputs, output):
+    x, sprites, loc, n, index, eps = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(x, sprites, loc, n, index, output[1])
+
+
+def _place_backward(ctx, grad_loglik, grad_canvas):
+    x, sprites, loc, n, index, canvas = ctx.saved_tensors
+    need_x, need_sprites, need_loc = ctx.needs_input_grad[:3]
+    if grad_loglik is None:
+        grad_loglik = canvas.new_zeros(canvas.shape[0])
+    gs, gl = torch.ops.lavae_fast.place_loglik_backward(
+        grad_loglik, grad_canvas, x, sprites, loc, n, index, canvas, ctx.eps, need_sprites, need_loc
+    )
+    gx = None
+    if need_x:
+        # d/dx of x log λ + (1−x) log(1−λ) is log λ − log(1−λ); elementwise, so no kernel needed.
+        lam = ctx.eps + (1 - 2 * ctx.eps) * canvas.clamp(max=1)
+        gx = grad_loglik[:, None, None, None] * (torch.log(lam) - torch.log(1 - lam))
+    return gx, (gs if need_sprites else None), (gl if need_loc else None), None, None, None
+
+
+torch.library.register_autograd("lavae_fast::place_loglik", _place_backward, setup_context=_place_setup)
+
+
+def _gumbel_setup(ctx, inputs, output):
+    logits, n, tau, max_objects, gumbel = inputs
+    relaxed, _, index = output
+    ctx.tau = tau
+    ctx.save_for_backward(logits, index, relaxed, n)
+    ctx.mark_non_differentiable(index)
+
+
+def _gumbel_backward(ctx, grad_relaxed, grad_log_q, grad_index):
+    logits, index, relaxed, n = ctx.saved_tensors
+    if grad_relaxed is None and grad_log_q is None:
+        return None, None, None, None, None
+    grad = torch.ops.lavae_fast.gumbel_topk_relaxed_backward(
+        grad_relaxed, grad_log_q, logits, index, relaxed, n, ctx.tau
+    )
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd(
+    "lavae_fast::gumbel_topk_relaxed", _gumbel_backward, setup_context=_gumbel_setup
+)
+
+
+def _gather_setup(ctx, inputs, output):
+    h_app, loc, n, index = inputs
+    ctx.save_for_backward(h_app, loc, n, index)
+
+
+def _gather_backward(ctx, grad):
+    h_app, loc, n, index = ctx.saved_tensors
+    need_h, need_loc = ctx.needs_input_grad[:2]
+    gh, gl = torch.ops.lavae_fast.gather_appearance_backward(grad, h_app, loc, n, index, need_h, need_loc)
+    return (gh if need_h else None), (gl if need_loc else None), None, None
+
+
+torch.library.register_autograd(
+    "lavae_fast::gather_appearance", _gather_backward, setup_context=_gather_setup
+)
+
+
+# Compiled backends register their kernels on import; the reference stays as the fallback.
+_backends.load_cpu_kernels()
+_backends.load_triton_kernels()
+
+
+# ---------------------------------------------------------------------------------------------
+# Boundary checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def _check_tensor(name: str, t, dim: int | None = None, dtypes=None):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        _fail(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def _check_same_device(**tensors):
+    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        _fail(f"all inputs must be on the same device, got {listing}")
+
+
+def _check_counts(n: Tensor, B: int, max_objects: int):
+    _check_tensor("n", n, 1, (torch.int64,))
+    if n.shape[0] != B:
+        _fail(f"n must have shape [B] = [{B}], got {tuple(n.shape)}")
+    # Reading n's values is free on the CPU; on a GPU it would be a device sync, so it is skipped.
+    if n.device.type == "cpu" and not torch.compiler.is_compiling() and n.numel():
+        lo, hi = int(n.min()), int(n.max())
+        if lo < 0 or hi > max_objects:
+            _fail(f"n must lie in [0, max_objects={max_objects}], got values in [{lo}, {hi}]")
+
+
+def _check_index(index, B: int, M: int):
+    if index is None:
+        return
+    _check_tensor("index", index, 2, (torch.int64,))
+    if tuple(index.shape) != (B, M):
+        _fail(f"index must have shape [B, M] = [{B}, {M}], got {tuple(index.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API (SPEC §9): keep these names and argument orders.
+# ---------------------------------------------------------------------------------------------
+
+
+def place_and_loglik(
+    x: Tensor,
+    sprites: Tensor,
+    loc: Tensor,
+    n: Tensor,
+    *,
+    index: Optional[Tensor] = None,
+    eps: float = 1e-4,
+    return_lambda: bool = False,
+):
+    """Place sprites at their locations and return the Bernoulli log-likelihood of ``x`` (SPEC §9.1).
+
+    Args:
+        x: [B,C,H,W] image with values in [0,1].
+        sprites: [B,M,C,S,S] sprites in [0,1], S odd; the centre pixel lands on the location.
+        loc: [B,M,H,W] location maps (one-hot, straight-through or relaxed).
+        n: [B] int64 number of present objects; slots i ≥ n[b] contribute nothing.
+        index: optional [B,M] int64 flat pixel of each one-hot map (−1 for absent slots). A
+            promise that ``loc[b,i]`` is in value the one-hot of ``index[b,i]``: the forward then
+            scatters at ``index`` without reading ``loc``; gradients stay the dense formula's.
+        eps: λ = ε + (1−2ε)·min(Σ, 1).
+        return_lambda: also return λ [B,C,H,W].
+
+    Returns:
+        loglik [B] in nats (summed over channels and pixels), and λ when ``return_lambda``.
+    """
+    _check_tensor("sprites", sprites, 5, _FLOAT_DTYPES)
+    B, M, C, S, S2 = sprites.shape
+    _check_tensor("x", x, 4)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    _check_tensor("loc", loc, 4, (sprites.dtype,))
+    if S != S2 or S % 2 == 0:
+        _fail(f"sprites must be square with an odd side [B,M,C,S,S], got {tuple(sprites.shape)}")
+    if x.shape[0] != B or x.shape[1] != C:
+        _fail(f"x must have shape [B={B}, C={C}, H, W] to match sprites, got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if tuple(loc.shape) != (B, M, H, W):
+        _fail(f"loc must have shape [B, M, H, W] = [{B}, {M}, {H}, {W}], got {tuple(loc.shape)}")
+    _check_same_device(x=x, sprites=sprites, loc=loc, n=n, index=index)
+    _check_counts(n, B, M)
+    _check_index(index, B, M)
+    x = x.to(sprites.dtype).contiguous()
+    ll, canvas = torch.ops.lavae_fast.place_loglik(
+        x, sprites.contiguous(), loc.contiguous(), n.contiguous(),
+        None if index is None else index.contiguous(), float(eps),
+    )
+    if return_lambda:
+        return ll, eps + (1 - 2 * eps) * canvas.clamp(max=1)
+    return ll
+
+
+def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int, gumbel: Tensor):
+    """Gumbel-top-k draws without replacement with relaxed step samples (SPEC §3, §9.2).
+
+    Args:
+        logits: [B,D] location logits (already γ-scaled).
+        n: [B] int64 number of draws per image (≤ max_objects).
+        tau: Gumbel-softmax temperature (> 0).
+        max_objects: M, the number of slots.
+        gumbel: [B,D] standard Gumbel noise (the op draws none itself).
+
+    Returns:
+        index [B,M] int64 (the i-th largest of logits+g for i < n, −1 after);
+        relaxed [B,M,D] (softmax((logits+g)/τ) over the locations not drawn before; zero rows
+        for absent slots); log_q [B] = exact log-probability of the draws without replacement.
+        Differentiable in ``logits`` through ``relaxed`` and ``log_q``.
+    """
+    _check_tensor("logits", logits, 2, _FLOAT_DTYPES)
+    _check_tensor("gumbel", gumbel, 2, (logits.dtype,))
+    B, D = logits.shape
+    if tuple(gumbel.shape) != (B, D):
+        _fail(f"gumbel must have the shape of logits {(B, D)}, got {tuple(gumbel.shape)}")
+    if not isinstance(max_objects, int) or max_objects < 0:
+        _fail(f"max_objects must be a non-negative int, got {max_objects!r}")
+    if not float(tau) > 0:
+        _fail(f"tau must be > 0, got {tau!r}")
+    _check_same_device(logits=logits, n=n, gumbel=gumbel)
+    _check_counts(n, B, max_objects)
+    relaxed, log_q, index = torch.ops.lavae_fast.gumbel_topk_relaxed(
+        logits.contiguous(), n.contiguous(), float(tau), int(max_objects), gumbel.contiguous()
+    )
+    return index, relaxed, log_q
+
+
+def count_objects(h_loc: Tensor, threshold: float, max_objects: int) -> Tensor:
+    """Count local maxima of ``h_loc`` above ``threshold`` (SPEC §2, §9.3). No gradient.
+
+    Args:
+        h_loc: [B,H,W] or [B,1,H,W] location logits.
+        threshold: strict lower bound (the model uses 4γ).
+        max_objects: the count is clipped to this.
+
+    Returns:
+        n [B] int64.
+    """
+    _check_tensor("h_loc", h_loc, None, _FLOAT_DTYPES)
+    if h_loc.dim() == 4 and h_loc.shape[1] == 1:
+        h_loc = h_loc[:, 0]
+    if h_loc.dim() != 3:
+        _fail(f"h_loc must have shape [B,H,W] or [B,1,H,W], got {tuple(h_loc.shape)}")
+    if not isinstance(max_objects, int) or max_objects < 0:
+        _fail(f"max_objects must be a non-negative int, got {max_objects!r}")
+    return torch.ops.lavae_fast.count_objects(h_loc.detach().contiguous(), float(threshold), int(max_objects))
+
+
+def gather_appearance(h_app: Tensor, loc: Tensor, n: Tensor, *, index: Optional[Tensor] = None) -> Tensor:
+    """Read the appearance features at the drawn locations (SPEC §9.4).
+
+    Args:
+        h_app: [B,K,H,W] feature map (K = 2L: means and log-variances).
+        loc: [B,M,H,W] location maps.
+        n: [B] int64; rows i ≥ n[b] are zero.
+        index: optional [B,M] int64, the same one-hot promise as in :func:`place_and_loglik`.
+
+    Returns:
+        [B,M,K]: Σ_d loc[b,i,d]·h_app[b,:,d].
+    """
+    _check_tensor("h_app", h_app, 4, _FLOAT_DTYPES)
+    _check_tensor("loc", loc, 4, (h_app.dtype,))
+    B, K, H, W = h_app.shape
+    M = loc.shape[1]
+    if loc.shape[0] != B or tuple(loc.shape[-2:]) != (H, W):
+        _fail(f"loc must have shape [B={B}, M, H={H}, W={W}], got {tuple(loc.shape)}")
+    _check_same_device(h_app=h_app, loc=loc, n=n, index=index)
+    _check_counts(n, B, M)
+    _check_index(index, B, M)
+    return torch.ops.lavae_fast.gather_appearance(
+        h_app.contiguous(), loc.contiguous(), n.contiguous(), None if index is None else index.contiguous()
+    )
