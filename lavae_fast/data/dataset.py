@@ -1,0 +1,129 @@
+"""``MultiObjectDataset``: a stored split (or in-memory arrays) as a ``torch.utils.data.Dataset``."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import storage
+
+__all__ = ["MultiObjectDataset"]
+
+_CORE = ("counts", "centres", "boxes")
+
+
+class MultiObjectDataset(torch.utils.data.Dataset):
+    """One split of a multi-object data set.
+
+    ``MultiObjectDataset(root, split)`` with split in {"train", "test", "test7"} memory-maps the
+    files written by :func:`lavae_fast.data.generate` (``mmap=False`` reads them into memory;
+    ``verify=True`` checks their SHA-256). :meth:`from_arrays` wraps the output of
+    :func:`lavae_fast.data.generate_arrays` without touching the disk.
+
+    ``ds[i]`` → ``(x, target)``: x float32 [C, H, W] in {0,1}; target a dict of int64 tensors:
+    ``count`` (scalar), ``centres`` [K, 2] (row, col), ``boxes`` [K, 4] (r0, c0, r1, c1 half-open)
+    and one [K] tensor per label (``digit``, ``pool_index`` or ``shape``, ``scale``, ``angle``,
+    ``colour``), −1 for absent objects; K is the split's largest count.
+
+    Whole-split numpy arrays: ``counts`` [N], ``centres`` [N, K, 2], ``boxes`` [N, K, 4], ``labels``
+    (dict of [N, K]). Training loops should use :meth:`get_batch`, which unpacks a batch at once.
+    """
+
+    def __init__(self, root, split: str = "train", *, mmap: bool = True, verify: bool = False):
+        if not isinstance(split, str) or split not in ("train", "test", "test7"):
+            raise ValueError(f"split: expected 'train', 'test' or 'test7', got {split!r}")
+        meta, arrays = storage.load_split(os.fspath(root), split, mmap=mmap, verify=verify)
+        self._init(meta, arrays, split, os.fspath(root))
+
+    @classmethod
+    def from_arrays(cls, arrays: Dict[str, np.ndarray], split: str = "memory") -> "MultiObjectDataset":
+        """Wrap ``generate_arrays`` output (images uint8 [N, C, H, W] in {0,1}); the images are
+        bit-packed like stored ones so both paths share one code path."""
+        for key in ("images", *_CORE):
+            if key not in arrays:
+                raise ValueError(f"arrays: missing {key!r} (expected the dict returned by generate_arrays)")
+        images = np.asarray(arrays["images"])
+        if images.ndim != 4 or images.dtype != np.uint8 or (images.size and images.max() > 1):
+            raise ValueError(f"arrays['images']: expected uint8 [N, C, H, W] in {{0,1}}, got {images.dtype} {images.shape}")
+        n, c, h, w = images.shape
+        labels = [k for k in arrays if k not in ("images", *_CORE)]
+        meta = {"dataset": None, "channels": c, "height": h, "width": w, "labels": labels}
+        packed = {"images": np.packbits(images, axis=-1)}
+        packed.update({k: np.asarray(arrays[k]) for k in (*_CORE, *labels)})
+        k = packed["centres"].shape[1] if packed["centres"].ndim == 3 else -1
+        for key in (*_CORE, *labels):
+            if packed[key].shape[:1] != (n,) or (key != "counts" and packed[key].shape[1:2] != (k,)):
+                raise ValueError(f"arrays[{key!r}]: shape {packed[key].shape} does not match {n} images of ≤ {k} objects")
+        self = cls.__new__(cls)
+        self._init(meta, packed, split, None)
+        return self
+
+    def _init(self, meta: dict, arrays: Dict[str, np.ndarray], split: str, root: Optional[str]) -> None:
+        self.meta = meta
+        self.split = split
+        self.root = root
+        self.dataset_name = meta.get("dataset")
+        self.channels, self.height, self.width = int(meta["channels"]), int(meta["height"]), int(meta["width"])
+        self.images = arrays["images"]  # uint8 [N, C, H, ceil(W/8)], bit-packed
+        self.counts = np.asarray(arrays["counts"]).astype(np.int64)
+        self.centres = np.asarray(arrays["centres"]).astype(np.int64)
+        self.boxes = np.asarray(arrays["boxes"]).astype(np.int64)
+        self.labels = {k: np.asarray(arrays[k]).astype(np.int64) for k in meta["labels"]}
+        self.max_count = self.centres.shape[1]
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+    def __repr__(self) -> str:
+        where = self.root if self.root is not None else "in memory"
+        return (f"MultiObjectDataset({self.dataset_name or 'arrays'}, split={self.split!r}, n={len(self)}, "
+                f"C×H×W={self.channels}×{self.height}×{self.width}, {where})")
+
+    def _index(self, indices) -> np.ndarray:
+        idx = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+        if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
+            raise TypeError(f"indices: expected a 1-D sequence of integers, got {idx.dtype} {idx.shape}")
+        idx = idx.astype(np.int64)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"indices: out of range for a split of {n} images")
+        return np.where(idx < 0, idx + n, idx)
+
+    def _unpack(self, packed: np.ndarray) -> np.ndarray:
+        return np.unpackbits(packed, axis=-1, count=self.width)
+
+    def __getitem__(self, i) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if isinstance(i, torch.Tensor) and i.ndim == 0:
+            i = int(i)
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"index: expected an integer, got {type(i).__name__}; use get_batch for many images")
+        (i,) = self._index([i])
+        x = torch.from_numpy(self._unpack(np.asarray(self.images[i]))).to(torch.float32)
+        target = {
+            "count": torch.tensor(self.counts[i], dtype=torch.int64),
+            "centres": torch.from_numpy(self.centres[i].copy()),
+            "boxes": torch.from_numpy(self.boxes[i].copy()),
+        }
+        target.update({k: torch.from_numpy(v[i].copy()) for k, v in self.labels.items()})
+        return x, target
+
+    def get_batch(self, indices) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x float32 [B, C, H, W] in {0,1}, counts int64 [B]) for integer ``indices`` [B]."""
+        idx = self._index(indices)
+        # Memory-mapped fancy indexing reads pages in index order; sorted reads are faster on disk.
+        order = np.argsort(idx, kind="stable")
+        packed = np.empty((len(idx), *self.images.shape[1:]), np.uint8)
+        packed[order] = self.images[idx[order]]
+        x = torch.from_numpy(self._unpack(packed)).to(torch.float32)
+        return x, torch.from_numpy(self.counts[idx])
+
+    def targets(self, indices) -> Dict[str, torch.Tensor]:
+        """The targets of a batch: ``count`` [B], ``centres`` [B, K, 2], ``boxes`` [B, K, 4], labels [B, K]."""
+        idx = self._index(indices)
+        out = {"count": torch.from_numpy(self.counts[idx]), "centres": torch.from_numpy(self.centres[idx]),
+               "boxes": torch.from_numpy(self.boxes[idx])}
+        out.update({k: torch.from_numpy(v[idx]) for k, v in self.labels.items()})
+        return out

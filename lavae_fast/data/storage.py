@@ -1,0 +1,254 @@
+"""On-disk format of a data set directory, written atomically and checked when read.
+
+Layout of ``DIR`` (one directory per data set)::
+
+    meta.json                 generation parameters, per split: n, count histogram, and for every
+                              file its shape, dtype, size in bytes and SHA-256
+    {split}.images.npy        uint8 [N, C, H, ceil(W/8)]: the binary images bit-packed along W
+                              (numpy ``packbits``, big bit order, zero padding)
+    {split}.counts.npy        int16 [N]
+    {split}.centres.npy       int32 [N, K, 2] patch centre (row, col), −1 padded
+    {split}.boxes.npy         int32 [N, K, 4] tight box (r0, c0, r1, c1), half-open, −1 padded
+    {split}.{label}.npy       int32 [N, K] per-object labels, −1 padded
+    pool_source_indices.npy   multi-MNIST only: the MNIST training indices of the digit pool
+
+All ``.npy`` files can be memory-mapped. Each is written under a temporary name and renamed with
+``os.replace``; ``meta.json`` is written last and removed first when a directory is regenerated,
+so an interrupted run leaves a directory the loader refuses rather than half-written files it
+would read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["FORMAT", "DataFormatError", "DatasetWriter", "read_meta", "load_split", "file_sha256"]
+
+FORMAT = "lavae_fast.data/1"
+META = "meta.json"
+_STORED_DTYPES = {"images": np.uint8, "counts": np.int16, "centres": np.int32, "boxes": np.int32}
+_LABEL_DTYPE = np.int32
+
+
+class DataFormatError(ValueError):
+    """A data set directory or one of its files is missing, truncated or inconsistent."""
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}"
+
+
+def _atomic_save(path: str, array: np.ndarray) -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class DatasetWriter:
+    """Writes one data set directory; see the module docstring for the layout."""
+
+    def __init__(self, out_dir: str, overwrite: bool = False):
+        self.dir = out_dir
+        meta = os.path.join(out_dir, META)
+        if os.path.exists(meta):
+            if not overwrite:
+                raise FileExistsError(
+                    f"out_dir: {out_dir} already holds a data set ({META}); pass --overwrite (overwrite=True) "
+                    "to replace it"
+                )
+            # The old meta would describe the new, half-written files if we were interrupted.
+            os.remove(meta)
+        elif os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise NotADirectoryError(f"out_dir: {out_dir} exists and is not a directory")
+        self._open: Dict[str, Tuple[dict, str]] = {}
+        self._files: Dict[str, dict] = {}
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def split_sink(self, split: str):
+        """A callable that allocates the split's arrays: the images straight into a memory-mapped
+        temporary .npy (the largest set does not need to fit in memory twice)."""
+
+        def sink(n: int, image_shape: Tuple[int, int, int], k: int, label_names: List[str]) -> dict:
+            os.makedirs(self.dir, exist_ok=True)
+            path = self._path(f"{split}.images.npy")
+            tmp = _tmp_name(path)
+            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *image_shape))
+            res = {
+                "images": images,
+                "counts": np.zeros(n, np.int64),
+                "centres": np.zeros((n, k, 2), np.int64),
+                "boxes": np.zeros((n, k, 4), np.int64),
+            }
+            res.update({name: np.zeros((n, k), np.int64) for name in label_names})
+            self._open[split] = (res, tmp)
+            return res
+
+        return sink
+
+    def _record(self, key: str, name: str) -> dict:
+        path = self._path(name)
+        arr = np.load(path, mmap_mode="r")
+        entry = {
+            "file": name,
+            "shape": list(arr.shape),
+            "dtype": arr.dtype.str,
+            "bytes": os.path.getsize(path),
+            "sha256": file_sha256(path),
+        }
+        del arr
+        self._files[name] = entry
+        return entry
+
+    def write_array(self, key: str, array: np.ndarray) -> dict:
+        os.makedirs(self.dir, exist_ok=True)
+        name = f"{key}.npy"
+        _atomic_save(self._path(name), array)
+        return self._record(key, name)
+
+    def finish_split(self, split: str, min_objects: int, max_objects: int) -> dict:
+        res, tmp = self._open.pop(split)
+        images = res.pop("images")
+        images.flush()
+        n = images.shape[0]
+        del images
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path(f"{split}.images.npy"))
+        files = {"images": self._record("images", f"{split}.images.npy")}
+        for key, arr in res.items():
+            dtype = _STORED_DTYPES.get(key, _LABEL_DTYPE)
+            files[key] = self.write_array(f"{split}.{key}", arr.astype(dtype))
+        hist = np.bincount(res["counts"], minlength=max_objects + 1)[min_objects:].tolist() if n else []
+        return {
+            "n": int(n),
+            "min_objects": int(min_objects),
+            "max_objects": int(max_objects),
+            "max_count": int(res["centres"].shape[1]),
+            "count_histogram": {str(min_objects + i): int(c) for i, c in enumerate(hist)},
+            "files": files,
+        }
+
+    def abort(self) -> None:
+        """Remove the temporary files of unfinished splits (finished ones stay, but without
+        ``meta.json`` the loader refuses the directory)."""
+        for res, tmp in self._open.values():
+            res.pop("images", None)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._open.clear()
+
+    def write_meta(self, meta: dict) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        meta = dict(meta, format=FORMAT, bitpacked=True, bitorder="big")
+        path = self._path(META)
+        tmp = _tmp_name(path)
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+
+def read_meta(root: str) -> dict:
+    """The parsed ``meta.json`` of a data set directory, checked for the keys the loader needs."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataFormatError(f"root: data set directory {root} does not exist")
+    path = os.path.join(root, META)
+    if not os.path.isfile(path):
+        raise DataFormatError(
+            f"root: {root} has no {META}: not a data set directory, or its generation was interrupted. "
+            "Generate it with `python -m lavae_fast.data generate --dataset NAME --out DIR`."
+        )
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataFormatError(f"{path} is not valid JSON ({e}); regenerate the data set") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataFormatError(f"{path}: format {got!r}, this loader reads {FORMAT!r}; regenerate the data set")
+    for key in ("dataset", "channels", "height", "width", "labels", "splits"):
+        if key not in meta:
+            raise DataFormatError(f"{path}: missing key {key!r}; regenerate the data set")
+    return meta
+
+
+def _load_file(root: str, entry: dict, mmap: bool, verify: bool) -> np.ndarray:
+    try:
+        name = entry["file"]
+        shape, dtype, size = tuple(entry["shape"]), np.dtype(entry["dtype"]), int(entry["bytes"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataFormatError(f"{os.path.join(root, META)}: malformed file entry {entry!r} ({e})") from None
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path} is missing; regenerate the data set")
+    actual = os.path.getsize(path)
+    if actual != size:
+        raise DataFormatError(f"{path} has {actual} bytes, {META} says {size}: truncated or replaced; regenerate")
+    if verify and "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        raise DataFormatError(f"{path}: SHA-256 differs from {META}: the file is corrupt; regenerate the data set")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataFormatError(f"{path} is not a readable .npy file ({e}); regenerate the data set") from None
+    if arr.shape != shape or arr.dtype != dtype:
+        raise DataFormatError(f"{path}: {arr.dtype} {arr.shape}, {META} says {dtype} {shape}; regenerate")
+    return arr
+
+
+def load_split(root: str, split: str, mmap: bool = True, verify: bool = False,
+               meta: Optional[dict] = None) -> Tuple[dict, Dict[str, np.ndarray]]:
+    """(meta, arrays) of one split: ``images`` (packed), ``counts``, ``centres``, ``boxes`` and
+    one array per label, as stored. ``verify`` also checks every file's SHA-256 (reads it all)."""
+    root = os.fspath(root)
+    meta = read_meta(root) if meta is None else meta
+    splits = meta["splits"]
+    if split not in splits:
+        raise DataFormatError(f"split: {root} has splits {', '.join(splits)}, not {split!r}")
+    info = splits[split]
+    keys = ["images", "counts", "centres", "boxes", *meta["labels"]]
+    files = info.get("files", {})
+    missing = [k for k in keys if k not in files]
+    if missing:
+        raise DataFormatError(f"{os.path.join(root, META)}: split {split!r} lists no file for {missing}")
+    arrays = {k: _load_file(root, files[k], mmap, verify) for k in keys}
+    n = arrays["counts"].shape[0]
+    c, h, w = meta["channels"], meta["height"], meta["width"]
+    want = {"images": (n, c, h, (w + 7) // 8), "centres": (n, info["max_count"], 2), "boxes": (n, info["max_count"], 4)}
+    want.update({k: (n, info["max_count"]) for k in meta["labels"]})
+    for k, shape in want.items():
+        if arrays[k].shape != shape:
+            raise DataFormatError(f"{root}: {split}.{k} has shape {arrays[k].shape}, expected {shape}")
+    counts = np.asarray(arrays["counts"])
+    if n and (counts.min() < 0 or counts.max() > info["max_count"]):
+        raise DataFormatError(f"{root}: {split}.counts outside 0..{info['max_count']}; regenerate")
+    return meta, arrays
