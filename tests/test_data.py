@@ -309,6 +309,13 @@ def test_from_arrays_matches_stored(stored, ds_table):
     idx = [3, 0, 20, 3]
     for u, v in zip(mem.get_batch(idx), disk.get_batch(idx)):
         assert torch.equal(u, v)
+    # Pickling (DataLoader workers under spawn) re-maps a stored split instead of copying it.
+    import pickle
+
+    blob = pickle.dumps(disk)
+    assert len(blob) < 1000
+    assert torch.equal(pickle.loads(blob).get_batch(idx)[0], disk.get_batch(idx)[0])
+    assert torch.equal(pickle.loads(pickle.dumps(mem)).get_batch(idx)[0], mem.get_batch(idx)[0])
     with pytest.raises(IndexError, match="indices"):
         disk.get_batch([21])
     with pytest.raises(TypeError, match="indices"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -177,6 +178,7 @@ def save_grid(root: str, out: str, split: str = "test", rows: int = 8, cols: int
     im = Image.fromarray(canvas)
     if scale > 1:
         im = im.resize((width * scale, height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     im.save(out)
     return im.size
 

@@ -74,6 +74,21 @@ class MultiObjectDataset(torch.utils.data.Dataset):
         self.labels = {k: np.asarray(arrays[k]).astype(np.int64) for k in meta["labels"]}
         self.max_count = self.centres.shape[1]
 
+    def __getstate__(self):
+        # A stored split travels to DataLoader workers (spawn) as its path, not as a copy of the
+        # memory-mapped arrays; each worker maps the files again.
+        if self.root is not None and isinstance(self.images, np.memmap):
+            return {"_reopen": (self.root, self.split)}
+        return self.__dict__
+
+    def __setstate__(self, state):
+        if "_reopen" in state:
+            root, split = state["_reopen"]
+            meta, arrays = storage.load_split(root, split, mmap=True)
+            self._init(meta, arrays, split, root)
+        else:
+            self.__dict__.update(state)
+
     def __len__(self) -> int:
         return self.counts.shape[0]
 

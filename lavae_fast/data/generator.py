@@ -165,15 +165,9 @@ _WORKER_TABLE: Optional[SpriteTable] = None
 
 
 def _init_worker(table: SpriteTable) -> None:
+    # Workers run numpy only: no torch call after a fork (an OpenMP pool does not survive one).
     global _WORKER_TABLE
     _WORKER_TABLE = table
-    # Generation is numpy only; keep each process single-threaded on a shared machine.
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
 
 
 def _render_chunk(table: SpriteTable, canvas, counts: np.ndarray, max_count: int, rng, what: str, pack: bool):
@@ -222,7 +216,7 @@ def _chunks(table, seed, split, counts, canvas, max_count, what, pack, workers) 
         for i, s in enumerate(range(0, len(counts), CHUNK))
     ]
     if workers <= 1 or len(tasks) <= 1:
-        _init_worker_local(table)
+        _init_worker(table)
         for t in tasks:
             yield _chunk_task(t)
         return
@@ -231,11 +225,6 @@ def _chunks(table, seed, split, counts, canvas, max_count, what, pack, workers) 
     ctx = multiprocessing.get_context(method)
     with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(table,)) as pool:
         yield from pool.imap(_chunk_task, tasks)
-
-
-def _init_worker_local(table: SpriteTable) -> None:
-    global _WORKER_TABLE
-    _WORKER_TABLE = table
 
 
 def _split_plan(split: str, n: int, seed: int, lo: int, hi: int) -> np.ndarray:
