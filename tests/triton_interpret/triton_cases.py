@@ -41,7 +41,8 @@ def place_case(B, M, C, S, H, W, *, dtype=torch.float64, seed=0, fractional_x=Fa
     """Sprites, x, n and indices with every edge case the shape allows.
 
     Image 0 has n = M with its first objects on the four corners and then on the borders; image 1
-    has n = 0 (when B > 2, otherwise n = 1); the rest draw n and positions at random.
+    has n = 0 (when B > 2, otherwise n = 1); the rest draw n and positions at random. Absent slots
+    hold −1 in even images and a valid position in odd ones: slots i ≥ n must be ignored either way.
     """
     g = torch.Generator().manual_seed(seed)
     D = H * W
@@ -60,7 +61,7 @@ def place_case(B, M, C, S, H, W, *, dtype=torch.float64, seed=0, fractional_x=Fa
     for b in range(B):
         perm = torch.randperm(D, generator=g).tolist()
         picks = (edge + [p for p in perm if p not in edge]) if b == 0 else perm
-        k = min(int(n[b]), D)
+        k = min(int(n[b]), D) if b % 2 == 0 else min(M, D)
         index[b, :k] = torch.tensor(picks[:k], dtype=torch.long)
     n = torch.minimum(n, torch.tensor(D))
     return x, sprites, n, index
