@@ -1,0 +1,295 @@
+"""Evaluation of a training run (SPEC §7, §8): ``python -m lavae_fast.evaluate RUN_DIR``.
+
+For the 0–3-object test split and the 7-object split it reports
+
+* the −log p(x) upper bound from K importance samples (default 100; mean ± standard error over the
+  images, nats per image) and the one-sample −ELBO;
+* count accuracy: share of images whose n̂ equals the true number of objects (LAVAE only);
+* location accuracy: share of true objects that have an inferred location within 2 px (Euclidean)
+  of their centre, under a one-to-one matching (a maximum bipartite matching, so one inferred
+  location never serves two objects) — the inferred locations are the model's most probable ones,
+  the top-n̂ of h_loc drawn without replacement (:meth:`LAVAE.infer`);
+* the median distance from each true centre to the nearest of the top-(true count) local maxima
+  of h_loc, whatever their height: SPEC §5's "peaks next to rather than on the objects" check.
+
+The table is printed and written to ``RUN_DIR/eval.json``. The metric helpers here are also used
+by the training loop for its running diagnostics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "max_matching",
+    "location_accuracy",
+    "local_maxima",
+    "peak_distances",
+    "evaluate_split",
+    "main",
+]
+
+RADIUS = 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def max_matching(adjacency: np.ndarray) -> int:
+    """Size of a maximum matching in a bipartite graph given as a bool matrix [T, P] (Kuhn's
+    augmenting paths; T, P ≤ M = 10 here, so the O(T·P²) cost is nothing)."""
+    T, P = adjacency.shape
+    match_p = [-1] * P
+
+    def augment(t, seen):
+        for p in range(P):
+            if adjacency[t, p] and not seen[p]:
+                seen[p] = True
+                if match_p[p] < 0 or augment(match_p[p], seen):
+                    match_p[p] = t
+                    return True
+        return False
+
+    return sum(augment(t, [False] * P) for t in range(T))
+
+
+def _as_np(a):
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def location_accuracy(pred_rows, pred_cols, pred_n, centres, counts, radius: float = RADIUS):
+    """(matched, total): true objects within ``radius`` px of an inferred location, one-to-one.
+
+    pred_rows, pred_cols: [B,M] (slots ≥ pred_n ignored); pred_n [B]; centres [B,K,2] (row, col),
+    −1 padded; counts [B].
+    """
+    pr, pc, pn = _as_np(pred_rows), _as_np(pred_cols), _as_np(pred_n)
+    cen, cnt = _as_np(centres), _as_np(counts)
+    matched = total = 0
+    for b in range(len(cnt)):
+        t = cen[b, : int(cnt[b])].astype(np.float64)
+        total += len(t)
+        k = int(pn[b])
+        if len(t) == 0 or k == 0:
+            continue
+        p = np.stack([pr[b, :k], pc[b, :k]], 1).astype(np.float64)
+        d = np.sqrt(((t[:, None, :] - p[None, :, :]) ** 2).sum(-1))
+        matched += max_matching(d <= radius)
+    return matched, total
+
+
+def local_maxima(h_loc: torch.Tensor, k: int):
+    """Rows, cols [B,k] of the k highest 3×3 local maxima of h_loc [B,1,H,W] (the counter's peaks,
+    without its threshold); −1 where an image has fewer than k."""
+    h = h_loc.detach().float()
+    B, _, H, W = h.shape
+    pooled = F.max_pool2d(h, 3, stride=1, padding=1)
+    score = torch.where(h >= pooled, h, torch.full_like(h, float("-inf"))).flatten(1)
+    k = min(k, H * W)
+    vals, idx = score.topk(k, dim=1)
+    ok = torch.isfinite(vals)
+    rows = torch.where(ok, idx // W, -1)
+    cols = torch.where(ok, idx % W, -1)
+    return rows, cols
+
+
+def peak_distances(h_loc: torch.Tensor, centres, counts) -> np.ndarray:
+    """Distance (px) from each true centre to the nearest of the top-(true count) local maxima of
+    h_loc. Returns a flat array over all objects (empty if none)."""
+    cen, cnt = _as_np(centres), _as_np(counts)
+    kmax = int(cnt.max()) if len(cnt) else 0
+    if kmax == 0:
+        return np.zeros(0)
+    rows, cols = local_maxima(h_loc, kmax)
+    rows, cols = _as_np(rows), _as_np(cols)
+    out = []
+    for b in range(len(cnt)):
+        c = int(cnt[b])
+        if c == 0:
+            continue
+        p = np.stack([rows[b, :c], cols[b, :c]], 1).astype(np.float64)
+        p = p[p[:, 0] >= 0]
+        t = cen[b, :c].astype(np.float64)
+        if len(p) == 0:
+            out.extend([np.inf] * c)
+            continue
+        out.extend(np.sqrt(((t[:, None] - p[None]) ** 2).sum(-1)).min(1).tolist())
+    return np.asarray(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a model on a split
+# ---------------------------------------------------------------------------------------------
+
+
+def _mean_sem(a) -> Dict[str, float]:
+    a = np.asarray(a, dtype=np.float64)
+    if len(a) == 0:
+        return {"mean": float("nan"), "sem": float("nan")}
+    sem = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
+    return {"mean": float(a.mean()), "sem": sem}
+
+
+@torch.no_grad()
+def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: Optional[int] = None,
+                   n_bound: Optional[int] = None, device="cpu", seed: int = 0, progress: bool = False) -> Dict:
+    """Metrics of ``model`` on ``data`` (an object with ``get_batch``, ``counts``, ``centres``).
+
+    The first ``n_eval`` images (default all) get count/location accuracy and the −ELBO; the first
+    ``n_bound`` of them (default n_eval) also get the K-sample bound, the expensive part.
+    """
+    from .baseline import BetaVAE
+
+    is_baseline = isinstance(model, BetaVAE)
+    N = len(data.counts)
+    n_eval = N if n_eval is None else min(n_eval, N)
+    n_bound = n_eval if n_bound is None else min(n_bound, n_eval)
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    centres_all, counts_all = np.asarray(data.centres), np.asarray(data.counts)
+    res = {"images": n_eval, "bound_images": n_bound, "K": K}
+    nll, nelbo, correct, matched, total, dists = [], [], 0, 0, 0, []
+    it = range(0, n_eval, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="eval", leave=False)
+    for b0 in it:
+        idx = np.arange(b0, min(b0 + batch_size, n_eval))
+        x, counts = data.get_batch(idx)
+        x = x.to(device)
+        counts = torch.as_tensor(counts)
+        if is_baseline:
+            out = model(x, eps=torch.randn(x.shape[0], *model.latent_shape(*x.shape[-2:]), generator=gen).to(device))
+            nelbo.extend(out.neg_elbo.cpu().tolist())
+        else:
+            from .noise import Noise, gumbel_from_uniform
+
+            B, _, H, W = x.shape
+            noise = Noise(
+                gumbel=gumbel_from_uniform(torch.rand(B, H * W, generator=gen, dtype=torch.float64)).float(),
+                eps=torch.randn(B, model.max_objects, model.latent_size, generator=gen),
+                coin=torch.ones(B),
+            )
+            # τ only shapes the relaxed samples, which do not enter the −ELBO's value.
+            out = model(x, noise=noise, tau=0.02)
+            nelbo.extend(out.neg_elbo.cpu().tolist())
+            correct += int((out.n_hat.cpu() == counts).sum())
+            lat = model.infer(x)
+            m, t = location_accuracy(lat.rows, lat.cols, lat.n, centres_all[idx], counts)
+            matched, total = matched + m, total + t
+            dists.extend(peak_distances(out.h_loc, centres_all[idx], counts).tolist())
+        nb = int(max(0, min(len(idx), n_bound - b0)))
+        if nb > 0 and K > 0:
+            nll.extend((-model.log_likelihood(x[:nb], K=K, generator=gen)).cpu().tolist())
+    res["neg_elbo"] = _mean_sem(nelbo)
+    if K > 0:
+        res["nll_bound"] = _mean_sem(nll)
+    if not is_baseline:
+        res["count_accuracy"] = correct / max(n_eval, 1)
+        res["location_accuracy"] = matched / total if total else float("nan")
+        d = np.asarray(dists)
+        res["median_peak_distance"] = float(np.median(d)) if len(d) else float("nan")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if isinstance(v, dict):
+        return f"{v['mean']:.2f} ± {v['sem']:.2f}"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def format_table(results: Dict[str, Dict]) -> str:
+    keys = ["images", "nll_bound", "neg_elbo", "count_accuracy", "location_accuracy", "median_peak_distance"]
+    names = {"nll_bound": "−log p(x) ≤", "neg_elbo": "−ELBO", "count_accuracy": "count acc",
+             "location_accuracy": "location acc", "median_peak_distance": "median peak dist (px)"}
+    splits = list(results)
+    rows = [["metric"] + splits]
+    for k in keys:
+        if any(k in results[s] for s in splits):
+            rows.append([names.get(k, k)] + [_fmt(results[s].get(k, "-")) for s in splits])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lavae_fast.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a run directory written by lavae_fast.train (holds checkpoint.pt)")
+    p.add_argument("--data", default=None, help="data set directory (default: the run's own data)")
+    p.add_argument("--K", type=int, default=100, help="importance samples for the −log p(x) bound (0: skip)")
+    p.add_argument("--n-eval", type=int, default=None, help="images per split for accuracies (default all)")
+    p.add_argument("--n-bound", type=int, default=None, help="images per split that get the K-sample bound")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--splits", default="test,test7", help="comma-separated splits")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ops", choices=["fused", "reference"], default=None, help="engine (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/eval.json)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.K < 0:
+        raise SystemExit("error: --K must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .checkpoint import build_model, load_checkpoint
+    from .train import load_split
+
+    try:
+        ckpt = load_checkpoint(args.run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    model = build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    if args.ops and hasattr(model, "set_ops"):
+        model.set_ops(args.ops)
+    model.to(args.device).eval()
+    train_args = dict(ckpt["args"])
+    if args.data:
+        train_args["data"] = args.data
+    results = {}
+    t0 = time.time()
+    for split in [s for s in args.splits.split(",") if s]:
+        data = load_split(train_args, split)
+        results[split] = evaluate_split(model, data, K=args.K, batch_size=args.batch_size, n_eval=args.n_eval,
+                                        n_bound=args.n_bound, device=args.device, seed=args.seed,
+                                        progress=sys.stderr.isatty())
+    meta = {"run_dir": os.path.abspath(args.run_dir), "step": ckpt["step"], "model": ckpt["model_config"]["kind"],
+            "dataset": train_args.get("dataset"), "canvas": train_args.get("canvas"), "K": args.K,
+            "seconds": round(time.time() - t0, 1)}
+    print(f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {args.K}")
+    print(format_table(results))
+    out = args.out or os.path.join(args.run_dir, "eval.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,598 @@
+"""LAVAE, the Location-Appearance VAE (SPEC §1–4, paper appendix B), as a plain ``nn.Module``.
+
+Usable as a drop-in in a user's own training loop::
+
+    model = LAVAE(channels=3, canvas=(64, 64), sprite_size=21)
+    out = model(x, tau=0.5)            # x [B,3,64,64] in [0,1]
+    out.loss.backward()                # mean −ELBO over the batch, nats per image
+
+The four engine steps (placement + likelihood, Gumbel-top-k, counting, appearance gather) go
+through :mod:`lavae_fast.ops` (``ops="fused"``, the registered operators with their C++/Triton
+kernels) or :mod:`lavae_fast.reference` (``ops="reference"``, plain PyTorch); both have the same
+signatures, so tests and benchmarks can compare them. No op draws random numbers: the noise comes
+from :mod:`lavae_fast.noise` (keyed by seed, step and sample) or, when not given, from torch's
+global RNG.
+
+Architecture (widths are our choice; the paper gives only "~500k parameters split almost evenly
+among location inference, appearance inference and sprite generation"). With the defaults
+(width 44, sprite width 48) the three parts have ≈176k / 166k / 168k parameters at C = 3:
+
+* two independent residual nets, 4 blocks × 2 convs 3×3, full resolution; a stem conv maps the C
+  input channels to the width (the paper's blocks need an input of their own width);
+* appearance head: conv 3×3 → 2L channels (μ and log σ² of z_app at every pixel);
+* location head: 3 conv layers (3×3, last → 1 channel), times γ = ½·ln D;
+* sprite decoder, see :class:`SpriteDecoder`;
+* learned prior p(n) = softmax of M+1 logits.
+
+Every convolution is followed by Leaky ReLU then batch norm (the paper's order), except the output
+layers (heads and the sprite decoder's last conv) and the sprite decoder's last residual block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference as _reference
+from .noise import Noise, gumbel_from_uniform
+
+__all__ = ["LAVAE", "LAVAEOutput", "Latents", "SpriteDecoder", "ResidualNet", "check_images", "gaussian_kl"]
+
+LEAK = 0.01  # Leaky ReLU slope (PyTorch's default; the paper gives none)
+EPS_LAMBDA = 1e-4  # λ = ε + (1−2ε)·min(Σ, 1), SPEC §1
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks (entry points only: inside the model the tensors are ours)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_images(x, channels: int, canvas: Optional[Tuple[int, int]], name: str = "x") -> None:
+    """Raise a ValueError/TypeError naming the problem unless ``x`` is a valid image batch.
+
+    x must be a floating tensor [B,C,H,W] with B ≥ 1, C = ``channels``, (H,W) = ``canvas`` (when
+    given), no NaN and values in [0,1] (the Bernoulli likelihood is defined only there).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor with values in [0,1], got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape [B,C,H,W], got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need at least one image")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+    if canvas is not None and tuple(x.shape[-2:]) != tuple(canvas):
+        raise ValueError(f"{name} must have canvas H×W = {tuple(canvas)}, got {tuple(x.shape[-2:])}")
+    if torch.isnan(x).any():
+        raise ValueError(f"{name} contains NaN")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{name} must have values in [0,1] (Bernoulli likelihood), got values in [{lo:g}, {hi:g}]")
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(μ, diag e^logvar) ‖ N(0, I)) summed over the last dim: ½Σ(μ² + σ² − 1 − log σ²)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+
+class ConvAct(nn.Sequential):
+    """conv 3×3 (same padding) → Leaky ReLU → batch norm (the paper's order)."""
+
+    def __init__(self, cin: int, cout: int, norm: bool = True):
+        layers = [nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(LEAK)]
+        if norm:
+            layers.append(nn.BatchNorm2d(cout))
+        super().__init__(*layers)
+
+
+class ResBlock(nn.Module):
+    """x + (conv → LReLU → BN → conv → LReLU → BN)(x); ``norm=False`` drops the batch norms."""
+
+    def __init__(self, width: int, norm: bool = True):
+        super().__init__()
+        self.body = nn.Sequential(ConvAct(width, width, norm), ConvAct(width, width, norm))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ResidualNet(nn.Sequential):
+    """Stem conv C → width, then ``blocks`` residual blocks at full resolution (no down-sampling)."""
+
+    def __init__(self, cin: int, width: int, blocks: int = 4):
+        super().__init__(ConvAct(cin, width), *[ResBlock(width) for _ in range(blocks)])
+
+
+class SpriteDecoder(nn.Module):
+    """f_sprite: z_app [P,L] → sprites [P,C,S,S] in (0,1) (SPEC §1, appendix B).
+
+    fc L → 64·4·4 → LReLU → BN → conv 64 → (width − L) → LReLU → BN → bilinear up-sampling to S×S
+    → concat the broadcast z_app (L channels; width in all) → 3 residual blocks of 2 convs → conv →
+    C → sigmoid. **Decisions:** the fc output is reshaped to 64×4×4 *before* its batch norm
+    (BatchNorm2d), which normalises over the 16 positions as well, so that a batch holding a single
+    present object still trains (BatchNorm1d refuses a batch of one); "no LReLU + BN in the last
+    residual block" is read as: its convs keep the Leaky ReLU between them but have no batch norm,
+    so the block stays non-linear while the output path is free of batch statistics.
+    """
+
+    def __init__(self, latent_size: int, channels: int, sprite_size: int, width: int = 48, seed_side: int = 4,
+                 seed_channels: int = 64):
+        super().__init__()
+        if width <= latent_size:
+            raise ValueError(f"sprite width must exceed latent_size={latent_size}, got {width}")
+        self.sprite_size = sprite_size
+        self.seed_shape = (seed_channels, seed_side, seed_side)
+        self.fc = nn.Linear(latent_size, seed_channels * seed_side * seed_side)
+        self.fc_post = nn.Sequential(nn.LeakyReLU(LEAK), nn.BatchNorm2d(seed_channels))
+        self.conv = ConvAct(seed_channels, width - latent_size)
+        self.blocks = nn.Sequential(ResBlock(width), ResBlock(width), ResBlock(width, norm=False))
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        P, L = z.shape
+        S = self.sprite_size
+        h = self.fc_post(self.fc(z).view(P, *self.seed_shape))
+        h = F.interpolate(self.conv(h), size=(S, S), mode="bilinear", align_corners=False)
+        h = torch.cat([h, z[:, :, None, None].expand(P, L, S, S)], dim=1)
+        return torch.sigmoid(self.out(self.blocks(h)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LAVAEOutput:
+    """Result of :meth:`LAVAE.forward`. Per-image quantities are in nats, summed over pixels.
+
+    loss: scalar, mean −ELBO over the batch.
+    neg_elbo, recon, kl_app, kl_n, kl_loc: [B]; neg_elbo = recon + kl_app + kl_n + kl_loc with
+        recon = −log p(x|z), kl_app = Σ_i KL(q(z_app^i)‖N(0,I)), kl_n = −log p(n),
+        kl_loc = Σ_i [log q(z_loc^i) − log p(z_loc^i)].
+    n_hat: [B] int64 inferred count; n: [B] the count used (n_hat unless forced to 1); forced: [B] bool.
+    index: [B,M] int64 flat pixel of each drawn location (−1 for absent slots); rows, cols: [B,M].
+    z_app, mu, logvar: [B,M,L] (zero rows for absent slots).
+    lam: [B,C,H,W] Bernoulli means of the reconstruction. sprites: [B,M,C,S,S].
+    h_loc: [B,1,H,W] γ-scaled location logits (with gradient: the warm-up loss uses it).
+    gamma: the logit scale ½·ln D; threshold = 4γ.
+    """
+
+    loss: Tensor
+    neg_elbo: Tensor
+    recon: Tensor
+    kl_app: Tensor
+    kl_n: Tensor
+    kl_loc: Tensor
+    n_hat: Tensor
+    n: Tensor
+    forced: Tensor
+    index: Tensor
+    rows: Tensor
+    cols: Tensor
+    z_app: Tensor
+    mu: Tensor
+    logvar: Tensor
+    lam: Tensor
+    sprites: Tensor
+    h_loc: Tensor
+    gamma: float
+
+    @property
+    def threshold(self) -> float:
+        return 4.0 * self.gamma
+
+
+@dataclass
+class Latents:
+    """A scene's latent description: n [B], index [B,M] (−1 = absent), z_app [B,M,L].
+
+    ``canvas`` is (H, W); :meth:`LAVAE.decode` renders it. The manipulation helpers of
+    :class:`LAVAE` return modified copies.
+    """
+
+    n: Tensor
+    index: Tensor
+    z_app: Tensor
+    canvas: Tuple[int, int]
+
+    @property
+    def rows(self) -> Tensor:
+        return torch.where(self.index >= 0, self.index // self.canvas[1], -1)
+
+    @property
+    def cols(self) -> Tensor:
+        return torch.where(self.index >= 0, self.index % self.canvas[1], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class LAVAE(nn.Module):
+    """Location-Appearance VAE.
+
+    Args:
+        channels: C (1 for multi-MNIST, 3 for multi-dSprites).
+        canvas: (H, W) accepted by the entry points; None accepts any size (γ follows D = H·W).
+        sprite_size: S, odd (17 for MNIST, 21 for dSprites).
+        max_objects: M (10). latent_size: L (32).
+        width: channels of the two full-resolution residual nets and the location head.
+        sprite_width: channels of the sprite decoder's residual blocks (includes the L z_app ones).
+        ops: "fused" (lavae_fast.ops) or "reference" (lavae_fast.reference).
+        location_mode: "straight_through" (default) or "relaxed" (SPEC §3).
+    """
+
+    def __init__(
+        self,
+        channels: int = 1,
+        canvas: Optional[Sequence[int]] = (64, 64),
+        sprite_size: int = 17,
+        *,
+        max_objects: int = 10,
+        latent_size: int = 32,
+        width: int = 44,
+        sprite_width: int = 48,
+        ops: str = "fused",
+        location_mode: str = "straight_through",
+    ):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        if sprite_size < 1 or sprite_size % 2 == 0:
+            raise ValueError(f"sprite_size must be odd and positive (the centre pixel lands on the location), got {sprite_size}")
+        if max_objects < 1 or latent_size < 1:
+            raise ValueError(f"max_objects and latent_size must be >= 1, got {max_objects}, {latent_size}")
+        if canvas is not None:
+            canvas = tuple(int(c) for c in canvas)
+            if len(canvas) != 2 or min(canvas) < 1:
+                raise ValueError(f"canvas must be (H, W) with positive sides, got {canvas}")
+        self.channels = channels
+        self.canvas = canvas
+        self.sprite_size = sprite_size
+        self.max_objects = max_objects
+        self.latent_size = latent_size
+        self.set_ops(ops)
+        self.set_location_mode(location_mode)
+
+        self.app_net = ResidualNet(channels, width)
+        self.app_head = nn.Conv2d(width, 2 * latent_size, 3, padding=1)
+        self.loc_net = ResidualNet(channels, width)
+        self.loc_head = nn.Sequential(ConvAct(width, width), ConvAct(width, width), nn.Conv2d(width, 1, 3, padding=1))
+        self.sprite_decoder = SpriteDecoder(latent_size, channels, sprite_size, sprite_width)
+        self.prior_logits = nn.Parameter(torch.zeros(max_objects + 1))
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def set_ops(self, ops: str) -> None:
+        """Pick the engine: "fused" (lavae_fast.ops) or "reference" (lavae_fast.reference)."""
+        if ops == "fused":
+            from . import ops as impl
+        elif ops == "reference":
+            impl = _reference
+        else:
+            raise ValueError(f"ops must be 'fused' or 'reference', got {ops!r}")
+        self.ops_name = ops
+        self._ops = impl
+
+    def set_location_mode(self, mode: str) -> None:
+        if mode not in ("straight_through", "relaxed"):
+            raise ValueError(f"location_mode must be 'straight_through' or 'relaxed', got {mode!r}")
+        self.location_mode = mode
+
+    def location_parameters(self):
+        """Parameters of the location inference net (its own learning rate, SPEC §5)."""
+        return list(self.loc_net.parameters()) + list(self.loc_head.parameters())
+
+    def parameter_groups(self) -> dict:
+        """Parameter counts of the three parts named in appendix B, plus the prior."""
+        count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+        return {
+            "location_inference": count(self.location_parameters()),
+            "appearance_inference": count(list(self.app_net.parameters()) + list(self.app_head.parameters())),
+            "sprite_generation": count(self.sprite_decoder.parameters()),
+            "prior": self.prior_logits.numel(),
+        }
+
+    @staticmethod
+    def gamma_for(H: int, W: int) -> float:
+        """γ = ½·ln D (SPEC §2; the paper rounds it to 4 at 64×64, we keep the formula)."""
+        return 0.5 * math.log(H * W)
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def check_input(self, x: Tensor, name: str = "x") -> None:
+        check_images(x, self.channels, self.canvas, name)
+
+    def prior_log_probs(self) -> Tensor:
+        """log p(n) for n = 0..M ([M+1], a normalised distribution)."""
+        return torch.log_softmax(self.prior_logits, dim=0)
+
+    def encode(self, x: Tensor, *, check: bool = True):
+        """x [B,C,H,W] → (h_app [B,2L,H,W], h_loc [B,1,H,W] γ-scaled, n̂ [B] int64)."""
+        if check:
+            self.check_input(x)
+        H, W = x.shape[-2:]
+        gamma = self.gamma_for(H, W)
+        h_app = self.app_head(self.app_net(x))
+        h_loc = self.loc_head(self.loc_net(x)) * gamma
+        n_hat = self._ops.count_objects(h_loc.float(), 4.0 * gamma, self.max_objects)
+        return h_app, h_loc, n_hat
+
+    def _decode_present(self, z_app: Tensor, n: Tensor) -> Tensor:
+        """Sprites [B,M,C,S,S] with only the present slots decoded (zeros elsewhere), SPEC §2."""
+        B, M, L = z_app.shape
+        S, C = self.sprite_size, self.channels
+        present = _reference.object_mask(n, M)
+        out = z_app.new_zeros(B, M, C, S, S)
+        if bool(present.any()):
+            # The decoder (and its batch norm) sees only present objects.
+            out = out.index_put(present.nonzero(as_tuple=True), self.sprite_decoder(z_app[present]))
+        return out
+
+    @staticmethod
+    def _one_hot(index: Tensor, D: int, dtype) -> Tensor:
+        """[B,M] flat indices (−1 = absent) → [B,M,D] one-hot rows (zero rows for −1)."""
+        oh = F.one_hot(index.clamp(min=0), D).to(dtype)
+        return oh * (index >= 0).to(dtype)[..., None]
+
+    def _draw_noise(self, B: int, D: int, device, dtype) -> Noise:
+        """Noise from torch's global RNG, for users' own loops (training uses lavae_fast.noise)."""
+        u = torch.rand(B, D, device=device, dtype=torch.float64)
+        return Noise(
+            gumbel=gumbel_from_uniform(u).to(dtype),
+            eps=torch.randn(B, self.max_objects, self.latent_size, device=device, dtype=dtype),
+            coin=torch.rand(B, device=device, dtype=dtype),
+        )
+
+    # -- forward: the negative ELBO --------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        noise: Optional[Noise] = None,
+        tau: float = 0.5,
+        force_n_prob: float = 0.0,
+    ) -> LAVAEOutput:
+        """One-sample estimate of the negative ELBO (SPEC §4) and everything inferred on the way.
+
+        Args:
+            x: [B,C,H,W] images in [0,1].
+            noise: a :class:`lavae_fast.noise.Noise` for these B images; None draws it from torch's
+                global RNG.
+            tau: Gumbel-softmax temperature (see :func:`lavae_fast.schedules.tau`).
+            force_n_prob: probability of forcing n = 1 per image (training recipe, SPEC §5); the
+                image's coin is ``noise.coin``.
+        """
+        self.check_input(x)
+        B, C, H, W = x.shape
+        D, M = H * W, self.max_objects
+        h_app, h_loc, n_hat = self.encode(x, check=False)
+        if noise is None:
+            noise = self._draw_noise(B, D, x.device, h_loc.dtype)
+        elif noise.gumbel.shape != (B, D) or noise.eps.shape != (B, M, self.latent_size):
+            raise ValueError(
+                f"noise does not match the batch: need gumbel [{B},{D}] and eps [{B},{M},{self.latent_size}], "
+                f"got {tuple(noise.gumbel.shape)} and {tuple(noise.eps.shape)}"
+            )
+        noise = noise.to(device=x.device, dtype=h_loc.dtype)
+
+        forced = noise.coin < float(force_n_prob)
+        # A forced image has q(n|x) = δ(n−1), so its count term is −log p(1): p(n) is fitted to the
+        # counts the ELBO actually used (decision; the paper does not say).
+        n = torch.where(forced, torch.ones_like(n_hat), n_hat)
+
+        logits = h_loc.flatten(1)  # [B,D]
+        index, relaxed, log_q = self._ops.gumbel_topk_relaxed(logits, n, float(tau), M, noise.gumbel)
+        if self.location_mode == "straight_through":
+            hard = self._one_hot(index, D, relaxed.dtype)
+            z = hard - relaxed.detach() + relaxed  # value: the hard draws; gradient: the relaxed ones
+            kw = {"index": index}
+        else:
+            z = relaxed
+            kw = {}
+        z_maps = z.view(B, M, H, W)
+
+        app = self._ops.gather_appearance(h_app, z_maps, n, **kw)  # [B,M,2L]
+        mu, logvar = app.split(self.latent_size, dim=-1)
+        present = _reference.object_mask(n, M)
+        pf = present.to(mu.dtype)[..., None]
+        z_app = (mu + torch.exp(0.5 * logvar) * noise.eps) * pf
+        sprites = self._decode_present(z_app, n)
+        loglik, lam = self._ops.place_and_loglik(x, sprites, z_maps, n, return_lambda=True, eps=EPS_LAMBDA, **kw)
+
+        kl_app = (gaussian_kl(mu, logvar) * present.to(mu.dtype)).sum(1)
+        kl_n = -self.prior_log_probs()[n]
+        # log q of the locations with the straight-through map, Σ_i ⟨z_i^ST, log b^(i)⟩ (SPEC §3).
+        # Value: ⟨onehot_i, log b^(i)⟩ = log b^(i)[index_i], i.e. the op's exact log_q. Gradient:
+        # through log b^(i) (the op's log_q already carries it: onehot − b^(i)) plus ⟨∂r_i, log b^(i)⟩
+        # through the relaxed sample. On the allowed set log b^(i) = h − logsumexp_allowed(h), and
+        # Σ_d ∂r_i[d] = 0 because r_i sums to 1 there, so the normaliser drops out; off the allowed
+        # set r_i ≡ 0 and so does ∂r_i. Hence ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩, which is the gradient of
+        # ⟨r_i − r_i.detach(), h.detach()⟩ — a term whose value is 0. Absent slots have r_i = 0.
+        st_term = ((relaxed - relaxed.detach()) * logits.detach()[:, None, :]).sum((1, 2))
+        log_q_loc = log_q + st_term
+        log_p_loc = -self._log_falling(D, n, M, logits.dtype)
+        kl_loc = log_q_loc - log_p_loc
+        recon = -loglik
+        neg_elbo = recon + kl_app + kl_n + kl_loc
+
+        rows = torch.where(index >= 0, index // W, -1)
+        cols = torch.where(index >= 0, index % W, -1)
+        return LAVAEOutput(
+            loss=neg_elbo.mean(), neg_elbo=neg_elbo, recon=recon, kl_app=kl_app, kl_n=kl_n, kl_loc=kl_loc,
+            n_hat=n_hat, n=n, forced=forced, index=index, rows=rows, cols=cols, z_app=z_app,
+            mu=mu * pf, logvar=logvar * pf, lam=lam, sprites=sprites, h_loc=h_loc, gamma=self.gamma_for(H, W),
+        )
+
+    @staticmethod
+    def _log_falling(D: int, n: Tensor, M: int, dtype) -> Tensor:
+        """Σ_{i<n} log(D − i) [B]: minus the log-probability of n ordered uniform draws without
+        replacement (slots past D, on a canvas smaller than n, are never drawn)."""
+        i = torch.arange(M, device=n.device)
+        terms = torch.log((D - i).clamp(min=1).to(dtype))
+        return (terms[None, :] * ((i[None, :] < n[:, None]) & (i[None, :] < D)).to(dtype)).sum(1)
+
+    # -- deterministic inference, decoding, manipulation -----------------------------------
+
+    @torch.no_grad()
+    def infer(self, x: Tensor) -> Latents:
+        """Most probable scene: n̂, the top-n̂ locations of h_loc (sequential argmax without
+        replacement), z_app = μ there."""
+        self.check_input(x)
+        B, C, H, W = x.shape
+        h_app, h_loc, n_hat = self.encode(x, check=False)
+        logits = h_loc.flatten(1)
+        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits))
+        maps = self._one_hot(index, H * W, h_app.dtype).view(B, self.max_objects, H, W)
+        app = self._ops.gather_appearance(h_app, maps, n_hat, index=index)
+        mu = app[..., : self.latent_size]
+        return Latents(n=n_hat, index=index, z_app=mu, canvas=(H, W))
+
+    @torch.no_grad()
+    def decode(self, latents: Latents) -> Tensor:
+        """Render a scene: Bernoulli means λ [B,C,H,W] (SPEC §1 composition)."""
+        n, index, z_app = latents.n, latents.index, latents.z_app
+        H, W = latents.canvas
+        B, M = index.shape
+        if M != self.max_objects or z_app.shape != (B, M, self.latent_size):
+            raise ValueError(f"latents must have index [B,{self.max_objects}] and z_app [B,{self.max_objects},{self.latent_size}]")
+        sprites = self._decode_present(z_app, n)
+        maps = self._one_hot(index, H * W, sprites.dtype).view(B, M, H, W)
+        blank = sprites.new_zeros(B, self.channels, H, W)
+        _, lam = self._ops.place_and_loglik(blank, sprites, maps, n, index=index, eps=EPS_LAMBDA, return_lambda=True)
+        return lam
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """λ [B,C,H,W] of the most probable scene (:meth:`infer` then :meth:`decode`)."""
+        return self.decode(self.infer(x))
+
+    @torch.no_grad()
+    def sample(self, num: int, n: Union[None, int, Tensor] = None, *, canvas: Optional[Sequence[int]] = None,
+               generator: Optional[torch.Generator] = None, return_latents: bool = False):
+        """Draw ``num`` scenes from the prior: n ~ p(n) (or given: an int or a [num] tensor),
+        locations uniform without replacement, z_app ~ N(0, I). Returns λ [num,C,H,W]
+        (and the :class:`Latents` when ``return_latents``)."""
+        if canvas is None:
+            canvas = self.canvas
+        if canvas is None:
+            raise ValueError("this model accepts any canvas: pass canvas=(H, W) to sample")
+        H, W = canvas
+        D, M = H * W, self.max_objects
+        dev = self.prior_logits.device
+        if num < 1:
+            raise ValueError(f"num must be >= 1, got {num}")
+        if n is None:
+            n = torch.multinomial(self.prior_log_probs().exp().cpu(), num, replacement=True, generator=generator)
+        elif isinstance(n, int):
+            n = torch.full((num,), n, dtype=torch.long)
+        n = torch.as_tensor(n, dtype=torch.long).cpu()
+        if n.shape != (num,) or int(n.min()) < 0 or int(n.max()) > M:
+            raise ValueError(f"n must be None, an int or a [{num}] tensor with values in [0, {M}]")
+        n = n.to(dev)
+        g = gumbel_from_uniform(torch.rand(num, D, generator=generator, dtype=torch.float64)).float().to(dev)
+        # Top-n of pure Gumbel noise = n uniform draws without replacement.
+        index, _, _ = self._ops.gumbel_topk_relaxed(torch.zeros(num, D, device=dev), n, 1.0, M, g)
+        z = torch.randn(num, M, self.latent_size, generator=generator).to(dev)
+        z = z * _reference.object_mask(n, M)[..., None].to(z.dtype)
+        lat = Latents(n=n, index=index, z_app=z, canvas=(H, W))
+        lam = self.decode(lat)
+        return (lam, lat) if return_latents else lam
+
+    def _check_slot(self, latents: Latents, obj: int, name: str = "obj") -> None:
+        if not 0 <= obj < self.max_objects:
+            raise ValueError(f"{name} must be in [0, {self.max_objects}), got {obj}")
+        if bool((latents.n <= obj).any()):
+            raise ValueError(f"{name}={obj} is absent in some images (n = {latents.n.tolist()})")
+
+    def move_object(self, latents: Latents, obj: int, row: int, col: int) -> Latents:
+        """A copy of ``latents`` with object ``obj`` placed at pixel (row, col) in every image."""
+        H, W = latents.canvas
+        self._check_slot(latents, obj)
+        if not (0 <= row < H and 0 <= col < W):
+            raise ValueError(f"(row, col) must lie on the {H}×{W} canvas, got ({row}, {col})")
+        index = latents.index.clone()
+        index[:, obj] = row * W + col
+        return replace(latents, index=index)
+
+    def swap_objects(self, latents: Latents, i: int, j: int) -> Latents:
+        """A copy with objects ``i`` and ``j`` exchanging locations (each keeps its appearance)."""
+        self._check_slot(latents, i, "i")
+        self._check_slot(latents, j, "j")
+        index = latents.index.clone()
+        index[:, [i, j]] = index[:, [j, i]]
+        return replace(latents, index=index)
+
+    def change_appearance(self, latents: Latents, obj: int, dim: int, value: float) -> Latents:
+        """A copy with appearance dimension ``dim`` of object ``obj`` set to ``value``."""
+        self._check_slot(latents, obj)
+        if not 0 <= dim < self.latent_size:
+            raise ValueError(f"dim must be in [0, {self.latent_size}), got {dim}")
+        z = latents.z_app.clone()
+        z[:, obj, dim] = value
+        return replace(latents, z_app=z)
+
+    # -- evaluation: importance-sampled bound (SPEC §7) -------------------------------------
+
+    @torch.no_grad()
+    def log_likelihood(self, x: Tensor, K: int = 100, *, chunk: Optional[int] = None,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+        """Importance-sampled estimate of log p(x) [B] in nats (a stochastic lower bound):
+        log (1/K) Σ_k p(x, z_k)/q(z_k|x), with n = n̂, hard location draws (exact log q of the draws
+        without replacement) and z_app ~ q. Batch norm runs in eval mode. ``chunk`` samples are
+        processed together (default: as many as keep chunk·B ≤ 256 images)."""
+        self.check_input(x)
+        if K < 1:
+            raise ValueError(f"K must be >= 1, got {K}")
+        was_training = self.training
+        self.eval()
+        try:
+            B, C, H, W = x.shape
+            D, M, L = H * W, self.max_objects, self.latent_size
+            h_app, h_loc, n_hat = self.encode(x, check=False)
+            if chunk is None:
+                chunk = max(1, min(K, 256 // B))
+            log_pn = self.prior_log_probs()[n_hat]
+            log_p_loc = -self._log_falling(D, n_hat, M, h_loc.dtype)
+            logw = []
+            for k0 in range(0, K, chunk):
+                k = min(chunk, K - k0)
+                rep = lambda t: t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731  [k·B, ...], sample-major
+                xr, n = rep(x), rep(n_hat)
+                logits = rep(h_loc.flatten(1))
+                u = torch.rand(k * B, D, generator=generator, dtype=torch.float64)
+                g = gumbel_from_uniform(u).to(logits)
+                index, _, log_q = self._ops.gumbel_topk_relaxed(logits, n, 1.0, M, g)
+                maps = self._one_hot(index, D, logits.dtype).view(k * B, M, H, W)
+                app = self._ops.gather_appearance(rep(h_app), maps, n, index=index)
+                mu, logvar = app.split(L, dim=-1)
+                eps = torch.randn(k * B, M, L, generator=generator).to(mu)
+                pres = _reference.object_mask(n, M).to(mu.dtype)
+                z = (mu + torch.exp(0.5 * logvar) * eps) * pres[..., None]
+                sprites = self._decode_present(z, n)
+                loglik = self._ops.place_and_loglik(xr, sprites, maps, n, index=index, eps=EPS_LAMBDA)
+                # log N(z;0,I) − log N(z;μ,σ) = −½Σ(z² − ε² − log σ²); the 2π terms cancel.
+                app_ratio = (-0.5 * (z.pow(2) - eps.pow(2) - logvar) * pres[..., None]).sum((1, 2))
+                lw = loglik + rep(log_pn) + rep(log_p_loc) + app_ratio - log_q
+                logw.append(lw.view(k, B))
+            logw = torch.cat(logw, 0)
+            return torch.logsumexp(logw, 0) - math.log(K)
+        finally:
+            self.train(was_training)

@@ -1,0 +1,499 @@
+"""Training (SPEC §5): ``python -m lavae_fast.train --model lavae --dataset multi-dsprites --out RUN``.
+
+The recipe of the paper's appendix B, every milestone scaled by one ``--steps`` budget (100k = the
+paper's schedule; see :mod:`lavae_fast.schedules`):
+
+* Adamax, batch 64; lr 1e-3, except the location inference net (loc residual net + head): 1e-4
+  (multi-MNIST) or 5e-4 (multi-dSprites), decayed exponentially ×100 over the horizon;
+* τ from 0.5 to 0.02, exponentially;
+* warm-up: an auxiliary VAE (:mod:`lavae_fast.aux_vae`) trained alongside on its own ELBO (its own
+  parameter group, lr 1e-3); its per-location KL map is the target of h_loc, loss weight 1 for 30%
+  of the horizon, then linearly → 0 over the next 30% (the aux VAE is not run after that);
+* n forced to 1 per image with probability 1 for 30%, then linearly → 0.1 over the next 30%.
+
+Reproducibility: the data order and every random number are functions of (seed, step, sample), see
+:mod:`lavae_fast.noise`; a checkpoint holds the model, the aux VAE, the optimiser and the step, so
+``--resume`` continues to exactly the parameters an uninterrupted run reaches (same device and
+thread count: float summation order is the only thing not pinned).
+
+Outputs in ``--out RUN_DIR``: ``checkpoint.pt`` (atomic), ``metrics.jsonl`` (one line per log
+interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import schedules
+from .checkpoint import CHECKPOINT_NAME, build_model, load_checkpoint, save_checkpoint
+from .noise import draw_noise, draw_normal, data_indices
+
+__all__ = ["main", "build_parser", "load_split", "ArrayData", "DATASETS"]
+
+# dataset -> (channels, sprite size S, location-net learning rate)
+DATASETS = {
+    "multi-dsprites": (3, 21, 5e-4),
+    "multi-mnist-1k": (1, 17, 1e-4),
+    "multi-mnist-10k": (1, 17, 1e-4),
+}
+LR = 1e-3
+
+# Arguments that define the run; a resumed run must agree on them (the rest — logging cadence,
+# device, threads — may change between sessions).
+RUN_DEFINING = ["model", "dataset", "data", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
+                "width", "sprite_width", "location_mode", "warmup_scale", "lr", "loc_lr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+class ArrayData:
+    """In-memory split: images uint8 [N,C,H,W] in {0,1}, counts [N], centres [N,K,2] (−1 padded),
+    with the same batch interface as ``lavae_fast.data.MultiObjectDataset``."""
+
+    def __init__(self, images: np.ndarray, counts: np.ndarray, centres: np.ndarray):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.counts = np.asarray(counts)
+        self.centres = np.asarray(centres)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def get_batch(self, indices):
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return self.images[idx].float(), torch.from_numpy(self.counts[idx.numpy()]).long()
+
+
+_SPLIT_CACHE: Dict[tuple, object] = {}
+
+
+def _parse_canvas(canvas) -> tuple:
+    if isinstance(canvas, (tuple, list)):
+        return tuple(int(c) for c in canvas)
+    s = str(canvas).lower().replace("×", "x")
+    parts = s.split("x") if "x" in s else [s, s]
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"canvas must be N or HxW, got {canvas!r}")
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"canvas sides must be positive, got {canvas!r}")
+    return (h, w)
+
+
+def load_split(args: Dict, split: str):
+    """The split ("train", "test", "test7") of the run's data: the ``data`` directory when given,
+    else generated in memory with ``lavae_fast.data.generate_arrays`` (reproducible from
+    ``data_seed``; cached per process)."""
+    root = args.get("data")
+    if root:
+        from .data import MultiObjectDataset
+
+        key = ("dir", os.path.abspath(root), split)
+        if key not in _SPLIT_CACHE:
+            _SPLIT_CACHE[key] = MultiObjectDataset(root, split)
+        return _SPLIT_CACHE[key]
+    try:
+        from .data import generate_arrays
+    except ImportError:  # the package's __init__ may not export it
+        from .data.generate import generate_arrays
+    canvas = _parse_canvas(args["canvas"])
+    n = {"train": args.get("n_train", 20000), "test": args.get("n_test", 1000), "test7": args.get("n_test7", 1000)}[split]
+    key = ("mem", args["dataset"], canvas, int(args.get("data_seed", 0)), split, n)
+    if key not in _SPLIT_CACHE:
+        kw = {"fixed": 7} if split == "test7" else {"counts": (0, 3)}
+        arr = generate_arrays(args["dataset"], n, int(args.get("data_seed", 0)), canvas=canvas, split=split, **kw)
+        _SPLIT_CACHE[key] = ArrayData(arr["images"], arr["counts"], arr["centres"])
+    return _SPLIT_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s}")
+    return v
+
+
+def _scale(s):
+    if s == "auto":
+        return s
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lavae_fast.train", description="Train LAVAE or the β-VAE baseline.")
+    p.add_argument("--model", choices=["lavae", "baseline"], default="lavae")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="multi-dsprites")
+    p.add_argument("--data", default=None, help="data set directory (python -m lavae_fast.data generate); "
+                                                "default: generate a small one in memory")
+    p.add_argument("--canvas", type=_parse_canvas, default=(64, 64), help="N or HxW (in-memory data only)")
+    p.add_argument("--n-train", type=_positive_int, default=20000, help="in-memory training images")
+    p.add_argument("--n-test", type=_positive_int, default=1000, help="in-memory 0–3-object test images")
+    p.add_argument("--n-test7", type=_positive_int, default=1000, help="in-memory 7-object test images")
+    p.add_argument("--data-seed", type=_nonneg_int, default=0)
+    p.add_argument("--steps", type=_positive_int, default=100_000, help="budget; 100000 = the paper's schedule")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--ops", choices=["fused", "reference"], default="fused")
+    p.add_argument("--location-mode", choices=["straight_through", "relaxed"], default="straight_through")
+    p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
+    p.add_argument("--sprite-width", type=_positive_int, default=48)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--loc-lr", type=float, default=None, help="location-net lr (default: 1e-4 MNIST, 5e-4 dSprites)")
+    p.add_argument("--warmup-scale", type=_scale, default="auto",
+                   help="multiplier of the aux VAE's KL map as h_loc's target: a number (1 = the raw map, "
+                        "nats per latent location) or 'auto' (peaks lifted to 2·4γ, see aux_vae.auto_target_scale)")
+    p.add_argument("--log-every", type=_positive_int, default=50)
+    p.add_argument("--ckpt-every", type=_positive_int, default=500)
+    p.add_argument("--eval-every", type=_nonneg_int, default=1000, help="0: never")
+    p.add_argument("--eval-size", type=_positive_int, default=256, help="test images per split at --eval-every")
+    p.add_argument("--image-every", type=_nonneg_int, default=None, help="image grids (default: --eval-every)")
+    p.add_argument("--stop-at", type=_positive_int, default=None, help="stop after this step (as if interrupted)")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convs")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def model_config(args, channels: int) -> Dict:
+    canvas = list(_parse_canvas(args.canvas))
+    if args.model == "baseline":
+        return {"kind": "baseline", "channels": channels, "canvas": canvas}
+    _, S, _ = DATASETS[args.dataset]
+    return {"kind": "lavae", "channels": channels, "canvas": canvas, "sprite_size": S, "width": args.width,
+            "sprite_width": args.sprite_width, "ops": args.ops, "location_mode": args.location_mode}
+
+
+def make_optimizer(model, aux, args):
+    if args.model == "baseline":
+        return torch.optim.Adamax([{"params": list(model.parameters()), "lr": args.lr, "name": "model"}])
+    loc = model.location_parameters()
+    loc_ids = {id(p) for p in loc}
+    rest = [p for p in model.parameters() if id(p) not in loc_ids]
+    return torch.optim.Adamax([
+        {"params": loc, "lr": args.loc_lr, "name": "location"},
+        {"params": rest, "lr": args.lr, "name": "model"},
+        {"params": list(aux.parameters()), "lr": args.lr, "name": "aux"},
+    ])
+
+
+def set_learning_rates(opt, args, step: int) -> Dict[str, float]:
+    """Learning rates at ``step``: a pure function of (step, steps), so resuming needs no state."""
+    out = {}
+    for g in opt.param_groups:
+        if g["name"] == "location":
+            g["lr"] = args.loc_lr * schedules.loc_lr_factor(step, args.steps)
+        out[g["name"]] = g["lr"]
+    return out
+
+
+def top_locations(h_loc: torch.Tensor, n: torch.Tensor, M: int):
+    """Rows, cols [B,M] of the top-n of h_loc (= sequential argmax without replacement); −1 after."""
+    B, _, H, W = h_loc.shape
+    idx = h_loc.detach().flatten(1).topk(min(M, H * W), dim=1).indices
+    keep = torch.arange(idx.shape[1])[None, :] < n[:, None].cpu()
+    idx = torch.where(keep, idx.cpu(), -1)
+    return torch.where(idx >= 0, idx // W, -1), torch.where(idx >= 0, idx % W, -1)
+
+
+def image_grid(x: torch.Tensor, lam: torch.Tensor, rows=None, cols=None, n=None, count: int = 8) -> torch.Tensor:
+    """[3, 2H+2, count·(W+2)] grid: inputs on top, reconstructions below with the inferred
+    locations marked by red crosses."""
+    x, lam = x[:count].detach().float().cpu(), lam[:count].detach().float().cpu()
+    if x.shape[1] == 1:
+        x, lam = x.expand(-1, 3, -1, -1), lam.expand(-1, 3, -1, -1)
+    lam = lam.clone()
+    B, _, H, W = x.shape
+    if rows is not None:
+        for b in range(B):
+            for i in range(int(n[b])):
+                r, c = int(rows[b, i]), int(cols[b, i])
+                for dr, dc in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < H and 0 <= cc < W:
+                        lam[b, :, rr, cc] = torch.tensor([1.0, 0.0, 0.0])
+    grid = torch.full((3, 2 * H + 2, B * (W + 2)), 0.5)
+    for b in range(B):
+        grid[:, 1 : H + 1, b * (W + 2) + 1 : b * (W + 2) + 1 + W] = x[b]
+        grid[:, H + 2 : 2 * H + 2, b * (W + 2) + 1 : b * (W + 2) + 1 + W] = lam[b]
+    return grid.clamp(0, 1)
+
+
+class _Meter:
+    """Running means over a log interval."""
+
+    def __init__(self):
+        self.sums: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+
+    def add(self, **kv):
+        for k, v in kv.items():
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> Dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    channels, _, default_loc_lr = DATASETS[args.dataset]
+    if args.loc_lr is None:
+        args.loc_lr = default_loc_lr
+    args.canvas = list(_parse_canvas(args.canvas))
+    if args.image_every is None:
+        args.image_every = args.eval_every
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+
+    # ---- data
+    train_data = load_split(vars(args), "train")
+    N = len(train_data.counts)
+    x0, _ = train_data.get_batch([0])
+    if x0.shape[1] != channels or list(x0.shape[-2:]) != list(args.canvas):
+        if args.data:
+            # A data directory fixes the canvas: adopt it rather than failing on the default.
+            args.canvas = list(x0.shape[-2:])
+        if x0.shape[1] != channels:
+            parser.error(f"--dataset {args.dataset} expects {channels} channel(s), data has {x0.shape[1]}")
+    H, W = args.canvas
+    D = H * W
+
+    # ---- model, aux VAE, optimiser
+    torch.manual_seed(args.seed)
+    cfg = model_config(args, channels)
+    model = build_model(cfg).to(device)
+    aux = None
+    if args.model == "lavae":
+        from .aux_vae import AuxVAE, auto_target_scale, warmup_loss
+
+        aux = AuxVAE(channels).to(device)
+        aux_shape = AuxVAE.latent_shape(H, W)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        if aux is not None:
+            aux = aux.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, aux, args)
+    start = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        old = ckpt["args"]
+        diff = [k for k in RUN_DEFINING if k in old and old[k] != vars(args)[k]]
+        if diff:
+            parser.error("--resume with different run settings: " + ", ".join(
+                f"{k}={vars(args)[k]!r} (checkpoint: {old[k]!r})" for k in diff))
+        model.load_state_dict(ckpt["model"])
+        if aux is not None and ckpt.get("aux") is not None:
+            aux.load_state_dict(ckpt["aux"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = int(ckpt["step"])
+        print(f"resumed from {ckpt_path} at step {start}", file=sys.stderr)
+    elif args.resume:
+        print(f"--resume: no checkpoint in {args.out}, starting from scratch", file=sys.stderr)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+    def save(step):
+        save_checkpoint(ckpt_path, {
+            "step": step, "args": vars(args), "model_config": cfg, "model": model.state_dict(),
+            "aux": None if aux is None else aux.state_dict(), "optimizer": opt.state_dict(),
+        })
+
+    writer = None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(args.out, "tb"), purge_step=start if start else None)
+    except Exception as exc:  # tensorboard missing: keep training, the JSONL log still works
+        print(f"TensorBoard disabled ({exc})", file=sys.stderr)
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a")
+
+    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    pbar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=end, initial=start, dynamic_ncols=True, mininterval=2.0)
+    meter = _Meter()
+    gamma = 0.5 * math.log(D)
+    t_last = time.time()
+    model.train()
+    step = start
+    for step in range(start, end):
+        lrs = set_learning_rates(opt, args, step)
+        idx = data_indices(args.seed, step, args.batch_size, N)
+        x, counts = train_data.get_batch(idx.numpy())
+        x = x.to(device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ids = torch.arange(step * args.batch_size, (step + 1) * args.batch_size)
+        log = {}
+        if args.model == "baseline":
+            beta = schedules.beta(step, args.steps)
+            eps = draw_normal(args.seed, step, ids, model.latent_shape(H, W), device=device)
+            out = model(x, eps=eps, beta=beta)
+            loss = out.loss
+            log.update(loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl=out.kl.mean().item(),
+                       beta=beta)
+        else:
+            tau = schedules.tau(step, args.steps)
+            p_force = schedules.force_n_prob(step, args.steps)
+            w_warm = schedules.warmup_weight(step, args.steps)
+            noise = draw_noise(args.seed, step, ids, num_pixels=D, max_objects=model.max_objects,
+                               latent_size=model.latent_size, aux_shape=aux_shape if w_warm > 0 else None,
+                               device=device)
+            out = model(x, noise=noise, tau=tau, force_n_prob=p_force)
+            loss = out.loss
+            if w_warm > 0:
+                aux_out = aux(x, noise.aux_eps)
+                scale = (auto_target_scale(aux_out.target, gamma) if args.warmup_scale == "auto"
+                         else args.warmup_scale)
+                target = aux_out.target * scale
+                wl = warmup_loss(out.h_loc, target)
+                loss = loss + aux_out.loss + w_warm * wl
+                tmax = target.flatten(1).max(1).values.cpu()
+                has = counts > 0
+                log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), target_scale=scale,
+                           target_count_acc=(model._ops.count_objects(target, 4 * gamma, model.max_objects).cpu()
+                                             == counts).float().mean().item(),
+                           target_max_obj=tmax[has].mean().item() if has.any() else None,
+                           target_max_empty=tmax[~has].mean().item() if (~has).any() else None)
+            hmax = out.h_loc.detach().flatten(1).max(1).values.cpu()
+            has = counts > 0
+            n_hat = out.n_hat.cpu()
+            log.update(
+                loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl_app=out.kl_app.mean().item(),
+                kl_n=out.kl_n.mean().item(), kl_loc=out.kl_loc.mean().item(),
+                count_acc=(n_hat == counts).float().mean().item(), nhat0=(n_hat == 0).float().mean().item(),
+                nhat_mean=n_hat.float().mean().item(),
+                hloc_max_obj=hmax[has].mean().item() if has.any() else None,
+                hloc_max_empty=hmax[~has].mean().item() if (~has).any() else None,
+                tau=tau, force_n_prob=p_force, warmup_weight=w_warm, forced=out.forced.float().mean().item(),
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"non-finite loss at step {step}")
+        meter.add(**log)
+        done = step + 1
+
+        if args.model == "lavae" and (done % args.log_every == 0 or done == end):
+            from .evaluate import location_accuracy, peak_distances
+
+            centres = np.asarray(train_data.centres)[idx.numpy()]
+            rows, cols = top_locations(out.h_loc, out.n_hat, model.max_objects)
+            m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
+            d = peak_distances(out.h_loc, centres, counts)
+            meter.add(loc_acc=m / t if t else None, peak_dist_median=float(np.median(d)) if len(d) else None)
+
+        if done % args.log_every == 0 or done == end:
+            now = time.time()
+            means = meter.means()
+            means.update({f"lr_{k}": v for k, v in lrs.items()})
+            means["sec_per_step"] = (now - t_last) / max(1, meter.counts.get("loss", 1))
+            if args.model == "lavae":
+                means["threshold"] = 4 * gamma
+            t_last = now
+            meter = _Meter()
+            rec = {"step": done, **{k: round(v, 6) for k, v in means.items()}}
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+            if writer is not None:
+                for k, v in means.items():
+                    writer.add_scalar(f"train/{k}", v, done)
+            if pbar is not None:
+                post = {"loss": f"{means.get('loss', float('nan')):.1f}"}
+                if "count_acc" in means:
+                    post["acc"] = f"{means['count_acc']:.2f}"
+                    post["hmax"] = f"{means.get('hloc_max_obj', float('nan')):.1f}/{4 * gamma:.1f}"
+                pbar.set_postfix(post, refresh=False)
+
+        if writer is not None and args.image_every and (done % args.image_every == 0 or done == end):
+            with torch.no_grad():
+                if args.model == "lavae":
+                    grid = image_grid(x, out.lam, out.rows, out.cols, out.n)
+                else:
+                    grid = image_grid(x, out.lam)
+            writer.add_image("train/input_over_reconstruction", grid, done)
+
+        if args.eval_every and (done % args.eval_every == 0 or done == end):
+            from .evaluate import evaluate_split
+
+            ev = {}
+            for split in ("test", "test7"):
+                r = evaluate_split(model, load_split(vars(args), split), K=0, n_eval=args.eval_size,
+                                   batch_size=32, device=device, seed=args.seed)
+                ev[split] = r
+                if writer is not None:
+                    for k, v in r.items():
+                        if isinstance(v, dict):
+                            v = v["mean"]
+                        if isinstance(v, (int, float)) and k not in ("images", "bound_images", "K"):
+                            writer.add_scalar(f"eval_{split}/{k}", v, done)
+            model.train()
+            metrics_file.write(json.dumps({"step": done, "eval": ev}) + "\n")
+            metrics_file.flush()
+
+        if done % args.ckpt_every == 0 or done == end:
+            save(done)
+        if pbar is not None:
+            pbar.update(1)
+
+    if start >= end:
+        print(f"nothing to do: checkpoint is at step {start}, target {end}", file=sys.stderr)
+    if pbar is not None:
+        pbar.close()
+    if writer is not None:
+        writer.close()
+    metrics_file.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

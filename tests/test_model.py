@@ -1,0 +1,518 @@
+"""Tests of the LAVAE model, its loss terms, the β-VAE baseline, the aux VAE and the noise."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lavae_fast import reference as ref
+from lavae_fast.aux_vae import AuxVAE, warmup_loss
+from lavae_fast.baseline import BetaVAE
+from lavae_fast.model import LAVAE, Latents, gaussian_kl
+from lavae_fast.noise import Noise, data_indices, draw_noise, draw_normal, mix
+
+torch.set_num_threads(1)
+
+
+def tiny(canvas=(12, 12), channels=1, ops="reference", **kw):
+    """A small model: fast enough for exact, hand-checked comparisons."""
+    cfg = dict(max_objects=4, latent_size=6, width=8, sprite_width=14, ops=ops)
+    cfg.update(kw)
+    return LAVAE(channels, canvas, 5, **cfg)
+
+
+def images(B, C, H, W, p=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, C, H, W, generator=g) < p).float()
+
+
+def noise_for(model, B, H, W, seed=0, step=0):
+    return draw_noise(seed, step, range(B), num_pixels=H * W, max_objects=model.max_objects,
+                      latent_size=model.latent_size)
+
+
+def with_peaks(model, x, peaks):
+    """Run forward with h_loc replaced so that the count is known: peaks[b] = list of flat pixels."""
+    H, W = x.shape[-2:]
+    D = H * W
+    gamma = model.gamma_for(H, W)
+    h = torch.zeros(x.shape[0], 1, H, W)
+    for b, ps in enumerate(peaks):
+        for j, p in enumerate(ps):
+            h.view(x.shape[0], D)[b, p] = 6 * gamma - j  # distinct heights, all above 4γ
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, parameters, ops switch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("canvas,C", [((12, 12), 1), ((16, 20), 3), ((9, 13), 1)])
+def test_forward_shapes_several_canvases(canvas, C):
+    H, W = canvas
+    m = tiny(canvas, C)
+    B = 3
+    out = m(images(B, C, H, W), force_n_prob=0.5)
+    M, L = m.max_objects, m.latent_size
+    assert out.loss.shape == ()
+    for t in (out.neg_elbo, out.recon, out.kl_app, out.kl_n, out.kl_loc, out.n_hat, out.n):
+        assert t.shape == (B,)
+    assert out.index.shape == (B, M) and out.rows.shape == (B, M)
+    assert out.z_app.shape == (B, M, L) and out.mu.shape == (B, M, L)
+    assert out.lam.shape == (B, C, H, W) and out.h_loc.shape == (B, 1, H, W)
+    assert out.sprites.shape == (B, M, C, 5, 5)
+    assert out.gamma == pytest.approx(0.5 * math.log(H * W))
+    assert torch.isfinite(out.neg_elbo).all()
+    torch.testing.assert_close(out.neg_elbo, out.recon + out.kl_app + out.kl_n + out.kl_loc)
+    out.loss.backward()
+    assert m.prior_logits.grad is not None and m.loc_net[0][0].weight.grad is not None
+    assert m.sample(2).shape == (2, C, H, W)
+    assert m.reconstruct(images(2, C, H, W)).shape == (2, C, H, W)
+
+
+def test_parameter_count_split_evenly():
+    for C, S in ((1, 17), (3, 21)):
+        m = LAVAE(C, (64, 64), S)
+        groups = m.parameter_groups()
+        total = sum(p.numel() for p in m.parameters())
+        print(f"LAVAE C={C} S={S}: {total} parameters, {groups}")
+        assert 450_000 <= total <= 560_000
+        third = total / 3
+        for part in ("location_inference", "appearance_inference", "sprite_generation"):
+            assert abs(groups[part] - third) < 0.15 * third, (part, groups[part])
+        assert sum(groups.values()) == total
+    b = BetaVAE(1, (64, 64))
+    nb = sum(p.numel() for p in b.parameters())
+    print(f"BetaVAE: {nb} parameters")
+    assert 700_000 <= nb <= 1_100_000
+    assert b.latent_shape(64, 64) == (16, 8, 8)  # d = 1024
+
+
+def test_fused_and_reference_ops_agree():
+    H = W = 12
+    x = images(3, 1, H, W)
+    torch.manual_seed(1)
+    a = tiny((H, W), ops="fused")
+    b = tiny((H, W), ops="reference")
+    b.load_state_dict(a.state_dict())
+    nz = noise_for(a, 3, H, W)
+    oa = a(x, noise=nz, tau=0.3, force_n_prob=0.5)
+    ob = b(x, noise=nz, tau=0.3, force_n_prob=0.5)
+    assert torch.equal(oa.index, ob.index)
+    torch.testing.assert_close(oa.neg_elbo, ob.neg_elbo, rtol=1e-5, atol=1e-3)
+    oa.loss.backward()
+    ob.loss.backward()
+    # Softmax gradients sum to ~0 over the pixels, so a bias gradient is a cancelling sum of terms
+    # up to ~1e4 (the relaxed samples carry 1/τ): compare against the scale of the whole gradient.
+    scale = max(p.grad.abs().max().item() for p in b.parameters())
+    for (n1, p1), (_, p2) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-3, atol=1e-5 * scale, msg=n1)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="sprite_size"):
+        LAVAE(1, (12, 12), 4)
+    with pytest.raises(ValueError, match="ops"):
+        LAVAE(1, (12, 12), 5, ops="cuda")
+    with pytest.raises(ValueError, match="location_mode"):
+        LAVAE(1, (12, 12), 5, location_mode="hard")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss terms against hand computations
+# ---------------------------------------------------------------------------------------------
+
+
+def explicit_log_q(logits_row, draws):
+    """log Π_i b^(i)[draw_i], b^(i) = softmax renormalised over the locations not yet drawn."""
+    p = torch.softmax(logits_row.double(), 0)
+    remaining = torch.ones_like(p, dtype=torch.bool)
+    total = 0.0
+    for d in draws:
+        total += math.log(p[d].item() / p[remaining].sum().item())
+        remaining[d] = False
+    return total
+
+
+def explicit_canvas(sprites_b, draws, H, W):
+    """Σ sprites placed with their centre pixel on each draw, by explicit loops."""
+    C, S = sprites_b.shape[1], sprites_b.shape[-1]
+    s = S // 2
+    canvas = torch.zeros(C, H, W, dtype=torch.float64)
+    for i, d in enumerate(draws):
+        r0, c0 = d // W, d % W
+        for u in range(S):
+            for v in range(S):
+                r, c = r0 + u - s, c0 + v - s
+                if 0 <= r < H and 0 <= c < W:
+                    canvas[:, r, c] += sprites_b[i, :, u, v].double()
+    return canvas
+
+
+@pytest.mark.parametrize("mode", ["straight_through", "relaxed"])
+def test_elbo_terms_match_hand_computation(mode):
+    H, W = 7, 8
+    D = H * W
+    torch.manual_seed(3)
+    m = tiny((H, W), location_mode=mode)
+    m.eval()  # batch norm from running statistics: every term is a function of this batch alone
+    x = images(2, 1, H, W, p=0.3)
+    # h_loc is fixed by a hook so that the counts are known: 2 objects in image 0, 1 in image 1.
+    peaks = [[10, 40], [27]]
+    h_fixed = with_peaks(m, x, peaks)
+    m.loc_head.register_forward_hook(lambda mod, inp, out: h_fixed / m.gamma_for(H, W))
+    nz = noise_for(m, 2, H, W, seed=5)
+    out = m(x, noise=nz, tau=0.4)
+    assert out.n_hat.tolist() == [2, 1] and out.n.tolist() == [2, 1]
+
+    logp_n = torch.log_softmax(m.prior_logits.detach().double(), 0)
+    for b in range(2):
+        n = int(out.n[b])
+        draws = out.index[b, :n].tolist()
+        # hard draws = top-n of h + g
+        y = h_fixed.view(2, D)[b] + nz.gumbel[b]
+        assert draws == y.topk(n).indices.tolist()
+        assert (out.index[b, n:] == -1).all()
+        # reconstruction: Bernoulli of the explicitly placed sprites
+        if mode == "straight_through":
+            canvas = explicit_canvas(out.sprites[b].detach(), draws, H, W)
+        else:  # relaxed: a dense correlation with the relaxed maps, Σ_d r[d] sprite at d
+            _, relaxed, _ = ref.gumbel_topk_relaxed(h_fixed.view(2, D)[b:b + 1], out.n[b:b + 1], 0.4, m.max_objects,
+                                                   nz.gumbel[b:b + 1])
+            canvas = torch.zeros(1, H, W, dtype=torch.float64)
+            for i in range(n):
+                for d in range(D):
+                    w = relaxed[0, i, d].item()
+                    if w:
+                        canvas += w * explicit_canvas(out.sprites[b, i:i + 1].detach(), [d], H, W)
+        lam = 1e-4 + (1 - 2e-4) * canvas.clamp(max=1)
+        xb = x[b].double()
+        recon = -(xb * lam.log() + (1 - xb) * (1 - lam).log()).sum()
+        assert out.recon[b].item() == pytest.approx(recon.item(), rel=1e-4, abs=1e-3)
+        # appearance KL: closed form over present slots only
+        mu, lv = out.mu[b, :n].double(), out.logvar[b, :n].double()
+        kl = 0.5 * (mu ** 2 + lv.exp() - 1 - lv).sum()
+        assert out.kl_app[b].item() == pytest.approx(kl.item(), rel=1e-5, abs=1e-5)
+        assert out.mu[b, n:].abs().sum() == 0 and out.sprites[b, n:].abs().sum() == 0
+        # count term: −log p(n)
+        assert out.kl_n[b].item() == pytest.approx(-logp_n[n].item(), rel=1e-6)
+        # location term: exact log q of the draws without replacement + Σ log(D − i)
+        if mode == "straight_through":
+            expected = explicit_log_q(h_fixed.view(2, D)[b], draws) + sum(math.log(D - i) for i in range(n))
+        else:
+            expected = explicit_log_q(h_fixed.view(2, D)[b], draws) + sum(math.log(D - i) for i in range(n))
+        assert out.kl_loc[b].item() == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    torch.testing.assert_close(out.loss, out.neg_elbo.mean())
+
+
+def test_log_q_of_draws_without_replacement_matches_explicit_product():
+    torch.manual_seed(7)
+    B, D, M = 4, 30, 5
+    logits = torch.randn(B, D) * 3
+    n = torch.tensor([0, 1, 3, 5])
+    g = -torch.log(-torch.log(torch.rand(B, D)))
+    for impl in (ref.gumbel_topk_relaxed, __import__("lavae_fast.ops", fromlist=["x"]).gumbel_topk_relaxed):
+        index, _, log_q = impl(logits, n, 0.5, M, g)
+        for b in range(B):
+            draws = index[b, : n[b]].tolist()
+            assert log_q[b].item() == pytest.approx(explicit_log_q(logits[b], draws), rel=1e-5, abs=1e-5)
+
+
+def test_straight_through_location_kl_has_the_gradient_of_z_st_dot_log_b():
+    """SPEC §3: log q = Σ_i ⟨z_i^ST, log b^(i)⟩. The model writes it as log_q + Σ⟨r − r̄, h̄⟩ (value:
+    exact log q; gradient: the op's log_q plus the relaxed-sample part). Check the gradient
+    against autograd of the explicit formula, with log b^(i) built by masked log-softmax."""
+    torch.manual_seed(11)
+    B, D, M, tau = 3, 20, 4, 0.3
+    h0 = torch.randn(B, D) * 2
+    n = torch.tensor([1, 3, 4])
+    g = -torch.log(-torch.log(torch.rand(B, D)))
+    coef = torch.randn(B)  # a random linear functional of the per-image values
+
+    h = h0.clone().requires_grad_(True)
+    index, relaxed, log_q = ref.gumbel_topk_relaxed(h, n, tau, M, g)
+    model_form = log_q + ((relaxed - relaxed.detach()) * h.detach()[:, None, :]).sum((1, 2))
+    (gm,) = torch.autograd.grad((coef * model_form).sum(), h)
+
+    h2 = h0.clone().requires_grad_(True)
+    index2, relaxed2, _ = ref.gumbel_topk_relaxed(h2, n, tau, M, g)
+    assert torch.equal(index, index2)
+    hard = F.one_hot(index2.clamp(min=0), D).float() * (index2 >= 0).float()[..., None]
+    z_st = hard - relaxed2.detach() + relaxed2
+    explicit = torch.zeros(B)
+    for b in range(B):
+        drawn = torch.zeros(D, dtype=torch.bool)
+        for i in range(int(n[b])):
+            log_b = torch.log_softmax(h2[b].masked_fill(drawn, float("-inf")), 0)
+            # off the allowed set z_st is exactly 0 (value and gradient): use 0 instead of −∞·0.
+            explicit = explicit + F.one_hot(torch.tensor(b), B) * (z_st[b, i] * log_b.masked_fill(drawn, 0.0)).sum()
+            drawn = drawn.clone()
+            drawn[index2[b, i]] = True
+    torch.testing.assert_close(model_form.detach(), explicit.detach(), rtol=1e-5, atol=1e-5)
+    (ge,) = torch.autograd.grad((coef * explicit).sum(), h2)
+    torch.testing.assert_close(gm, ge, rtol=1e-4, atol=1e-5)
+
+
+def test_gaussian_kl_matches_closed_form():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(5, 7), torch.randn(5, 7)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    torch.testing.assert_close(gaussian_kl(mu, logvar), torch.distributions.kl_divergence(q, p).sum(-1))
+    assert gaussian_kl(torch.zeros(3), torch.zeros(3)).item() == 0.0
+
+
+def test_count_objects_matches_brute_force_loop():
+    torch.manual_seed(2)
+    h = torch.randn(3, 9, 11) * 5
+    h[0, 4, 4] = h[0, 4, 5] = 30.0  # a plateau: both points are local maxima (h ≥ max-pool)
+    thr = 4.0
+    expected = []
+    for b in range(3):
+        c = 0
+        for r in range(9):
+            for q in range(11):
+                nb = [h[b, rr, qq] for rr in range(max(0, r - 1), min(9, r + 2)) for qq in range(max(0, q - 1), min(11, q + 2))]
+                if h[b, r, q] >= max(nb) and h[b, r, q] > thr:
+                    c += 1
+        expected.append(min(c, 10))
+    from lavae_fast import ops
+
+    for impl in (ref.count_objects, ops.count_objects):
+        assert impl(h, thr, 10).tolist() == expected
+        assert impl(h[:, None], thr, 2).tolist() == [min(e, 2) for e in expected]
+
+
+def test_learned_prior_is_a_distribution_and_learns():
+    m = tiny()
+    with torch.no_grad():
+        m.prior_logits.copy_(torch.randn(m.max_objects + 1) * 3)
+    p = m.prior_log_probs().exp()
+    assert (p >= 0).all() and p.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert p.shape == (m.max_objects + 1,)
+    # its gradient comes from −log p(n): one step of descent raises p of the counts used
+    x = images(4, 1, 12, 12)
+    out = m(x, force_n_prob=1.0)  # every n forced to 1
+    out.kl_n.mean().backward()
+    g = m.prior_logits.grad
+    assert g[1] < 0 and (g[torch.arange(m.max_objects + 1) != 1] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance-sampled bound
+# ---------------------------------------------------------------------------------------------
+
+
+def test_importance_bound_above_elbo_and_rises_with_k():
+    torch.manual_seed(4)
+    H = W = 10
+    m = tiny((H, W), ops="fused")
+    x = images(6, 1, H, W, p=0.15, seed=9)
+    h_fixed = with_peaks(m, x, [[11, 55], [30], [], [44, 12], [70], [5, 90]])
+    m.loc_head.register_forward_hook(lambda mod, inp, out: h_fixed / m.gamma_for(H, W) + 0.3 * out)
+    m.eval()
+    gen = torch.Generator().manual_seed(0)
+    reps = 30
+    elbo = torch.stack([-m(x, noise=Noise(
+        gumbel=-torch.log(-torch.log(torch.rand(6, H * W, generator=gen))),
+        eps=torch.randn(6, m.max_objects, m.latent_size, generator=gen), coin=torch.ones(6))).neg_elbo.detach()
+        for _ in range(reps)]).mean(0)
+    k1 = torch.stack([m.log_likelihood(x, K=1, generator=gen) for _ in range(reps)]).mean(0)
+    k10 = torch.stack([m.log_likelihood(x, K=10, generator=gen, chunk=3) for _ in range(reps // 3)]).mean(0)
+    k100 = m.log_likelihood(x, K=100, generator=gen)
+    # K = 1 is an unbiased estimate of the ELBO (sampled instead of analytic KL): close on average
+    assert (k1 - elbo).abs().mean() < 0.1 * elbo.abs().mean()
+    assert k10.mean() > k1.mean() and k100.mean() > k10.mean()
+    assert k100.mean() >= elbo.mean()
+    assert m.training is False
+
+
+def test_baseline_bound_and_terms():
+    torch.manual_seed(0)
+    b = BetaVAE(1, (16, 16), width=16)
+    x = images(4, 1, 16, 16)
+    out = b(x, beta=0.3)
+    torch.testing.assert_close(out.loss, (out.recon + 0.3 * out.kl).mean())
+    torch.testing.assert_close(out.neg_elbo, out.recon + out.kl)
+    recon = -(x * out.lam.log() + (1 - x) * (1 - out.lam).log()).flatten(1).sum(1)
+    torch.testing.assert_close(out.recon, recon, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(out.kl, gaussian_kl(out.mu.flatten(1), out.logvar.flatten(1)))
+    out.loss.backward()
+    b.eval()
+    gen = torch.Generator().manual_seed(1)
+    k1 = torch.stack([b.log_likelihood(x, K=1, generator=gen) for _ in range(20)]).mean(0)
+    k50 = b.log_likelihood(x, K=50, generator=gen, chunk=7)
+    assert k50.mean() > k1.mean()
+    assert b.sample(3).shape == (3, 1, 16, 16) and b.reconstruct(x).shape == x.shape
+    assert BetaVAE(3, (37, 37)).latent_shape(37, 37) == (16, 5, 5)
+    assert BetaVAE(3, (37, 37))(images(2, 3, 37, 37)).lam.shape == (2, 3, 37, 37)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: present objects only, forced n, manipulation, sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_decoder_sees_only_present_objects():
+    m = tiny()
+    seen = []
+    m.sprite_decoder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    x = images(3, 1, 12, 12)
+    h_fixed = with_peaks(m, x, [[3, 50, 100], [], [77]])
+    m.loc_head.register_forward_hook(lambda mod, inp, out: h_fixed / m.gamma_for(12, 12))
+    out = m(x)
+    assert out.n.tolist() == [3, 0, 1] and seen == [4]
+    seen.clear()
+    h_fixed.zero_()
+    out = m(x)
+    assert out.n.tolist() == [0, 0, 0] and seen == []  # nothing present: decoder not run
+    assert torch.isfinite(out.loss) and (out.lam < 1e-3).all()
+
+
+def test_forced_n_uses_the_coin():
+    m = tiny()
+    x = images(4, 1, 12, 12)
+    nz = noise_for(m, 4, 12, 12)
+    nz.coin = torch.tensor([0.1, 0.9, 0.5, 0.49])
+    out = m(x, noise=nz, force_n_prob=0.5)
+    assert out.forced.tolist() == [True, False, False, True]
+    assert out.n[0] == 1 and out.n[3] == 1
+    assert torch.equal(out.n[1:3], out.n_hat[1:3])
+
+
+def test_manipulation_helpers():
+    torch.manual_seed(0)
+    m = tiny((12, 12))
+    m.eval()
+    lat = Latents(n=torch.tensor([2, 2]), index=torch.tensor([[5, 70, -1, -1], [30, 100, -1, -1]]),
+                  z_app=torch.randn(2, 4, 6) * torch.tensor([1.0, 1, 0, 0])[None, :, None], canvas=(12, 12))
+    moved = m.move_object(lat, 0, 6, 6)
+    assert moved.index[:, 0].tolist() == [78, 78] and lat.index[0, 0] == 5
+    assert moved.rows[0, 0] == 6 and moved.cols[0, 0] == 6
+    swapped = m.swap_objects(lat, 0, 1)
+    assert swapped.index[0, :2].tolist() == [70, 5]
+    # swapping locations of two objects = placing each sprite at the other's place: a swap of
+    # appearances renders the same image
+    same = Latents(lat.n, lat.index, lat.z_app[:, [1, 0, 2, 3]], lat.canvas)
+    torch.testing.assert_close(m.decode(swapped), m.decode(same))
+    changed = m.change_appearance(lat, 1, 3, 2.5)
+    assert changed.z_app[0, 1, 3] == 2.5 and not torch.equal(m.decode(changed), m.decode(lat))
+    with pytest.raises(ValueError, match="absent"):
+        m.move_object(lat, 2, 0, 0)
+    with pytest.raises(ValueError, match="canvas"):
+        m.move_object(lat, 0, 12, 0)
+    lam, lat2 = m.sample(3, n=2, return_latents=True)
+    assert lam.shape == (3, 1, 12, 12) and lat2.n.tolist() == [2, 2, 2]
+    assert (lat2.index[:, :2] >= 0).all() and (lat2.index[:, 2:] == -1).all()
+    assert (lat2.index[:, 0] != lat2.index[:, 1]).all()
+    assert m.sample(5, n=torch.tensor([0, 1, 2, 3, 4])).shape == (5, 1, 12, 12)
+    with pytest.raises(ValueError, match="n must be"):
+        m.sample(2, n=9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: torch.rand(2, 3, 12, 12), "channel"),
+    (lambda: torch.rand(2, 1, 10, 12), "canvas"),
+    (lambda: torch.rand(2, 1, 12, 12) * 2, r"\[0,1\]"),
+    (lambda: torch.rand(2, 1, 12, 12) - 0.5, r"\[0,1\]"),
+    (lambda: torch.full((2, 1, 12, 12), float("nan")), "NaN"),
+    (lambda: torch.rand(0, 1, 12, 12), "empty"),
+    (lambda: torch.rand(1, 12, 12), "shape"),
+])
+def test_bad_inputs_give_clear_errors(make, match):
+    m = tiny()
+    b = BetaVAE(1, (12, 12), width=8)
+    x = make()
+    for fn in (m, m.reconstruct, m.log_likelihood, m.infer, b, b.log_likelihood):
+        with pytest.raises(ValueError, match=match):
+            fn(x)
+    with pytest.raises(TypeError, match="floating"):
+        m((torch.rand(2, 1, 12, 12) > 0.5).to(torch.uint8))
+
+
+def test_noise_shape_mismatch_is_an_error():
+    m = tiny()
+    nz = noise_for(m, 3, 12, 12)
+    with pytest.raises(ValueError, match="noise"):
+        m(images(2, 1, 12, 12), noise=nz)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise and reproducibility
+# ---------------------------------------------------------------------------------------------
+
+
+def test_noise_is_a_function_of_seed_step_and_sample():
+    kw = dict(num_pixels=50, max_objects=3, latent_size=4, aux_shape=(2, 3, 3))
+    a = draw_noise(1, 7, range(6), **kw)
+    b = draw_noise(1, 7, range(6), **kw)
+    for f in ("gumbel", "eps", "coin", "aux_eps"):
+        assert torch.equal(getattr(a, f), getattr(b, f))
+    # independent of batch composition: images 2..4 alone get the rows 2..4 of the whole batch
+    part = draw_noise(1, 7, [4, 2, 3], **kw)
+    assert torch.equal(part.gumbel, a.gumbel[[4, 2, 3]]) and torch.equal(part.eps, a.eps[[4, 2, 3]])
+    # ... and streams are independent: dropping the aux stream changes nothing else
+    no_aux = draw_noise(1, 7, range(6), **{**kw, "aux_shape": None})
+    assert no_aux.aux_eps is None and torch.equal(no_aux.gumbel, a.gumbel)
+    assert not torch.equal(draw_noise(1, 8, range(6), **kw).gumbel, a.gumbel)
+    assert not torch.equal(draw_noise(2, 7, range(6), **kw).gumbel, a.gumbel)
+    assert not torch.equal(a.gumbel[0], a.gumbel[1])
+    assert mix(1, 2, 3) != mix(1, 3, 2) and 0 <= mix(5) < 2 ** 63
+    # roughly the right distributions
+    big = draw_noise(0, 0, range(40), num_pixels=500, max_objects=2, latent_size=50)
+    assert abs(big.gumbel.mean().item() - 0.5772) < 0.05
+    assert abs(big.eps.std().item() - 1.0) < 0.05 and 0 <= big.coin.min() and big.coin.max() < 1
+    assert torch.equal(draw_normal(0, 1, [3], (2, 2)), draw_normal(0, 1, [0, 1, 2, 3], (2, 2))[3:])
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    N, B = 10, 4
+    got = torch.cat([data_indices(3, s, B, N) for s in range(5)])  # 20 samples = 2 epochs
+    assert sorted(got[:10].tolist()) == list(range(10)) and sorted(got[10:].tolist()) == list(range(10))
+    assert torch.equal(data_indices(3, 2, B, N), data_indices(3, 2, B, N))
+    assert not torch.equal(got[:10], got[10:])  # each epoch its own permutation
+    assert not torch.equal(data_indices(4, 0, B, N), data_indices(3, 0, B, N))
+    with pytest.raises(ValueError, match="empty"):
+        data_indices(0, 0, 4, 0)
+
+
+def test_same_seed_same_forward():
+    x = images(3, 1, 12, 12)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        m = tiny()
+        outs.append(m(x, noise=noise_for(m, 3, 12, 12, seed=9), tau=0.2, force_n_prob=0.3))
+    assert torch.equal(outs[0].neg_elbo, outs[1].neg_elbo) and torch.equal(outs[0].index, outs[1].index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aux VAE
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("H,W", [(64, 64), (48, 48), (13, 18)])
+def test_aux_vae_shapes_and_terms(H, W):
+    aux = AuxVAE(3, width=8)
+    x = images(2, 3, H, W)
+    eps = torch.randn(2, *AuxVAE.latent_shape(H, W))
+    out = aux(x, eps)
+    h, w = out.kl_map.shape[-2:]
+    assert out.kl_map.shape == (2, 1, *AuxVAE.latent_shape(H, W)[1:])
+    assert H / 6 - 1 <= h <= H / 4 + 1 and W / 6 - 1 <= w <= W / 4 + 1
+    assert out.target.shape == (2, 1, H, W) and not out.target.requires_grad
+    torch.testing.assert_close(out.kl, out.kl_map.flatten(1).sum(1))
+    assert (out.kl_map >= 0).all()
+    torch.testing.assert_close(out.neg_elbo, out.recon + out.kl)
+    h_loc = torch.randn(2, 1, H, W, requires_grad=True)
+    wl = warmup_loss(h_loc, out.target)
+    torch.testing.assert_close(wl, ((h_loc - out.target) ** 2).mean())
+    wl.backward()
+    assert h_loc.grad is not None

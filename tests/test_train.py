@@ -1,0 +1,159 @@
+"""Tests of the training schedules, checkpoints and the training CLI (tiny runs, end to end)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from lavae_fast import schedules
+from lavae_fast.checkpoint import load_checkpoint, save_checkpoint
+from lavae_fast.train import main as train_main
+
+# A tiny configuration: 32×32 multi-dSprites, narrow nets, a few steps. Still the full recipe.
+TINY = ["--dataset", "multi-dsprites", "--canvas", "32", "--n-train", "64", "--n-test", "16", "--n-test7", "8",
+        "--batch-size", "4", "--width", "6", "--sprite-width", "36", "--threads", "1", "--no-progress",
+        "--log-every", "2", "--eval-every", "0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_schedules_at_the_paper_milestones():
+    S = 100_000
+    assert schedules.tau(0, S) == pytest.approx(0.5)
+    assert schedules.tau(S, S) == pytest.approx(0.02)
+    assert schedules.tau(S // 2, S) == pytest.approx((0.5 * 0.02) ** 0.5)  # geometric midpoint
+    assert schedules.tau(3 * S, S) == pytest.approx(0.02)  # holds past the horizon
+    assert schedules.loc_lr_factor(0, S) == 1.0
+    assert schedules.loc_lr_factor(S, S) == pytest.approx(0.01)
+    assert schedules.loc_lr_factor(S // 2, S) == pytest.approx(0.1)
+    for step, w, p in [(0, 1, 1), (29_999, 1, 1), (30_000, 1, 1), (45_000, 0.5, 0.55), (60_000, 0, 0.1),
+                       (80_000, 0, 0.1)]:
+        assert schedules.warmup_weight(step, S) == pytest.approx(w), step
+        assert schedules.force_n_prob(step, S) == pytest.approx(p), step
+    assert schedules.beta(0, S) == 0 and schedules.beta(S // 4, S) == pytest.approx(0.25)
+    assert schedules.beta(2 * S, S) == 1.0
+
+
+def test_schedules_scale_with_the_budget():
+    for f in (schedules.tau, schedules.loc_lr_factor, schedules.warmup_weight, schedules.force_n_prob,
+              schedules.beta):
+        for frac in (0.0, 0.1, 0.3, 0.45, 0.6, 0.9, 1.0):
+            assert f(frac * 1000, 1000) == pytest.approx(f(frac * 100_000, 100_000))
+    with pytest.raises(ValueError, match="steps"):
+        schedules.tau(0, 0)
+    with pytest.raises(ValueError, match="step"):
+        schedules.tau(-1, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_and_atomicity(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"step": 3, "model": {"w": torch.arange(4.0)}})
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.arange(4.0))
+    assert load_checkpoint(str(tmp_path))["step"] == 3  # a run directory works too
+    # a write that dies half-way leaves the previous checkpoint intact and no temp file behind
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 4, "model": {}})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(path)["step"] == 3
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read"):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI, end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def read_metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_cli_runs_end_to_end(tmp_path):
+    run = str(tmp_path / "run")
+    assert train_main(TINY + ["--steps", "6", "--out", run, "--image-every", "3"]) == 0
+    state = load_checkpoint(run)
+    assert state["step"] == 6 and state["model_config"]["kind"] == "lavae" and state["aux"] is not None
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    r = rows[0]
+    for key in ("loss", "recon", "kl_app", "kl_n", "kl_loc", "count_acc", "tau", "lr_location", "force_n_prob",
+                "warmup_weight", "hloc_max_obj", "threshold", "warmup_loss", "target_scale", "loc_acc"):
+        assert key in r, key
+    # the schedule is the compressed paper schedule: step 0..1 of 6 is still in the warm-up
+    assert r["force_n_prob"] == 1.0 and r["warmup_weight"] == 1.0
+    # each row averages its interval: steps 2, 3 have weights 1 − (2/6 − 0.3)/0.3 and 1 − (3/6 − 0.3)/0.3
+    expected = [schedules.warmup_weight(s, 6) for s in (2, 3)]
+    assert rows[1]["warmup_weight"] == pytest.approx(sum(expected) / 2, abs=1e-5)
+    assert rows[-1]["warmup_weight"] == 0.0 and "warmup_loss" not in rows[-1]  # aux VAE no longer run
+    assert os.path.isdir(os.path.join(run, "tb")) and os.listdir(os.path.join(run, "tb"))
+    assert json.load(open(os.path.join(run, "args.json")))["steps"] == 6
+
+
+def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    args = TINY + ["--steps", "6", "--ckpt-every", "100"]
+    train_main(args + ["--out", full])
+    train_main(args + ["--out", part, "--stop-at", "3"])
+    assert load_checkpoint(part)["step"] == 3
+    train_main(args + ["--out", part, "--resume"])
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert a["step"] == b["step"] == 6
+    for name in ("model", "aux"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+    # and it differs from a run with another seed (so the comparison above can fail)
+    other = str(tmp_path / "other")
+    train_main(TINY + ["--steps", "6", "--out", other, "--seed", "1"])
+    c = load_checkpoint(other)
+    assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"] if a["model"][k].is_floating_point())
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    train_main(TINY + ["--steps", "2", "--out", run])
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--steps", "2", "--out", run, "--resume", "--seed", "5"])
+    assert "seed" in capsys.readouterr().err
+
+
+def test_baseline_cli_runs(tmp_path):
+    run = str(tmp_path / "base")
+    assert train_main(TINY + ["--model", "baseline", "--steps", "4", "--out", run]) == 0
+    state = load_checkpoint(run)
+    assert state["model_config"]["kind"] == "baseline" and state["step"] == 4
+    rows = read_metrics(run)
+    assert rows[0]["beta"] == pytest.approx((0 + 0.25) / 2) and "kl" in rows[0]  # mean over steps 0, 1
+
+
+@pytest.mark.parametrize("bad,match", [
+    (["--steps", "0"], "positive"),
+    (["--canvas", "axb"], "canvas"),
+    (["--dataset", "cifar"], "invalid choice"),
+    (["--warmup-scale", "-1"], "auto"),
+])
+def test_bad_cli_arguments(tmp_path, capsys, bad, match):
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--out", str(tmp_path / "r")] + bad)
+    assert match in capsys.readouterr().err
