@@ -1,0 +1,92 @@
+"""Tests of the evaluation metrics and the evaluation CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lavae_fast.evaluate import format_table, local_maxima, location_accuracy, max_matching, peak_distances
+from lavae_fast.evaluate import main as eval_main
+from lavae_fast.train import main as train_main
+
+from test_train import TINY
+
+
+def test_max_matching_is_maximum_not_greedy():
+    # t0 can use p0 or p1, t1 only p0: a greedy t0→p0 would leave t1 unmatched.
+    adj = np.array([[True, True], [True, False]])
+    assert max_matching(adj) == 2
+    assert max_matching(np.array([[True, True], [False, False]])) == 1
+    assert max_matching(np.zeros((3, 0), dtype=bool)) == 0
+    assert max_matching(np.ones((3, 2), dtype=bool)) == 2
+
+
+def test_location_accuracy_one_to_one_and_radius():
+    centres = np.array([[[10, 10], [10, 12], [-1, -1]], [[5, 5], [-1, -1], [-1, -1]]])
+    counts = np.array([2, 1])
+    # image 0: one prediction at (11,11), √2 px from both objects, serves only one of them;
+    # image 1: (7,5) is exactly 2 px from (5,5), inside the radius.
+    rows = torch.tensor([[11, -1], [7, -1]])
+    cols = torch.tensor([[11, -1], [5, -1]])
+    assert location_accuracy(rows, cols, torch.tensor([1, 1]), centres, counts) == (2, 3)
+    # a smaller radius drops the 2-px match but keeps the √2 one
+    assert location_accuracy(rows, cols, torch.tensor([1, 1]), centres, counts, radius=1.9) == (1, 3)
+    # two predictions, one per object, match both
+    rows2 = torch.tensor([[10, 10], [0, 0]])
+    cols2 = torch.tensor([[10, 12], [0, 0]])
+    assert location_accuracy(rows2, cols2, torch.tensor([2, 0]), centres, counts) == (2, 3)
+    # slots at or past n are ignored even if they would match
+    assert location_accuracy(rows2, cols2, torch.tensor([0, 0]), centres, counts) == (0, 3)
+
+
+def test_location_accuracy_radius_edge():
+    centres = np.array([[[10, 10]]])
+    counts = np.array([1])
+    for r, c, hit in [(12, 10, True), (13, 10, False), (11, 11, True), (12, 11, False)]:
+        m, _ = location_accuracy(torch.tensor([[r]]), torch.tensor([[c]]), torch.tensor([1]), centres, counts)
+        assert m == int(hit), (r, c)
+
+
+def test_local_maxima_and_peak_distances():
+    h = torch.zeros(2, 1, 8, 8)
+    h[0, 0, 2, 2] = 5.0
+    h[0, 0, 6, 5] = 3.0
+    h[1, 0, 4, 4] = 1.0
+    rows, cols = local_maxima(h - 1.0 * (h == 0), 2)  # background below the peaks
+    assert rows[0].tolist() == [2, 6] and cols[0].tolist() == [2, 5]
+    centres = np.array([[[2, 3], [6, 5]], [[0, 0], [-1, -1]]])
+    d = peak_distances(h - 1.0 * (h == 0), centres, np.array([2, 1]))
+    np.testing.assert_allclose(d, [1.0, 0.0, np.sqrt(32)])
+
+
+def test_format_table():
+    t = format_table({"test": {"images": 3, "count_accuracy": 0.5, "nll_bound": {"mean": 40.0, "sem": 1.0}},
+                      "test7": {"images": 3, "count_accuracy": 0.25}})
+    assert "count acc" in t and "0.5000" in t and "40.00 ± 1.00" in t and "-" in t.splitlines()[-1] + "-"
+
+
+@pytest.mark.parametrize("model", ["lavae", "baseline"])
+def test_evaluate_cli_on_a_tiny_run(tmp_path, capsys, model):
+    run = str(tmp_path / model)
+    train_main(TINY + ["--model", model, "--steps", "2", "--out", run, "--canvas", "48", "--n-test7", "4"])
+    capsys.readouterr()
+    assert eval_main([run, "--K", "3", "--n-eval", "6", "--n-bound", "4", "--batch-size", "4", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    res = json.load(open(os.path.join(run, "eval.json")))
+    assert res["meta"]["step"] == 2 and res["meta"]["model"] == model
+    for split in ("test", "test7"):
+        r = res["results"][split]
+        assert r["images"] == (6 if split == "test" else 4) and r["bound_images"] == 4
+        assert np.isfinite(r["nll_bound"]["mean"]) and r["nll_bound"]["mean"] > 0
+        if model == "lavae":
+            assert 0 <= r["count_accuracy"] <= 1 and 0 <= r["location_accuracy"] <= 1
+        else:
+            assert "count_accuracy" not in r
+    assert "−log p(x)" in printed
+
+
+def test_evaluate_cli_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        eval_main([str(tmp_path)])
