@@ -1,8 +1,9 @@
 """The Triton kernels, checked without a GPU.
 
 The kernels themselves run under TRITON_INTERPRET=1, which must be set before triton is
-imported: ``test_interpreted_suite`` runs ``tests/triton_interpret`` in a fresh process with it
-(and with the C++ CPU kernels disabled, so that the Triton launchers serve the ops' CPU tensors).
+imported: ``test_interpreted_suite`` runs ``tests/triton_interpret`` (and ``tests/test_cuda.py``
+on CPU tensors at small shapes) in a fresh process with it, and with the C++ CPU kernels
+disabled, so that the Triton launchers serve the ops' CPU tensors.
 The other tests here check the contract between the launchers and the op schemas in-process.
 """
 
@@ -27,7 +28,11 @@ def test_interpreted_suite():
     env["LAVAE_FAST_DISABLE_EXTENSION"] = "1"
     # The subprocess tests the Triton launchers, not the C++ extension this variable guards.
     env.pop("LAVAE_FAST_REQUIRE_EXT", None)
-    cmd = [sys.executable, "-P", "-m", "pytest", "tests/triton_interpret", "-q", "-p", "no:cacheprovider"]
+    # tests/test_cuda.py too, on CPU tensors with small shapes, so that it cannot rot unseen on
+    # machines without a GPU.
+    env["LAVAE_FAST_CUDA_TESTS_DEVICE"] = "cpu"
+    cmd = [sys.executable, "-P", "-m", "pytest", "tests/triton_interpret", "tests/test_cuda.py", "-q",
+           "-p", "no:cacheprovider"]
     # -P: import the same lavae_fast as this process (installed or editable), not ./lavae_fast.
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
@@ -74,3 +79,39 @@ def test_cuda_registration_follows_the_device():
     else:
         assert not _backends.triton_kernels_loaded
         assert "no CUDA" in (_backends.triton_kernels_error or "")
+
+
+def test_gpu_bench_closures_run_on_cpu(monkeypatch):
+    # bench/gpu_bench.py only runs on a GPU; its op closures, byte counts and report are checked
+    # here on CPU tensors with a timer that calls each function once.
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.pop(0)
+    from lavae_fast import ops, reference
+
+    calls = []
+
+    def fake_time(fn, warmup_ms, rep_ms):
+        fn()
+        calls.append(fn)
+        return 2.0, 1.0, 3.0
+
+    monkeypatch.setattr(gpu_bench, "_time", fake_time)
+    t = gpu_bench._inputs(2, 1, device="cpu")
+    rows = []
+    for op in gpu_bench.OPS:
+        for pas in gpu_bench.PASSES:
+            for name, mod in (("reference", reference), ("triton", ops)):
+                timing = gpu_bench._measure(op, pas, name, mod, t, 1, 1)
+                if timing is not None:
+                    nbytes = gpu_bench._bytes(op, pas, t)
+                    assert nbytes > 0
+                    rows.append({"op": op, "pass": pas, "impl": name, "C": 1, "B": 2, "median_ms": 2.0,
+                                 "p20_ms": 1.0, "p80_ms": 3.0, "gbps": nbytes / 2e-3 / 1e9, "frac_peak": 0.5,
+                                 "peak_gbps": 1.0, "peak_source": "given", "speedup_vs_reference": 1.0, "error": None})
+    assert len(rows) == 2 * (5 * 3 + 1)  # count_objects has no backward
+    fake_time(gpu_bench._train_step(ops, t), 1, 1)
+    assert "place_index" in gpu_bench.format_table(rows)
+    assert any("target" in line for line in gpu_bench.targets(rows))
