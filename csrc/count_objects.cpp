@@ -2,7 +2,9 @@
 //
 // A point counts when it is >= every neighbour of its 3x3 window (neighbours outside the canvas
 // are -inf, i.e. ignored) and > threshold; the count is clipped to max_objects. The threshold test
-// comes first because almost every pixel fails it, which skips the 8 neighbour reads.
+// comes first because almost every pixel fails it, which skips the 8 neighbour reads. NaN follows
+// the reference: max_pool2d propagates a NaN neighbour, and h >= NaN is false, so a point next to
+// a NaN never counts (hence `!(n <= v)` rather than `n > v`).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,7 +25,7 @@ int64_t count_one_image(const scalar_t* h, int64_t H, int64_t W, double threshol
       bool is_max = true;
       for (int64_t yy = y0; yy <= y1 && is_max; ++yy)
         for (int64_t xx = x0; xx <= x1; ++xx)
-          if (h[yy * W + xx] > v) { is_max = false; break; }
+          if (!(h[yy * W + xx] <= v)) { is_max = false; break; }
       count += is_max;
     }
   }
@@ -31,7 +33,10 @@ int64_t count_one_image(const scalar_t* h, int64_t H, int64_t W, double threshol
 }
 
 at::Tensor count_objects_cpu(const at::Tensor& h_loc, double threshold, int64_t max_objects) {
+  check_cpu(h_loc, "count_objects", "h_loc");
   TORCH_CHECK(h_loc.dim() == 3, "count_objects: h_loc must be [B,H,W], got ", h_loc.sizes());
+  check_float(h_loc, "count_objects", "h_loc");
+  TORCH_CHECK(max_objects >= 0, "count_objects: max_objects must be >= 0, got ", max_objects);
   const at::Tensor h = h_loc.contiguous();
   const int64_t B = h.size(0), H = h.size(1), W = h.size(2);
   at::Tensor out = at::empty({B}, h.options().dtype(at::kLong));

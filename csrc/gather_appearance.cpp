@@ -1,0 +1,190 @@
+// Appearance gather at the drawn locations (SPEC §9.4), forward and backward.
+//
+// out[b,i,:] = Σ_d loc[b,i,d]·h_app[b,:,d] for i < n[b] (zero rows after). With `index` (the
+// one-hot promise) the forward reads the K features at the index and nothing else; the backward's
+// grad_loc is always the dense formula grad_loc[b,i,d] = Σ_k h_app[b,k,d]·g[b,i,k] and grad_h_app
+// is the scatter of g at the index (dense mode: Σ_i loc[b,i,d]·g[b,i,k]). grad_loc, needed in
+// both modes, is computed with the register-blocked tile of correlate.h in one pass over h_app;
+// the dense-mode-only products (forward, dense grad_h_app) are batched GEMMs.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "correlate.h"
+
+namespace lavae_fast {
+namespace {
+
+constexpr const char* kFwd = "gather_appearance";
+constexpr const char* kBwd = "gather_appearance_backward";
+
+void check_gather_inputs(const char* op, const at::Tensor& h_app, const at::Tensor& loc) {
+  check_cpu(h_app, op, "h_app");
+  check_cpu(loc, op, "loc");
+  check_dim(h_app, 4, op, "h_app");
+  check_float(h_app, op, "h_app");
+  check_dim(loc, 4, op, "loc");
+  check_same_dtype(loc, h_app, op, "loc", "h_app");
+  TORCH_CHECK(loc.size(0) == h_app.size(0) && loc.size(2) == h_app.size(2) && loc.size(3) == h_app.size(3), op,
+              ": loc must have shape [B=", h_app.size(0), ", M, H=", h_app.size(2), ", W=", h_app.size(3), "], got ",
+              loc.sizes());
+}
+
+// Zero the rows i ≥ n[b] of a [B, M, X] tensor.
+template <typename T>
+void zero_absent_rows(T* p, const int64_t* pn, int64_t B, int64_t M, int64_t X) {
+  for (int64_t b = 0; b < B; ++b) std::fill(p + (b * M + pn[b]) * X, p + (b + 1) * M * X, T(0));
+}
+
+// One pass per image over h_app: grad_loc[i,d] = Σ_k g[i,k]·h_app[k,d] for the present rows (a
+// 1×1 correlation: the K feature planes are the channels, the present objects the outputs), and
+// in index mode the zero-fill and scatter of grad_h_app. Both touch the image's K·D block once,
+// so the pass runs at memory speed.
+constexpr int64_t kRowGroup = 16;
+
+template <typename T>
+void gather_backward_fused(const at::Tensor& g, const at::Tensor& h_app, const int64_t* pi, const int64_t* pn,
+                           int64_t B, int64_t M, int64_t K, int64_t D, at::Tensor* grad_h, at::Tensor* grad_loc) {
+  constexpr int N = Vec<T>::N;
+  const T* pg = g.const_data_ptr<T>();
+  const T* ph = grad_loc ? h_app.const_data_ptr<T>() : nullptr;
+  T* pgh = grad_h ? grad_h->mutable_data_ptr<T>() : nullptr;
+  T* pgl = grad_loc ? grad_loc->mutable_data_ptr<T>() : nullptr;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> w, tail;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m = pn[b];
+      const T* gb = pg + b * M * K;
+      if (pgh != nullptr) {
+        T* hb = pgh + b * K * D;
+        std::fill(hb, hb + K * D, T(0));
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t p = pi[b * M + i];
+          if (p < 0) continue;
+          for (int64_t k = 0; k < K; ++k) hb[k * D + p] += gb[i * K + k];
+        }
+      }
+      if (pgl == nullptr) continue;
+      T* lb = pgl + b * M * D;
+      std::fill(lb + m * D, lb + M * D, T(0));
+      if (m == 0) continue;
+      const T* hb = ph + b * K * D;
+      const int64_t obs = block_size(m);
+      w.resize(m * K);
+      for (int64_t o0 = 0; o0 < m; o0 += obs) {
+        const int64_t ob = std::min(obs, m - o0);
+        // Weights [k][o] of this block of objects.
+        T* wb = w.data() + o0 * K;
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t o = 0; o < ob; ++o) wb[k * ob + o] = gb[(o0 + o) * K + k];
+        const int nx = choose_nx<T>(ob, D);
+        const TileFn fn = tile_fn<T>(static_cast<int>(ob), nx);
+        const int64_t xb = nx * N;
+        TileArgs t;
+        t.NA = 1;
+        t.sa = 0;
+        t.KW = 1;
+        t.out_stride = D;
+        // Rows of h_app in groups of kRowGroup: a tile reads one vector group from each row of
+        // its group, so a pass over D follows kRowGroup sequential streams (the hardware
+        // prefetcher follows these; all K rows at a 4·D-byte stride would also alias in the
+        // caches), and the partial sums in grad_loc stay in L2 between groups.
+        for (int64_t k0 = 0; k0 < K; k0 += kRowGroup) {
+          const int64_t kr = std::min(kRowGroup, K - k0);
+          t.NR = kr;
+          t.w = wb + k0 * ob;
+          t.accumulate = k0 > 0;
+          for (int64_t x0 = 0; x0 < D; x0 += xb) {
+            t.out = lb + o0 * D + x0;
+            t.valid = std::min(xb, D - x0);
+            if (t.valid == xb) {
+              t.in = hb + k0 * D + x0;
+              t.sr = D;
+            } else {
+              // The tile reads whole vectors: copy the last, partial columns into a zero-padded
+              // panel rather than reading past the end of h_app.
+              tail.assign(kr * xb, T(0));
+              for (int64_t k = 0; k < kr; ++k)
+                std::copy(hb + (k0 + k) * D + x0, hb + (k0 + k) * D + D, tail.data() + k * xb);
+              t.in = tail.data();
+              t.sr = xb;
+            }
+            fn(t);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor gather_appearance_cpu(const at::Tensor& h_app_, const at::Tensor& loc_, const at::Tensor& n_,
+                                 const std::optional<at::Tensor>& index_) {
+  check_gather_inputs(kFwd, h_app_, loc_);
+  const int64_t B = h_app_.size(0), K = h_app_.size(1), D = h_app_.size(2) * h_app_.size(3), M = loc_.size(1);
+  const at::Tensor n = checked_counts(n_, B, M, kFwd);
+  const int64_t* pn = n.const_data_ptr<int64_t>();
+  const at::Tensor h_app = h_app_.contiguous();
+  if (!index_.has_value()) {
+    at::Tensor out = at::bmm(loc_.reshape({B, M, D}), h_app.view({B, K, D}).transpose(1, 2)).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), kFwd,
+                               [&] { zero_absent_rows(out.mutable_data_ptr<scalar_t>(), pn, B, M, K); });
+    return out;
+  }
+  const at::Tensor index = checked_index(*index_, n, B, M, D, kFwd);
+  const int64_t* pi = index.const_data_ptr<int64_t>();
+  at::Tensor out = at::zeros({B, M, K}, h_app.options());
+  AT_DISPATCH_FLOATING_TYPES(h_app.scalar_type(), kFwd, [&] {
+    const scalar_t* ph = h_app.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t i = 0; i < pn[b]; ++i) {
+          const int64_t p = pi[b * M + i];
+          if (p < 0) continue;
+          scalar_t* row = po + (b * M + i) * K;
+          const scalar_t* col = ph + b * K * D + p;
+          for (int64_t k = 0; k < K; ++k) row[k] = col[k * D];
+        }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_appearance_backward_cpu(const at::Tensor& grad_, const at::Tensor& h_app_,
+                                                                  const at::Tensor& loc_, const at::Tensor& n_,
+                                                                  const std::optional<at::Tensor>& index_,
+                                                                  bool need_h_app, bool need_loc) {
+  check_gather_inputs(kBwd, h_app_, loc_);
+  const int64_t B = h_app_.size(0), K = h_app_.size(1), D = h_app_.size(2) * h_app_.size(3), M = loc_.size(1);
+  check_cpu(grad_, kBwd, "grad");
+  check_same_dtype(grad_, h_app_, kBwd, "grad", "h_app");
+  check_shape(grad_, {B, M, K}, kBwd, "grad");
+  const at::Tensor n = checked_counts(n_, B, M, kBwd);
+  const int64_t* pn = n.const_data_ptr<int64_t>();
+  at::Tensor index;
+  if (index_.has_value()) index = checked_index(*index_, n, B, M, D, kBwd);
+  // Rows of absent slots carry no gradient: zero them once, then every product may use all rows.
+  at::Tensor g = grad_.contiguous().clone();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), kBwd, [&] { zero_absent_rows(g.mutable_data_ptr<scalar_t>(), pn, B, M, K); });
+  const bool scatter_h = need_h_app && index.defined();
+  at::Tensor grad_h = at::empty({0}, h_app_.options()), grad_loc = at::empty({0}, h_app_.options());
+  if (need_h_app && !scatter_h) grad_h = at::bmm(g.transpose(1, 2), loc_.reshape({B, M, D})).view(h_app_.sizes());
+  if (!need_loc && !scatter_h) return {grad_h, grad_loc};
+  const at::Tensor h_app = need_loc ? h_app_.contiguous() : h_app_;
+  if (scatter_h) grad_h = at::empty(h_app_.sizes(), h_app_.options());
+  if (need_loc) grad_loc = at::empty(loc_.sizes(), h_app_.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), kBwd, [&] {
+    gather_backward_fused<scalar_t>(g, h_app, index.defined() ? index.const_data_ptr<int64_t>() : nullptr, pn, B, M,
+                                    K, D, scatter_h ? &grad_h : nullptr, need_loc ? &grad_loc : nullptr);
+  });
+  return {grad_h, grad_loc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lavae_fast, CPU, m) {
+  m.impl("gather_appearance", &gather_appearance_cpu);
+  m.impl("gather_appearance_backward", &gather_appearance_backward_cpu);
+}
+
+}  // namespace lavae_fast

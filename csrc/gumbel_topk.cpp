@@ -1,0 +1,300 @@
+// Gumbel-top-k draws without replacement with relaxed step samples (SPEC §3, §9.2).
+//
+// Per image: y = logits + g; the top-k of y (k = min(n, D)) are the draws, in order. Step i's
+// relaxed sample is softmax(y/τ) over "all minus the first i draws"; its largest allowed value is
+// y of the i-th draw itself, so every exponent is ≤ 0 and the normaliser is
+//   Z_i = Σ_{j≥i} exp((y_{p_j} − y_{p_i})/τ) + R·exp((y_{p_{k−1}} − y_{p_i})/τ),
+//   R   = Σ_{d ∉ draws} exp((y_d − y_{p_{k−1}})/τ),
+// a suffix sum over the k draws plus one sum over the rest — never "full sum minus the earlier
+// draws", which cancels catastrophically at τ = 0.02. log_q uses b^(i) = softmax(logits) over the
+// same sets, normalised in the same way against each step's own maximum (in double).
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace lavae_fast {
+namespace {
+
+constexpr const char* kFwd = "gumbel_topk_relaxed";
+constexpr const char* kBwd = "gumbel_topk_relaxed_backward";
+
+// a ranks before b: larger value first, NaN counts as the largest (as torch.topk), ties keep the
+// smaller pixel index first (insertion is stable), so the result is deterministic.
+template <typename T>
+inline bool ranks_before(T a, T b) {
+  return a > b || (a != a && b == b);
+}
+
+// The k largest of y[0..D) in decreasing order (k ≤ D), by insertion into a sorted list of k:
+// one pass over D, and a comparison with the current k-th value rejects almost every pixel.
+template <typename T>
+void top_k(const T* y, int64_t D, int64_t k, T* val, int64_t* idx) {
+  if (k <= 0) return;
+  int64_t filled = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const T v = y[d];
+    if (filled == k && !ranks_before(v, val[k - 1])) continue;
+    int64_t j = filled < k ? filled++ : k - 1;
+    while (j > 0 && ranks_before(v, val[j - 1])) {
+      val[j] = val[j - 1];
+      idx[j] = idx[j - 1];
+      --j;
+    }
+    val[j] = v;
+    idx[j] = d;
+  }
+}
+
+// Over the pixels that are not draws (rank[d] < 0 marks them): the maximum of the logits and the
+// sum of exp(logit − that maximum). Two passes over D; the values stay in cache.
+template <typename T>
+void rest_logsumexp(const T* l, const T* rank, int64_t D, double& mr, double& sr) {
+  typedef typename Vec<T>::type V;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  // Tail lanes load rank 0 ("a draw"), which excludes them.
+  V vm = splat<V>(ninf);
+  simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+    const V v = vload_n(rank + d, lanes) < T(0) ? vload_n(l + d, lanes) : vm;
+    vm = v > vm ? v : vm;
+  });
+  T m = ninf;
+  for (int j = 0; j < Vec<T>::N; ++j) m = std::max(m, vm[j]);
+  mr = m;
+  sr = 0;
+  if (m == ninf) return;  // no rest, or every rest logit is −∞: an empty sum
+  V acc{};
+  simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+    acc += vload_n(rank + d, lanes) < T(0) ? vexp(vload_n(l + d, lanes) - m) : V{};
+  });
+  sr = hsum(acc);
+}
+
+// log of the normaliser of b^(i) for each step i < k: logsumexp of the logits over the draws
+// i..k−1 and the rest, against the step's own maximum.
+template <typename T>
+void step_lse(const T* l, const int64_t* picks, int64_t k, double mr, double sr, double* lse) {
+  for (int64_t i = 0; i < k; ++i) {
+    double m = mr;
+    for (int64_t j = i; j < k; ++j) m = std::max(m, static_cast<double>(l[picks[j]]));
+    double z = sr > 0 ? sr * std::exp(mr - m) : 0.0;
+    for (int64_t j = i; j < k; ++j) z += std::exp(static_cast<double>(l[picks[j]]) - m);
+    lse[i] = m + std::log(z);
+  }
+}
+
+template <typename T>
+void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const int64_t* pn, double tau_d, int64_t M,
+                    at::Tensor& relaxed, at::Tensor& log_q, at::Tensor& index) {
+  const int64_t B = logits.size(0), D = logits.size(1);
+  const T* pl = logits.const_data_ptr<T>();
+  const T* pg = gumbel.const_data_ptr<T>();
+  T* pr = relaxed.mutable_data_ptr<T>();
+  T* pq = log_q.mutable_data_ptr<T>();
+  int64_t* pi = index.mutable_data_ptr<int64_t>();
+  typedef typename Vec<T>::type V;
+  const T inv_tau = static_cast<T>(1.0 / tau_d);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> y(D), rank(D), topv(M);
+    std::vector<int64_t> topi(M);
+    std::vector<double> lse(M);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* l = pl + b * D;
+      const T* g = pg + b * D;
+      T* rb = pr + b * M * D;
+      const int64_t k = std::min(pn[b], D);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) y[d] = l[d] + g[d];
+      top_k(y.data(), D, k, topv.data(), topi.data());
+      // rank[d] = the step at which pixel d is drawn, −1 if never: one compare per pixel tells
+      // "drawn before step i" (0 ≤ rank < i) and "not a draw" (rank < 0) in vectorised loops.
+      std::fill(rank.begin(), rank.end(), T(-1));
+      for (int64_t i = 0; i < k; ++i) rank[topi[i]] = static_cast<T>(i);
+      for (int64_t i = 0; i < M; ++i) pi[b * M + i] = i < k ? topi[i] : -1;
+      // R: the non-drawn pixels against the last draw, which bounds them all (exponents ≤ 0).
+      // Every non-drawn pixel lies at or below the last draw, so e_d = exp((y_d − y_{p_{k−1}})/τ)
+      // ≤ 1, R = Σ e_d, and step i's value there is e_d · exp((y_{p_{k−1}} − y_{p_i})/τ) / Z_i:
+      // one exp per pixel for all steps. Both factors are ≥ their product, so neither underflows
+      // unless the value itself does. The k drawn pixels are written separately.
+      double R = 0;
+      if (k > 0) {
+        const T ylast = topv[k - 1];
+        V acc{};
+        simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+          const V e = vload_n(rank.data() + d, lanes) < T(0) ? vexp((vload_n(y.data() + d, lanes) - ylast) * inv_tau)
+                                                              : V{};
+          vstore_n(y.data() + d, e, lanes);  // y is not needed any more: keep e_d in its place
+          acc += e;
+        });
+        R = hsum(acc);
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        const double yi = topv[i];
+        double z = R > 0 ? R * std::exp((static_cast<double>(topv[k - 1]) - yi) * inv_tau) : 0.0;
+        for (int64_t j = i; j < k; ++j) z += std::exp((static_cast<double>(topv[j]) - yi) * inv_tau);
+        const T c = static_cast<T>(std::exp((static_cast<double>(topv[k - 1]) - yi) * inv_tau) / z);
+        T* row = rb + i * D;
+        simd_for<T>(D, [&](int64_t d, int64_t lanes) { vstore_n(row + d, vload_n(y.data() + d, lanes) * c, lanes); });
+        for (int64_t j = 0; j < k; ++j)
+          row[topi[j]] = j < i ? T(0) : static_cast<T>(std::exp((static_cast<double>(topv[j]) - yi) * inv_tau) / z);
+      }
+      std::fill(rb + k * D, rb + M * D, T(0));
+      double lq = 0;
+      if (k > 0) {
+        double mr, sr;
+        rest_logsumexp(l, rank.data(), D, mr, sr);
+        step_lse(l, topi.data(), k, mr, sr, lse.data());
+        for (int64_t i = 0; i < k; ++i) lq += static_cast<double>(l[topi[i]]) - lse[i];
+      }
+      pq[b] = static_cast<T>(lq);
+    }
+  });
+}
+
+void check_logits(const char* op, const at::Tensor& logits) {
+  check_cpu(logits, op, "logits");
+  check_dim(logits, 2, op, "logits");
+  check_float(logits, op, "logits");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_topk_relaxed_cpu(const at::Tensor& logits_, const at::Tensor& n_,
+                                                                       double tau, int64_t max_objects,
+                                                                       const at::Tensor& gumbel_) {
+  check_logits(kFwd, logits_);
+  const int64_t B = logits_.size(0), D = logits_.size(1);
+  check_cpu(gumbel_, kFwd, "gumbel");
+  check_same_dtype(gumbel_, logits_, kFwd, "gumbel", "logits");
+  check_shape(gumbel_, {B, D}, kFwd, "gumbel");
+  TORCH_CHECK(max_objects >= 0, kFwd, ": max_objects must be >= 0, got ", max_objects);
+  TORCH_CHECK(tau > 0, kFwd, ": tau must be > 0, got ", tau);
+  const int64_t M = max_objects;
+  const at::Tensor n = checked_counts(n_, B, M, kFwd);
+  const at::Tensor logits = logits_.contiguous(), gumbel = gumbel_.contiguous();
+  at::Tensor relaxed = at::empty({B, M, D}, logits.options());
+  at::Tensor log_q = at::empty({B}, logits.options());
+  at::Tensor index = at::empty({B, M}, logits.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFwd, [&] {
+    gumbel_forward<scalar_t>(logits, gumbel, n.const_data_ptr<int64_t>(), tau, M, relaxed, log_q, index);
+  });
+  return {relaxed, log_q, index};
+}
+
+// grad_logits = Σ_{i<n} (1/τ)·r_i⊙(g_i − ⟨g_i, r_i⟩) + g_lq·Σ_{i drawn}(onehot(p_i) − b^(i)).
+// The second sum, at a non-drawn pixel d, is exp(l_d − m_r)·Σ_i exp(m_r − lse_i): one exp per
+// pixel for all steps; the drawn pixels are fixed up afterwards.
+template <typename T>
+void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_q, const at::Tensor& logits,
+                     const int64_t* pidx, const at::Tensor& relaxed, const int64_t* pn, double tau_d, int64_t M,
+                     at::Tensor& grad) {
+  const int64_t B = logits.size(0), D = logits.size(1);
+  const T* pl = logits.const_data_ptr<T>();
+  const T* pgr = grad_relaxed.defined() ? grad_relaxed.const_data_ptr<T>() : nullptr;
+  const T* pgq = grad_log_q.defined() ? grad_log_q.const_data_ptr<T>() : nullptr;
+  const T* pr = pgr ? relaxed.const_data_ptr<T>() : nullptr;
+  T* po = grad.mutable_data_ptr<T>();
+  typedef typename Vec<T>::type V;
+  const T inv_tau = static_cast<T>(1.0 / tau_d);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> rank(D);
+    std::vector<int64_t> picks(M);
+    std::vector<double> lse(M);
+    for (int64_t b = b0; b < b1; ++b) {
+      T* out = po + b * D;
+      std::fill(out, out + D, T(0));
+      const int64_t rows = std::min(pn[b], M);
+      if (pgr != nullptr) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const T* r = pr + (b * M + i) * D;
+          const T* g = pgr + (b * M + i) * D;
+          T dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += g[d] * r[d];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) out[d] += inv_tau * r[d] * (g[d] - dot);
+        }
+      }
+      if (pgq == nullptr) continue;
+      const T* l = pl + b * D;
+      int64_t k = 0;
+      std::fill(rank.begin(), rank.end(), T(-1));
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t p = pidx[b * M + i];
+        if (p < 0) continue;
+        rank[p] = static_cast<T>(k);
+        picks[k++] = p;
+      }
+      if (k == 0) continue;
+      double mr, sr;
+      rest_logsumexp(l, rank.data(), D, mr, sr);
+      step_lse(l, picks.data(), k, mr, sr, lse.data());
+      const double gq = pgq[b];
+      if (sr > 0) {
+        double a = 0;
+        for (int64_t i = 0; i < k; ++i) a += std::exp(mr - lse[i]);
+        const T coef = static_cast<T>(gq * a);
+        const T m = static_cast<T>(mr);
+        simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+          const V rk = vload_n(rank.data() + d, lanes);
+          const V delta = rk < T(0) ? coef * vexp(vload_n(l + d, lanes) - m) : V{};
+          vstore_n(out + d, vload_n(out + d, lanes) - delta, lanes);
+        });
+      }
+      // Draw j is allowed (and so has mass in b^(i)) at the steps i ≤ j.
+      for (int64_t j = 0; j < k; ++j) {
+        const double lj = l[picks[j]];
+        double mass = 0;
+        for (int64_t i = 0; i <= j; ++i) mass += std::exp(lj - lse[i]);
+        out[picks[j]] += static_cast<T>(gq * (1.0 - mass));
+      }
+    }
+  });
+}
+
+at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& grad_relaxed_,
+                                            const std::optional<at::Tensor>& grad_log_q_, const at::Tensor& logits_,
+                                            const at::Tensor& index_, const at::Tensor& relaxed_, const at::Tensor& n_,
+                                            double tau) {
+  check_logits(kBwd, logits_);
+  const int64_t B = logits_.size(0), D = logits_.size(1);
+  check_cpu(index_, kBwd, "index");
+  check_dim(index_, 2, kBwd, "index");
+  const int64_t M = index_.size(1);
+  TORCH_CHECK(tau > 0, kBwd, ": tau must be > 0, got ", tau);
+  const at::Tensor n = checked_counts(n_, B, M, kBwd);
+  const at::Tensor index = checked_index(index_, n, B, M, D, kBwd);
+  at::Tensor grad_relaxed, relaxed, grad_log_q;
+  if (grad_relaxed_.has_value()) {
+    check_cpu(*grad_relaxed_, kBwd, "grad_relaxed");
+    check_same_dtype(*grad_relaxed_, logits_, kBwd, "grad_relaxed", "logits");
+    check_shape(*grad_relaxed_, {B, M, D}, kBwd, "grad_relaxed");
+    check_cpu(relaxed_, kBwd, "relaxed");
+    check_same_dtype(relaxed_, logits_, kBwd, "relaxed", "logits");
+    check_shape(relaxed_, {B, M, D}, kBwd, "relaxed");
+    grad_relaxed = grad_relaxed_->contiguous();
+    relaxed = relaxed_.contiguous();
+  }
+  if (grad_log_q_.has_value()) {
+    check_cpu(*grad_log_q_, kBwd, "grad_log_q");
+    check_same_dtype(*grad_log_q_, logits_, kBwd, "grad_log_q", "logits");
+    check_shape(*grad_log_q_, {B}, kBwd, "grad_log_q");
+    grad_log_q = grad_log_q_->contiguous();
+  }
+  const at::Tensor logits = logits_.contiguous();
+  at::Tensor grad = at::empty({B, D}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kBwd, [&] {
+    gumbel_backward<scalar_t>(grad_relaxed, grad_log_q, logits, index.const_data_ptr<int64_t>(), relaxed,
+                              n.const_data_ptr<int64_t>(), tau, M, grad);
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lavae_fast, CPU, m) {
+  m.impl("gumbel_topk_relaxed", &gumbel_topk_relaxed_cpu);
+  m.impl("gumbel_topk_relaxed_backward", &gumbel_topk_relaxed_backward_cpu);
+}
+
+}  // namespace lavae_fast

@@ -1,0 +1,455 @@
+// Sprite placement fused with the Bernoulli log-likelihood (SPEC §1, §9.1), forward and backward.
+//
+// Forward: Σ = Σ_{i<n} sprite_i ∗ loc_i (centre pixel (S//2, S//2) on the location, off-canvas
+// parts dropped), λ = ε + (1−2ε)·min(Σ, 1), loglik = Σ_{c,d} x log λ + (1−x) log(1−λ). With
+// `index` the sprites are added at their pixel (no per-object canvas, no read of `loc`); without
+// it the dense maps are convolved with the sprites (correlate.h).
+// Backward: dL/dΣ = g·(x−λ)/(λ(1−λ))·(1−2ε)·[Σ ≤ 1] (+ grad_canvas), written once into a
+// zero-padded plane Gp; grad_loc (always dense) and dense grad_sprites are correlations of Gp,
+// index-mode grad_sprites is the S×S window of Gp at each index.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "correlate.h"
+
+namespace lavae_fast {
+namespace {
+
+constexpr const char* kFwd = "place_loglik";
+constexpr const char* kBwd = "place_loglik_backward";
+
+struct Dims {
+  int64_t B, M, C, S, s, H, W, D, Hp, Wq;
+};
+
+// Geometry of the padded planes. Rows: S//2 of zeros above and below. Columns: S//2 of zeros on
+// the left, and on the right enough zeros for the tile loads, which run up to NX·VL − 1 columns
+// past the last tap: the row correlations (grad_loc, dense canvas) read up to column
+// round_up(W, 4·VL) + S − 2, the sprite-gradient correlation up to W + round_up(S, 4·VL) − 2.
+template <typename T>
+Dims make_dims(const at::Tensor& sprites, int64_t H, int64_t W, bool sprite_corr) {
+  constexpr int N = Vec<T>::N;
+  Dims d;
+  d.B = sprites.size(0);
+  d.M = sprites.size(1);
+  d.C = sprites.size(2);
+  d.S = sprites.size(3);
+  d.s = d.S / 2;
+  d.H = H;
+  d.W = W;
+  d.D = H * W;
+  d.Hp = H + 2 * d.s;
+  d.Wq = round_up(W, 4 * N) + d.S - 1;
+  if (sprite_corr) d.Wq = std::max(d.Wq, W + round_up(d.S, 4 * N) - 1);
+  return d;
+}
+
+void check_place_inputs(const char* op, const at::Tensor& x, const at::Tensor& sprites, const at::Tensor& loc,
+                        double eps) {
+  check_cpu(sprites, op, "sprites");
+  check_cpu(x, op, "x");
+  check_cpu(loc, op, "loc");
+  check_dim(sprites, 5, op, "sprites");
+  check_float(sprites, op, "sprites");
+  check_dim(x, 4, op, "x");
+  check_dim(loc, 4, op, "loc");
+  check_same_dtype(x, sprites, op, "x", "sprites");
+  check_same_dtype(loc, sprites, op, "loc", "sprites");
+  const int64_t B = sprites.size(0), M = sprites.size(1), C = sprites.size(2), S = sprites.size(3);
+  TORCH_CHECK(sprites.size(4) == S && S % 2 == 1, op, ": sprites must be square with an odd side [B,M,C,S,S], got ",
+              sprites.sizes());
+  TORCH_CHECK(x.size(0) == B && x.size(1) == C, op, ": x must have shape [B=", B, ", C=", C, ", H, W], got ",
+              x.sizes());
+  const int64_t H = x.size(2), W = x.size(3);
+  check_shape(loc, {B, M, H, W}, op, "loc");
+  TORCH_CHECK(eps >= 0.0 && eps < 0.5, op, ": eps must lie in [0, 0.5), got ", eps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log-likelihood of one image's canvas: Σ x log λ + (1−x) log(1−λ) over C·D values.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+double image_loglik(const T* canvas, const T* x, int64_t count, T eps) {
+  typedef typename Vec<T>::type V;
+  const T scale = T(1) - 2 * eps;
+  const V one = splat<V>(T(1));
+  double total = 0;
+  // Vector partial sums over chunks; the chunk sums are added in double so that the error does
+  // not grow with the canvas size.
+  constexpr int64_t kChunk = 1024;
+  for (int64_t c0 = 0; c0 < count; c0 += kChunk) {
+    V acc{};
+    simd_for<T>(std::min(kChunk, count - c0), [&](int64_t d, int64_t lanes) {
+      const V sv = vload_n(canvas + c0 + d, lanes);
+      const V xv = vload_n(x + c0 + d, lanes);
+      const V lam = eps + scale * (sv > T(1) ? one : sv);  // min(Σ, 1), NaN propagates
+      acc += keep_lanes<T>(xv * vlog(lam) + (T(1) - xv) * vlog(T(1) - lam), lanes);
+    });
+    total += hsum(acc);
+  }
+  return total;
+}
+
+// Index mode: add each present sprite into the canvas at its pixel, clipped to the canvas.
+template <typename T>
+void scatter_sprites(T* canvas, const T* spr, const int64_t* idx, int64_t nb, const Dims& d) {
+  std::fill(canvas, canvas + d.C * d.D, T(0));
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t p = idx[i];
+    if (p < 0) continue;  // an absent draw (checked_index allows only −1)
+    const int64_t r = p / d.W, q = p % d.W;
+    // Sprite pixel (u, v) lands on canvas pixel (r + u − s, q + v − s).
+    const int64_t u0 = std::max<int64_t>(0, d.s - r), u1 = std::min(d.S, d.H + d.s - r);
+    const int64_t v0 = std::max<int64_t>(0, d.s - q), v1 = std::min(d.S, d.W + d.s - q);
+    for (int64_t c = 0; c < d.C; ++c) {
+      const T* sp = spr + (i * d.C + c) * d.S * d.S;
+      T* cv = canvas + c * d.D;
+      for (int64_t u = u0; u < u1; ++u) {
+        T* dst = cv + (r + u - d.s) * d.W + (q - d.s);
+        const T* src = sp + u * d.S;
+#pragma omp simd
+        for (int64_t v = v0; v < v1; ++v) dst[v] += src[v];
+      }
+    }
+  }
+}
+
+// Copy `planes` planes of H×W into zero-padded planes of Hp×Wq (data at row s, column s).
+template <typename T>
+void pad_planes(T* dst, const T* src, int64_t planes, const Dims& d) {
+  std::fill(dst, dst + planes * d.Hp * d.Wq, T(0));
+  for (int64_t k = 0; k < planes; ++k)
+    for (int64_t y = 0; y < d.H; ++y)
+      std::memcpy(dst + (k * d.Hp + y + d.s) * d.Wq + d.s, src + (k * d.H + y) * d.W, d.W * sizeof(T));
+}
+
+// Run the row correlation out[o, y, x] = Σ_{a,u,v} in[a, y+u, x+v] · w[(a,u,v)][o] for the rows
+// [y0, y1) and every output channel block, with `na` input planes of Hp×Wq and `mo` outputs.
+// `w` holds the blocks one after the other, block k ([na·S·S][ob_k]) at offset o0_k·na·S·S.
+template <typename T>
+void row_correlation(const T* in, int64_t na, const T* w, int64_t mo, T* out, int64_t y0, int64_t y1, const Dims& d) {
+  constexpr int N = Vec<T>::N;
+  const int64_t obs = block_size(mo);
+  for (int64_t o0 = 0; o0 < mo; o0 += obs) {
+    const int64_t ob = std::min(obs, mo - o0);
+    const int nx = choose_nx<T>(ob, d.W);
+    const TileFn fn = tile_fn<T>(static_cast<int>(ob), nx);
+    const int64_t xb = nx * N;
+    TileArgs t;
+    t.NA = na;
+    t.sa = d.Hp * d.Wq;
+    t.NR = d.S;
+    t.sr = d.Wq;
+    t.KW = d.S;
+    t.w = w + o0 * na * d.S * d.S;
+    t.out_stride = d.D;
+    for (int64_t y = y0; y < y1; ++y) {
+      for (int64_t x0 = 0; x0 < d.W; x0 += xb) {
+        t.in = in + y * d.Wq + x0;
+        t.out = out + o0 * d.D + y * d.W + x0;
+        t.valid = std::min(xb, d.W - x0);
+        fn(t);
+      }
+    }
+  }
+}
+
+// Rearrange per-image weights [mo][na][S][S] (read through `at(o, a, u, v)`) into the blocked
+// layout of row_correlation.
+template <typename T, typename F>
+void block_weights(T* w, int64_t mo, int64_t na, int64_t S, F at) {
+  const int64_t obs = block_size(mo);
+  for (int64_t o0 = 0; o0 < mo; o0 += obs) {
+    const int64_t ob = std::min(obs, mo - o0);
+    T* wb = w + o0 * na * S * S;
+    for (int64_t a = 0; a < na; ++a)
+      for (int64_t u = 0; u < S; ++u)
+        for (int64_t v = 0; v < S; ++v)
+          for (int64_t o = 0; o < ob; ++o) wb[((a * S + u) * S + v) * ob + o] = at(o0 + o, a, u, v);
+  }
+}
+
+constexpr int64_t kRowsPerTask = 8;
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void place_forward(const at::Tensor& x, const at::Tensor& sprites, const at::Tensor& loc, const int64_t* pn,
+                   const int64_t* pidx, double eps_d, at::Tensor& loglik, at::Tensor& canvas) {
+  const Dims d = make_dims<T>(sprites, x.size(2), x.size(3), false);
+  const T* px = x.const_data_ptr<T>();
+  const T* ps = sprites.const_data_ptr<T>();
+  T* pc = canvas.mutable_data_ptr<T>();
+  T* pl = loglik.mutable_data_ptr<T>();
+  const T eps = static_cast<T>(eps_d);
+  const int64_t CD = d.C * d.D, SS = d.S * d.S;
+  if (pidx != nullptr) {
+    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scatter_sprites(pc + b * CD, ps + b * d.M * d.C * SS, pidx + b * d.M, pn[b], d);
+        pl[b] = static_cast<T>(image_loglik(pc + b * CD, px + b * CD, CD, eps));
+      }
+    });
+    return;
+  }
+  // Dense: canvas[c] = Σ_i Σ_{u',v'} Lp[i, y+u', x+v'] · sprite[i, c, S−1−u', S−1−v'], a row
+  // correlation with the present objects as input planes and the colours as outputs.
+  const T* pL = loc.const_data_ptr<T>();
+  std::vector<int64_t> woff(d.B + 1, 0), loff(d.B + 1, 0);
+  for (int64_t b = 0; b < d.B; ++b) {
+    woff[b + 1] = woff[b] + pn[b] * d.C * SS;
+    loff[b + 1] = loff[b] + pn[b] * d.Hp * d.Wq;
+  }
+  at::Tensor wbuf = at::empty({woff[d.B]}, sprites.options());
+  at::Tensor lbuf = at::empty({loff[d.B]}, sprites.options());
+  T* pw = wbuf.mutable_data_ptr<T>();
+  T* plp = lbuf.mutable_data_ptr<T>();
+  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* sb = ps + b * d.M * d.C * SS;
+      block_weights(pw + woff[b], d.C, pn[b], d.S, [&](int64_t c, int64_t i, int64_t u, int64_t v) {
+        return sb[(i * d.C + c) * SS + (d.S - 1 - u) * d.S + (d.S - 1 - v)];
+      });
+      pad_planes(plp + loff[b], pL + b * d.M * d.D, pn[b], d);
+    }
+  });
+  const int64_t ytasks = ceil_div(d.H, kRowsPerTask);
+  at::parallel_for(0, d.B * ytasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / ytasks, y0 = (t % ytasks) * kRowsPerTask, y1 = std::min(d.H, y0 + kRowsPerTask);
+      T* cb = pc + b * CD;
+      if (pn[b] == 0) {
+        for (int64_t c = 0; c < d.C; ++c) std::fill(cb + c * d.D + y0 * d.W, cb + c * d.D + y1 * d.W, T(0));
+        continue;
+      }
+      row_correlation(plp + loff[b], pn[b], pw + woff[b], d.C, cb, y0, y1, d);
+    }
+  });
+  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) pl[b] = static_cast<T>(image_loglik(pc + b * CD, px + b * CD, CD, eps));
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> place_loglik_cpu(const at::Tensor& x_, const at::Tensor& sprites_,
+                                                    const at::Tensor& loc_, const at::Tensor& n_,
+                                                    const std::optional<at::Tensor>& index_, double eps) {
+  check_place_inputs(kFwd, x_, sprites_, loc_, eps);
+  const at::Tensor sprites = sprites_.contiguous(), x = x_.contiguous();
+  const int64_t B = sprites.size(0), M = sprites.size(1), C = sprites.size(2);
+  const int64_t H = x.size(2), W = x.size(3);
+  const at::Tensor n = checked_counts(n_, B, M, kFwd);
+  at::Tensor index;
+  if (index_.has_value()) index = checked_index(*index_, n, B, M, H * W, kFwd);
+  // The dense path reads loc; the index path only promises its shape.
+  const at::Tensor loc = index_.has_value() ? loc_ : loc_.contiguous();
+  at::Tensor loglik = at::empty({B}, sprites.options());
+  at::Tensor canvas = at::empty({B, C, H, W}, sprites.options());
+  AT_DISPATCH_FLOATING_TYPES(sprites.scalar_type(), kFwd, [&] {
+    place_forward<scalar_t>(x, sprites, loc, n.const_data_ptr<int64_t>(),
+                            index.defined() ? index.const_data_ptr<int64_t>() : nullptr, eps, loglik, canvas);
+  });
+  return {loglik, canvas};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// dL/dΣ of one image into its zero-padded planes Gp [C][Hp][Wq].
+template <typename T>
+void write_grad_canvas(T* gp, const T* canvas, const T* x, const T* gcanvas, T gl, T eps, const Dims& d) {
+  std::fill(gp, gp + d.C * d.Hp * d.Wq, T(0));
+  const T scale = T(1) - 2 * eps;
+  const T gscale = gl * scale;
+  for (int64_t c = 0; c < d.C; ++c)
+    for (int64_t y = 0; y < d.H; ++y) {
+      const int64_t o = (c * d.H + y) * d.W;
+      const T* cv = canvas + o;
+      const T* xv = x + o;
+      T* dst = gp + (c * d.Hp + y + d.s) * d.Wq + d.s;
+#pragma omp simd
+      for (int64_t k = 0; k < d.W; ++k) {
+        const T sv = cv[k];
+        const T lam = eps + scale * (sv > T(1) ? T(1) : sv);
+        // x/λ − (1−x)/(1−λ) = (x − λ)/(λ(1−λ)): one division. [Σ ≤ 1] is inclusive, as the
+        // reference's clamp(max=1) passes the gradient at Σ = 1.
+        const T g = gscale * (xv[k] - lam) / (lam * (T(1) - lam));
+        dst[k] = sv <= T(1) ? g : T(0);
+      }
+      if (gcanvas != nullptr) {
+        const T* gc = gcanvas + o;
+#pragma omp simd
+        for (int64_t k = 0; k < d.W; ++k) dst[k] += gc[k];
+      }
+    }
+}
+
+template <typename T>
+void place_backward(const at::Tensor& grad_loglik, const at::Tensor& grad_canvas, const at::Tensor& x,
+                    const at::Tensor& sprites, const at::Tensor& loc, const int64_t* pn, const int64_t* pidx,
+                    const at::Tensor& canvas, double eps_d, bool need_sprites, bool need_loc, at::Tensor& gs,
+                    at::Tensor& gloc) {
+  const bool dense_sprites = need_sprites && pidx == nullptr;
+  const Dims d = make_dims<T>(sprites, x.size(2), x.size(3), dense_sprites);
+  const int64_t CD = d.C * d.D, SS = d.S * d.S, CSS = d.C * SS, plane = d.Hp * d.Wq;
+  const T* pgl = grad_loglik.const_data_ptr<T>();
+  const T* pgc = grad_canvas.defined() ? grad_canvas.const_data_ptr<T>() : nullptr;
+  const T* px = x.const_data_ptr<T>();
+  const T* ps = sprites.const_data_ptr<T>();
+  const T* pcv = canvas.const_data_ptr<T>();
+  const T eps = static_cast<T>(eps_d);
+
+  // Phase 1, per image: the padded dL/dΣ and the weights in the tiles' blocked layouts.
+  at::Tensor gbuf = at::empty({d.B * d.C * plane}, sprites.options());
+  T* pg = gbuf.mutable_data_ptr<T>();
+  std::vector<int64_t> woff(d.B + 1, 0), loff(d.B + 1, 0);
+  for (int64_t b = 0; b < d.B; ++b) {
+    woff[b + 1] = woff[b] + (need_loc ? pn[b] * CSS : 0);
+    loff[b + 1] = loff[b] + (dense_sprites ? pn[b] * d.D : 0);
+  }
+  at::Tensor wbuf = at::empty({woff[d.B]}, sprites.options());
+  at::Tensor lbuf = at::empty({loff[d.B]}, sprites.options());
+  T* pw = wbuf.mutable_data_ptr<T>();
+  T* plt = lbuf.mutable_data_ptr<T>();
+  const T* pL = dense_sprites ? loc.const_data_ptr<T>() : nullptr;
+  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      write_grad_canvas(pg + b * d.C * plane, pcv + b * CD, px + b * CD, pgc ? pgc + b * CD : nullptr, pgl[b], eps, d);
+      const T* sb = ps + b * d.M * CSS;
+      if (need_loc)
+        block_weights(pw + woff[b], pn[b], d.C, d.S, [&](int64_t i, int64_t c, int64_t u, int64_t v) {
+          return sb[(i * d.C + c) * SS + u * d.S + v];
+        });
+      if (dense_sprites) {
+        // loc rows of the present objects as weights [(y, x)][o], blocked over objects.
+        const T* lb = pL + b * d.M * d.D;
+        T* dst = plt + loff[b];
+        const int64_t obs = block_size(pn[b]);
+        for (int64_t o0 = 0; o0 < pn[b]; o0 += obs) {
+          const int64_t ob = std::min(obs, pn[b] - o0);
+          T* blk = dst + o0 * d.D;
+          for (int64_t p = 0; p < d.D; ++p)
+            for (int64_t o = 0; o < ob; ++o) blk[p * ob + o] = lb[(o0 + o) * d.D + p];
+        }
+      }
+    }
+  });
+
+  // Phase 2a: grad_loc[b,i,y,x] = Σ_{c,u,v} Gp[c, y+u, x+v] · sprite[i,c,u,v], rows split in tasks.
+  if (need_loc) {
+    T* pgo = gloc.mutable_data_ptr<T>();
+    const int64_t ytasks = ceil_div(d.H, kRowsPerTask);
+    at::parallel_for(0, d.B * ytasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / ytasks, y0 = (t % ytasks) * kRowsPerTask, y1 = std::min(d.H, y0 + kRowsPerTask);
+        T* ob = pgo + b * d.M * d.D;
+        for (int64_t i = pn[b]; i < d.M; ++i) std::fill(ob + i * d.D + y0 * d.W, ob + i * d.D + y1 * d.W, T(0));
+        if (pn[b] > 0) row_correlation(pg + b * d.C * plane, d.C, pw + woff[b], pn[b], ob, y0, y1, d);
+      }
+    });
+  }
+
+  if (!need_sprites) return;
+  T* pgs = gs.mutable_data_ptr<T>();
+  if (pidx != nullptr) {
+    // Index mode: the S×S window of Gp whose top-left corner is the location pixel (in padded
+    // coordinates the sprite's corner sits exactly there).
+    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* gb = pgs + b * d.M * CSS;
+        std::fill(gb, gb + d.M * CSS, T(0));
+        for (int64_t i = 0; i < pn[b]; ++i) {
+          const int64_t p = pidx[b * d.M + i];
+          if (p < 0) continue;
+          const int64_t r = p / d.W, q = p % d.W;
+          for (int64_t c = 0; c < d.C; ++c)
+            for (int64_t u = 0; u < d.S; ++u)
+              std::memcpy(gb + (i * d.C + c) * SS + u * d.S, pg + ((b * d.C + c) * d.Hp + r + u) * d.Wq + q,
+                          d.S * sizeof(T));
+        }
+      }
+    });
+    return;
+  }
+  // Dense: grad_sprites[i,c,u,v] = Σ_{y,x} Gp[c, u+y, v+x] · loc[i,y,x], one task per (b, c, u):
+  // a row correlation with the H rows of Gp as channels, the W pixels of a row as taps and the
+  // S columns v as the output row.
+  constexpr int N = Vec<T>::N;
+  at::parallel_for(0, d.B * d.C * d.S, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (d.C * d.S), c = (t / d.S) % d.C, u = t % d.S;
+      T* gb = pgs + b * d.M * CSS;
+      for (int64_t i = pn[b]; i < d.M; ++i) std::fill(gb + (i * d.C + c) * SS + u * d.S, gb + (i * d.C + c) * SS + (u + 1) * d.S, T(0));
+      const int64_t m = pn[b];
+      const int64_t obs = block_size(m);
+      for (int64_t o0 = 0; o0 < m; o0 += obs) {
+        const int64_t ob = std::min(obs, m - o0);
+        const int nx = choose_nx<T>(ob, d.S);
+        const TileFn fn = tile_fn<T>(static_cast<int>(ob), nx);
+        const int64_t xb = nx * N;
+        TileArgs ta;
+        ta.NA = 1;
+        ta.sa = 0;
+        ta.NR = d.H;
+        ta.sr = d.Wq;
+        ta.KW = d.W;
+        ta.w = plt + loff[b] + o0 * d.D;
+        ta.out_stride = CSS;
+        for (int64_t v0 = 0; v0 < d.S; v0 += xb) {
+          ta.in = pg + ((b * d.C + c) * d.Hp + u) * d.Wq + v0;
+          ta.out = gb + (o0 * d.C + c) * SS + u * d.S + v0;
+          ta.valid = std::min(xb, d.S - v0);
+          fn(ta);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> place_loglik_backward_cpu(
+    const at::Tensor& grad_loglik_, const std::optional<at::Tensor>& grad_canvas_, const at::Tensor& x_,
+    const at::Tensor& sprites_, const at::Tensor& loc_, const at::Tensor& n_, const std::optional<at::Tensor>& index_,
+    const at::Tensor& canvas_, double eps, bool need_sprites, bool need_loc) {
+  check_place_inputs(kBwd, x_, sprites_, loc_, eps);
+  const at::Tensor sprites = sprites_.contiguous(), x = x_.contiguous();
+  const int64_t B = sprites.size(0), M = sprites.size(1), C = sprites.size(2);
+  const int64_t H = x.size(2), W = x.size(3);
+  check_cpu(grad_loglik_, kBwd, "grad_loglik");
+  check_same_dtype(grad_loglik_, sprites, kBwd, "grad_loglik", "sprites");
+  check_shape(grad_loglik_, {B}, kBwd, "grad_loglik");
+  check_cpu(canvas_, kBwd, "canvas");
+  check_same_dtype(canvas_, sprites, kBwd, "canvas", "sprites");
+  check_shape(canvas_, {B, C, H, W}, kBwd, "canvas");
+  at::Tensor grad_canvas;
+  if (grad_canvas_.has_value()) {
+    check_cpu(*grad_canvas_, kBwd, "grad_canvas");
+    check_same_dtype(*grad_canvas_, sprites, kBwd, "grad_canvas", "sprites");
+    check_shape(*grad_canvas_, {B, C, H, W}, kBwd, "grad_canvas");
+    grad_canvas = grad_canvas_->contiguous();
+  }
+  const at::Tensor n = checked_counts(n_, B, M, kBwd);
+  at::Tensor index;
+  if (index_.has_value()) index = checked_index(*index_, n, B, M, H * W, kBwd);
+  const at::Tensor grad_loglik = grad_loglik_.contiguous(), canvas = canvas_.contiguous();
+  const at::Tensor loc = (need_sprites && !index.defined()) ? loc_.contiguous() : loc_;
+  at::Tensor gs = need_sprites ? at::empty(sprites.sizes(), sprites.options()) : at::empty({0}, sprites.options());
+  at::Tensor gl = need_loc ? at::empty(loc_.sizes(), sprites.options()) : at::empty({0}, sprites.options());
+  if (!need_sprites && !need_loc) return {gs, gl};
+  AT_DISPATCH_FLOATING_TYPES(sprites.scalar_type(), kBwd, [&] {
+    place_backward<scalar_t>(grad_loglik, grad_canvas, x, sprites, loc, n.const_data_ptr<int64_t>(),
+                             index.defined() ? index.const_data_ptr<int64_t>() : nullptr, canvas, eps, need_sprites,
+                             need_loc, gs, gl);
+  });
+  return {gs, gl};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lavae_fast, CPU, m) {
+  m.impl("place_loglik", &place_loglik_cpu);
+  m.impl("place_loglik_backward", &place_loglik_backward_cpu);
+}
+
+}  // namespace lavae_fast
