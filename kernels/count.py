@@ -37,7 +37,7 @@ def _count_kernel(h_ptr, out_ptr, thr_hi, thr_lo, H, W, max_objects, BP: tl.cons
         peak = pm & (v > thr)
         for dr in tl.static_range(-1, 2):
             for dc in tl.static_range(-1, 2):
-                if dr != 0 or dc != 0:
+                if dr * dr + dc * dc > 0:  # the eight neighbours, not the pixel itself
                     rr = r + dr
                     cc = c + dc
                     inside = pm & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)

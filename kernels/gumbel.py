@@ -85,7 +85,7 @@ def _gumbel_fwd_kernel(
     Rl = tl.sum(tl.exp(tl.where(rest, lg - ml0, float("-inf"))), axis=0)
 
     logq = tl.sum(tl.zeros([BM], dtype), axis=0)
-    drawn = taken & False
+    drawn = d < 0
     for i in range(0, k):
         suffix = (j >= i) & (j < k)
         ti = _pick(tvec, j, i)
@@ -143,7 +143,7 @@ def _gumbel_bwd_kernel(
         ml0 = tl.where(ml > float("-inf"), ml, 0.0)
         Rl = tl.sum(tl.exp(tl.where(rest, lg - ml0, float("-inf"))), axis=0)
         lq = tl.zeros([BD], dtype)
-        drawn = taken & False
+        drawn = d < 0
         for i in range(0, M):
             ii = _pick(ivec, j, i)
             if ii >= 0:

@@ -7,12 +7,14 @@ from lavae_fast import ops, reference
 from lavae_fast.kernels import place as place_kernels
 from triton_cases import assert_close64, assert_matches_reference, one_hot_maps, place_case, relaxed_maps
 
-# (B, M, C, S, H, W): odd canvases, C = 1 and 3, sprites larger than the canvas.
+# (B, M, C, S, H, W): odd canvases, C = 1 and 3, sprites larger than the canvas, and a canvas
+# of several tiles for every kernel (17×19 = 323 pixels).
 SHAPES = [
     (3, 4, 1, 3, 9, 9),
     (3, 3, 3, 5, 7, 5),
     (2, 2, 1, 11, 7, 5),
     (3, 4, 3, 7, 5, 6),
+    (2, 3, 3, 5, 17, 19),
 ]
 
 
