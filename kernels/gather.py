@@ -27,7 +27,7 @@ import triton.language as tl
 from ._common import DOT_PRECISION, check_float, check_int64, dot_dim, next_pow2
 
 _BD = 64  # pixels per step of the dense contractions and per backward program
-_BKF = 64  # features per block
+_BKF = 32  # features per block (64 needed ~200 registers a thread on sm_90, 32 about 130)
 
 
 @triton.jit

@@ -192,7 +192,7 @@ def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel):
     tau_hi, tau_lo = split_scalar(tau)
     _gumbel_fwd_kernel[(B,)](
         logits.contiguous(), gumbel.contiguous(), n.contiguous(), relaxed, log_q, index,
-        tau_hi, tau_lo, D, M, min(M, D), BD=BD, BM=next_pow2(M), num_warps=min(16, max(4, BD // 512)),
+        tau_hi, tau_lo, D, M, min(M, D), BD=BD, BM=next_pow2(M), num_warps=min(16, max(4, BD // 256)),
     )
     return relaxed, log_q, index
 
@@ -227,6 +227,6 @@ def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxe
         logits.contiguous(), index.contiguous(), relaxed.to(dtype).contiguous(), n.contiguous(), out,
         tau_hi, tau_lo, D, M, min(M, D),
         HAS_GREL=grad_relaxed is not None, HAS_GLQ=grad_log_q is not None,
-        BD=BD, BM=next_pow2(M), num_warps=min(16, max(4, BD // 512)),
+        BD=BD, BM=next_pow2(M), num_warps=min(16, max(4, BD // 256)),
     )
     return out

@@ -38,14 +38,15 @@ import triton.language as tl
 
 from ._common import DOT_PRECISION, check_float, check_int64, dot_dim, next_pow2, scalar, split_scalar, warps_for
 
-# Block sizes. Forward index mode streams the canvas: 1024 elements (channels × pixels) a step. The correlations
-# hold a [16, BP] accumulator and gather a [BK, BP] window per step: BP·BK = 4096 elements keeps
-# the gathered tile at 32 registers a thread with 4 warps.
+# Block sizes. Forward index mode streams the canvas: 1024 elements (channels × pixels) a step.
+# The correlations hold a [16, BP] accumulator and gather a [BK, BP] window per step. Register
+# counts from ptxas for sm_90 (float32, 4 warps, no spills; tests/test_triton.py compiles them):
+# BK = 32 needed 221 registers a thread (2 programs an SM), BK = 16 needs 72.
 _FWD_INDEX_BP = 1024
 _CORR_BP = 128
-_CORR_BK = 32
+_CORR_BK = 16
 _GS_BK = 32  # dense grad_sprites: output chunk of C·S² per program
-_GS_BP = 64  # dense grad_sprites: pixels per reduction step
+_GS_BP = 32  # dense grad_sprites: pixels per reduction step (BP = 64 needed 255 registers)
 _ELEM_BLOCK = 1024
 
 

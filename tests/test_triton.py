@@ -115,3 +115,62 @@ def test_gpu_bench_closures_run_on_cpu(monkeypatch):
     fake_time(gpu_bench._train_step(ops, t), 1, 1)
     assert "place_index" in gpu_bench.format_table(rows)
     assert any("target" in line for line in gpu_bench.targets(rows))
+
+
+def _ptxas_available():
+    if os.environ.get("TRITON_PTXAS_PATH"):
+        return True
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled (not interpreted) kernels")
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's ptxas is missing: cannot compile for a GPU target")
+def test_every_kernel_compiles_for_sm90_without_spills():
+    # The interpreter cannot see compile errors or register spills; Triton's own ptxas can, on a
+    # machine without a GPU. Every specialization the launchers take at the model's shapes
+    # (64×64, M = 10, C = 1 with S = 17 and C = 3 with S = 21, K = 64; float32 and float64).
+    sys.path.insert(0, os.path.join(ROOT, "tests", "triton_interpret"))
+    try:
+        from triton_cases import gumbel_case, one_hot_maps, place_case
+    finally:
+        sys.path.pop(0)
+    from triton.runtime.jit import JITFunction
+
+    from lavae_fast.kernels import LAUNCHERS as L
+    from lavae_fast.kernels import count, gather, gumbel, place, testing
+
+    H = W = 64
+    records = []
+    for dt in (torch.float32, torch.float64):
+        for C, S in ((1, 17), (3, 21)):
+            x, sprites, n, index = place_case(2, 10, C, S, H, W, dtype=dt)
+            loc = one_hot_maps(index, H, W, dt)
+            canvas = torch.zeros(2, C, H, W, dtype=dt)
+            for idx in (index, None):
+                records += testing.record_launches(L["place_loglik"], x, sprites, loc, n, idx, 1e-4)
+                records += testing.record_launches(
+                    L["place_loglik_backward"], torch.ones(2, dtype=dt), canvas, x, sprites, loc, n, idx, canvas,
+                    1e-4, True, True,
+                )
+        logits, g, n = gumbel_case(2, H * W, 10, dtype=dt)
+        relaxed = torch.zeros(2, 10, H * W, dtype=dt)
+        records += testing.record_launches(L["gumbel_topk_relaxed"], logits, n, 0.5, 10, g)
+        records += testing.record_launches(
+            L["gumbel_topk_relaxed_backward"], relaxed, n.to(dt), logits, torch.zeros(2, 10, dtype=torch.long),
+            relaxed, n, 0.5,
+        )
+        records += testing.record_launches(L["count_objects"], logits.view(2, H, W), 1.0, 10)
+        h_app = torch.zeros(2, 64, H, W, dtype=dt)
+        for idx in (index, None):
+            records += testing.record_launches(L["gather_appearance"], h_app, loc, n, idx)
+            records += testing.record_launches(
+                L["gather_appearance_backward"], torch.zeros(2, 10, 64, dtype=dt), h_app, loc, n, idx, True, True
+            )
+    results = testing.compile_for_target(records, arch=90)
+    every_kernel = {
+        name for module in (place, gumbel, count, gather)
+        for name, obj in vars(module).items() if isinstance(obj, JITFunction) and name.endswith("_kernel")
+    }
+    assert {name for name, *_ in results} == every_kernel
+    spilled = [(name, spec, regs, spill) for name, spec, regs, spill in results if spill]
+    assert not spilled, f"register spills: {spilled}"
