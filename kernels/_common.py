@@ -59,3 +59,22 @@ def check_int64(name: str, t: torch.Tensor) -> None:
 def warps_for(numel: int) -> int:
     """num_warps for a program whose largest tile has ``numel`` elements (~16 per thread)."""
     return int(min(16, max(4, numel // 512)))
+
+
+def device_guarded(launcher):
+    """Run a launcher with its tensors' CUDA device current.
+
+    Triton launches on the current device; the dispatcher sets no device guard for kernels
+    registered from Python, so without this, tensors on cuda:1 would be launched on cuda:0.
+    """
+    import contextlib
+    import functools
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launcher(*args, **kwargs)
+
+    return wrapper

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, next_pow2, scalar, split_scalar
+from ._common import check_float, device_guarded, next_pow2, scalar, split_scalar
 
 _BP = 1024
 
@@ -47,6 +47,7 @@ def _count_kernel(h_ptr, out_ptr, thr_hi, thr_lo, H, W, max_objects, BP: tl.cons
     tl.store(out_ptr + b, tl.minimum(count, max_objects).to(tl.int64))
 
 
+@device_guarded
 def count_objects(h_loc, threshold, max_objects):
     """Forward op: n [B] int64."""
     check_float("h_loc", h_loc)

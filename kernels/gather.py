@@ -20,11 +20,10 @@ Memory traffic, per image, in elements (K = 2L features, D pixels, M slots):
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISION, check_float, check_int64, dot_dim, next_pow2
+from ._common import DOT_PRECISION, check_float, check_int64, device_guarded, dot_dim
 
 _BD = 64  # pixels per step of the dense contractions and per backward program
 _BKF = 32  # features per block (64 needed ~200 registers a thread on sm_90, 32 about 130)
@@ -122,6 +121,7 @@ def _check(h_app, loc, n, index):
     return B, K, H * W, M
 
 
+@device_guarded
 def gather_appearance(h_app, loc, n, index):
     """Forward op: [B, M, K]."""
     B, K, D, M = _check(h_app, loc, n, index)
@@ -140,6 +140,7 @@ def gather_appearance(h_app, loc, n, index):
     return out
 
 
+@device_guarded
 def gather_appearance_backward(grad, h_app, loc, n, index, need_h_app, need_loc):
     """Backward op: (grad_h_app [B,K,H,W] or [0], grad_loc [B,M,H,W] or [0])."""
     B, K, D, M = _check(h_app, loc, n, index)

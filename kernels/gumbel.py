@@ -32,7 +32,7 @@ import triton.language as tl
 
 from lavae_fast import reference as _ref
 
-from ._common import check_float, check_int64, next_pow2, scalar, split_scalar
+from ._common import check_float, check_int64, device_guarded, next_pow2, scalar, split_scalar
 
 # Largest D kept in one program's registers (32 elements a thread at 16 warps for each live row).
 MAX_D = 16384
@@ -170,6 +170,7 @@ def _check(logits, n, M):
         raise ValueError(f"max_objects must be >= 0, got {M}")
 
 
+@device_guarded
 def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel):
     """Forward op: (relaxed [B,M,D], log_q [B], index [B,M] int64)."""
     M = int(max_objects)
@@ -197,6 +198,7 @@ def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel):
     return relaxed, log_q, index
 
 
+@device_guarded
 def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau):
     """Backward op: d loss / d logits [B, D]."""
     M = index.shape[1] if index.dim() == 2 else -1

@@ -12,22 +12,26 @@ the sprites; the gradients are always the dense formula's:
 with zero rows for absent slots (i ≥ n[b], or index −1). No per-object canvas exists anywhere:
 each program accumulates, for its tile of the canvas, the present sprites that overlap it.
 
-Memory traffic, per image, in elements (D = H·W pixels, n present objects of M slots):
-* forward, index mode — needed: read x (C·D), write Σ (C·D), read the n·C·S² sprite values and n
-  indices. The kernel reads each x pixel once, writes each Σ pixel once and gathers sprite values
-  that stay in L1/L2 after their first touch, so it runs at that minimum: a streaming kernel.
-* forward, dense mode — needed: additionally read the n present location maps (n·D; absent maps
-  are never touched, the reduction loop stops at n·S²). Each loc pixel is gathered S² times but
-  from the same few cache lines of the tile's halo, so DRAM sees it about once; the n·C·S²·D
-  multiply-adds (tl.dot) make this mode compute-bound rather than memory-bound.
-* backward — needed: read x and Σ (2·C·D), write grad_loc (M·D: the output is dense, absent
-  rows are written as zeros) and grad_sprites (M·C·S²), plus read loc (n·D) for the dense
-  grad_sprites. The design adds one round trip of
-  g = dL/dΣ (write C·D, read C·D, typically from L2): computing g inside the correlation would
-  repeat its division S² times per pixel, and Triton has no shared memory to stage a g halo in.
-  grad_loc then reads g windows through L1 (each g pixel feeds S² outputs of all M slots from one
-  load: the slots are the rows of a tl.dot, sprites the staged operand), the index-mode
-  grad_sprites gathers n windows of C·S² values, the dense one is a second tl.dot over pixels.
+Memory traffic, per image, in elements (D = H·W pixels, n present objects of M slots), and how
+each kernel reaches it:
+* forward, index mode (grid: one program per image, looping over canvas tiles) — needed: read
+  x (C·D), write Σ (C·D), read the n·C·S² present sprite values and n indices. Each x pixel is
+  read once and each Σ pixel written once; the sprite values are masked gathers that only touch
+  the n present sprites and stay in L1/L2 after their first use; the log-likelihood is reduced in
+  registers. That is the minimum: a streaming kernel, one launch (no partial-sum pass).
+* forward, dense mode (grid: image × canvas tile) — needed: additionally the n present location
+  maps (n·D; absent maps are never read: the reduction stops at n·S²). Each loc pixel is gathered
+  S² times, but from the cache lines of the tile and its halo, so DRAM sees it about once. The
+  n·C·S²·D multiply-adds (tl.dot) make this mode compute-bound, not memory-bound.
+* backward — needed: read x and Σ (2·C·D), the sprites (n·C·S²) and, in dense mode, loc (n·D);
+  write grad_loc (M·D, a dense output: absent rows are written as zeros) and grad_sprites
+  (M·C·S²). The design adds one round trip of g = dL/dΣ (write C·D, read C·D, mostly from L2):
+  computing g inside the correlation would repeat its two divisions S² times per pixel, and
+  Triton offers no explicit shared memory to stage a g halo in. Then:
+  - grad_loc (grid: image × pixel tile): one tl.dot per K-step of (c,u,v); every gathered g value
+    feeds all M slots at once (the slots are the rows of the dot, the sprites its staged operand);
+  - grad_sprites, index mode (grid: image × slot): a gather of one C×S×S window per slot;
+  - grad_sprites, dense mode (grid: image × chunk of C·S²): a tl.dot reducing over pixels.
 """
 
 from __future__ import annotations
@@ -36,7 +40,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISION, check_float, check_int64, dot_dim, next_pow2, scalar, split_scalar, warps_for
+from ._common import (
+    DOT_PRECISION,
+    check_float,
+    check_int64,
+    device_guarded,
+    dot_dim,
+    next_pow2,
+    scalar,
+    split_scalar,
+    warps_for,
+)
 
 # Block sizes. Forward index mode streams the canvas: 1024 elements (channels × pixels) a step.
 # The correlations hold a [16, BP] accumulator and gather a [BK, BP] window per step. Register
@@ -312,6 +326,7 @@ def _check(x, sprites, loc, n, index):
     return B, M, C, S, H, W
 
 
+@device_guarded
 def place_loglik(x, sprites, loc, n, index, eps):
     """Forward op: (loglik [B], Σ [B,C,H,W]) — Σ before the clamp, saved for the backward."""
     B, M, C, S, H, W = _check(x, sprites, loc, n, index)
@@ -349,6 +364,7 @@ def place_loglik(x, sprites, loc, n, index, eps):
     return ll, canvas
 
 
+@device_guarded
 def place_loglik_backward(grad_loglik, grad_canvas, x, sprites, loc, n, index, canvas, eps,
                           need_sprites, need_loc):
     """Backward op: (grad_sprites [B,M,C,S,S] or [0], grad_loc [B,M,H,W] or [0])."""
