@@ -1,44 +1,100 @@
-"""Atomic checkpoints and rebuilding a model from one.
+"""Checkpoints that survive a kill at any moment, and rebuilding a model from one.
 
 A checkpoint is a dict saved with ``torch.save``:
 ``{"format": 1, "step", "args" (the training CLI's namespace as a dict), "model_config" (the
-constructor keywords plus "kind": "lavae" | "baseline"), "model", "aux" (or None), "optimizer"}``.
+constructor keywords plus "kind": "lavae" | "baseline"), "model", "aux" (or None), "optimizer",
+"sha256"}``. ``sha256`` is a digest of everything else (:func:`state_digest`: every tensor's dtype,
+shape and bytes, every other value's repr, in the dict's order); files written before it existed
+load without the check.
 
-Writes are atomic: the file goes to a temporary name in the same directory, is flushed and
-fsync'ed, then ``os.replace``d over the target, so a run killed mid-write leaves the previous
-checkpoint intact and never a truncated one that ``--resume`` would choke on.
+Writes are atomic and keep the previous checkpoint: the new file goes to a temporary name in the
+same directory and is flushed and fsync'ed; then the current ``checkpoint.pt`` is hard-linked to
+``checkpoint.prev.pt`` and the new file is ``os.replace``d over ``checkpoint.pt``. At every moment
+``checkpoint.pt`` is a complete file (the old or the new one), and a kill leaves at worst a stale
+temporary file (removed by :func:`remove_stale_temporaries` when the next run starts).
+
+Reads are verified (:func:`load_checkpoint`): a file torch cannot read, one that is not a lavae_fast
+checkpoint, one that lacks a required key, or one whose digest differs is refused with a
+:class:`CheckpointError` naming the file and the reason. Given a run directory, the loader falls
+back to ``checkpoint.prev.pt`` with a warning when ``checkpoint.pt`` is refused (or absent), so a
+checkpoint damaged after it was written costs one checkpoint interval, not the run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
-from typing import Any, Dict
+import warnings
+from typing import Any, Dict, Iterable, Tuple
 
+import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "build_model", "CHECKPOINT_NAME"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_run_checkpoint", "build_model", "state_digest",
+           "previous_path", "remove_stale_temporaries", "CheckpointError", "CHECKPOINT_NAME",
+           "PREVIOUS_NAME", "TRAINING_KEYS"]
 
 FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"
+_TMP_PREFIX = ".tmp-"
+# What ``--resume`` needs to continue a run exactly (the model's BN statistics are in "model").
+TRAINING_KEYS = ("step", "args", "model_config", "model", "aux", "optimizer")
 
 
-def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """Atomically write ``state`` (a dict of tensors / plain data) to ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable (the directory entry), where the platform allows it.
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, truncated, corrupt or incomplete."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Digest
+# ---------------------------------------------------------------------------------------------
+
+
+def _update(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        # The raw bytes (viewed as uint8 so that any dtype, bfloat16 included, hashes the same way).
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(memoryview(np.ascontiguousarray(raw)))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for k, v in obj.items():
+            h.update(repr(k).encode() + b"=")
+            _update(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__[0]}{len(obj)}:".encode())
+        for v in obj:
+            _update(h, v)
+    else:
+        # Plain data (numbers, strings, None, bools): repr is exact for floats and round-trips.
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def state_digest(state: Dict[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint dict without its own ``sha256`` entry."""
+    h = hashlib.sha256()
+    _update(h, {k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def previous_path(path: str) -> str:
+    """``run/checkpoint.pt`` → ``run/checkpoint.prev.pt`` (where the previous checkpoint is kept)."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def _fsync_dir(directory: str) -> None:
+    # Make renames durable (the directory entries), where the platform allows it.
     try:
         dfd = os.open(directory, os.O_RDONLY)
         try:
@@ -49,19 +105,147 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
         pass
 
 
-def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; clear errors for missing/corrupt files."""
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_NAME)
+def _keep_previous(path: str) -> None:
+    """Make ``previous_path(path)`` the current content of ``path`` without ``path`` ever missing."""
+    prev = previous_path(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    link = os.path.join(directory, f"{_TMP_PREFIX}{os.getpid()}-prev.pt")
+    try:
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.link(path, link)
+        os.replace(link, prev)
+    except OSError:
+        # No hard links on this file system: a rename leaves a short window without `path`, which
+        # the loader covers by falling back to the previous file.
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.replace(path, prev)
+
+
+def save_checkpoint(path: str, state: Dict[str, Any], keep_previous: bool = True) -> None:
+    """Atomically write ``state`` (a dict of tensors / plain data) to ``path`` with its digest;
+    the file it replaces becomes ``previous_path(path)`` when ``keep_previous``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    payload = {"format": FORMAT, **{k: v for k, v in state.items() if k not in ("format", "sha256")}}
+    payload["sha256"] = state_digest(payload)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and os.path.isfile(path):
+            _keep_previous(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def remove_stale_temporaries(directory: str) -> list:
+    """Delete the temporary files that killed writers of :func:`save_checkpoint` left in
+    ``directory`` (names ``.tmp-*.pt``); returns their names. Call it only while no other process
+    is writing checkpoints there."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name.startswith(_TMP_PREFIX) and name.endswith(".pt"):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_verified(path: str, map_location, required: Iterable[str]) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated or not a torch file
-        raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
+        # Verify on the CPU: the digest reads every byte, and moving to the target device is cheap.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, not a torch file, or a damaged zip/pickle
+        raise CheckpointError(f"could not read checkpoint {path} (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
-        raise ValueError(f"{path} is not a lavae_fast checkpoint (format {FORMAT})")
+        raise CheckpointError(f"{path} is not a lavae_fast checkpoint (format {FORMAT})")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    if "sha256" in state:
+        digest = state_digest(state)
+        if digest != state["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the stored "
+                                  f"SHA-256 ({digest[:12]}… ≠ {str(state['sha256'])[:12]}…)")
+    if map_location is not None and str(map_location) != "cpu":
+        state = _to_device(state, map_location)
     return state
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_device(v, device) for v in obj)
+    return obj
+
+
+def load_run_checkpoint(path: str, map_location="cpu", required: Iterable[str] = ()
+                        ) -> Tuple[Dict[str, Any], str]:
+    """(state, the file it came from) of the newest good checkpoint at ``path`` (a run directory
+    or its ``checkpoint.pt``): ``path`` itself, else its ``.prev`` with a warning.
+
+    Raises FileNotFoundError when neither file exists, :class:`CheckpointError` (listing both
+    reasons) when none is good.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    prev = previous_path(path)
+    errors = []
+    for candidate in (path, prev):
+        if not os.path.isfile(candidate):
+            continue
+        try:
+            state = _read_verified(candidate, map_location, required)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        if errors or candidate != path:
+            why = errors[0] if errors else f"{path} is missing"
+            warnings.warn(f"{why}; using the previous checkpoint {candidate} (step {state.get('step')})",
+                          RuntimeWarning, stacklevel=2)
+        return state, candidate
+    if not errors:
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+
+
+def load_checkpoint(path: str, map_location="cpu", required: Iterable[str] = ()) -> Dict[str, Any]:
+    """Read and verify a checkpoint written by :func:`save_checkpoint`.
+
+    ``path`` is a file (read as is) or a run directory (its ``checkpoint.pt``, falling back to
+    ``checkpoint.prev.pt``, see :func:`load_run_checkpoint`). ``required``: keys that must be
+    present. Clear errors for missing (FileNotFoundError) and bad (:class:`CheckpointError`) files.
+    """
+    if os.path.isdir(path):
+        return load_run_checkpoint(path, map_location, required)[0]
+    return _read_verified(path, map_location, required)
 
 
 def build_model(config: Dict[str, Any]):

@@ -14,10 +14,16 @@ paper's schedule; see :mod:`lavae_fast.schedules`):
 Reproducibility: the data order and every random number are functions of (seed, step, sample), see
 :mod:`lavae_fast.noise`; a checkpoint holds the model, the aux VAE, the optimiser and the step, so
 ``--resume`` continues to exactly the parameters an uninterrupted run reaches (same device and
-thread count: float summation order is the only thing not pinned).
+thread count: float summation order is the only thing not pinned), even after a SIGKILL at any
+moment: checkpoints are written atomically, the previous one is kept, and a truncated or corrupt
+one is detected on load and replaced by the previous (:mod:`lavae_fast.checkpoint`).
 
-Outputs in ``--out RUN_DIR``: ``checkpoint.pt`` (atomic), ``metrics.jsonl`` (one line per log
-interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
+Several processes or machines: ``torchrun --standalone --nproc_per_node=N -m lavae_fast.train ...``
+trains with DistributedDataParallel, ``--batch-size`` being the global batch (see
+:mod:`lavae_fast.distributed`).
+
+Outputs in ``--out RUN_DIR``: ``checkpoint.pt`` and ``checkpoint.prev.pt``, ``metrics.jsonl`` (one
+line per log interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from . import schedules
-from .checkpoint import CHECKPOINT_NAME, build_model, load_checkpoint, save_checkpoint
+from . import distributed, schedules
+from .checkpoint import (CHECKPOINT_NAME, TRAINING_KEYS, CheckpointError, build_model, load_run_checkpoint,
+                         remove_stale_temporaries, save_checkpoint)
 from .noise import draw_noise, draw_normal, data_indices
 
-__all__ = ["main", "build_parser", "load_split", "ArrayData", "DATASETS"]
+__all__ = ["main", "build_parser", "load_split", "training_loss", "ArrayData", "DATASETS"]
 
 # dataset -> (channels, sprite size S, location-net learning rate)
 DATASETS = {
@@ -141,8 +148,15 @@ def _scale(s):
     if s == "auto":
         return s
     v = float(s)
-    if not v > 0:
+    if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, got {s}")
+    return v
+
+
+def _positive_float(s):
+    v = float(s)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
     return v
 
 
@@ -158,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test7", type=_positive_int, default=1000, help="in-memory 7-object test images")
     p.add_argument("--data-seed", type=_nonneg_int, default=0)
     p.add_argument("--steps", type=_positive_int, default=100_000, help="budget; 100000 = the paper's schedule")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="global batch; under torchrun each of the N processes takes batch-size/N images")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="run directory")
@@ -167,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--location-mode", choices=["straight_through", "relaxed"], default="straight_through")
     p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
     p.add_argument("--sprite-width", type=_positive_int, default=48)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--loc-lr", type=float, default=None, help="location-net lr (default: 1e-4 MNIST, 5e-4 dSprites)")
+    p.add_argument("--lr", type=_positive_float, default=LR)
+    p.add_argument("--loc-lr", type=_positive_float, default=None, help="location-net lr (default: 1e-4 MNIST, 5e-4 dSprites)")
     p.add_argument("--warmup-scale", type=_scale, default="auto",
                    help="multiplier of the aux VAE's KL map as h_loc's target: a number (1 = the raw map, "
                         "nats per latent location) or 'auto' (peaks lifted to 2·4γ, see aux_vae.auto_target_scale)")
@@ -181,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convs")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="distributed GPU runs: batch norm over the global batch (SyncBatchNorm) in the inference "
+                        "nets and the aux VAE; refused on the CPU, where SyncBatchNorm does not run")
+    p.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
+                   help="torchrun runs: process-group backend (auto: nccl for --device cuda, gloo on the CPU)")
     return p
 
 
@@ -271,6 +291,95 @@ class _Meter:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
+def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor, step: int, args,
+                  *, forward=None, aux_forward=None):
+    """The loss of one batch, or of one process's share of it, at ``step``; and the values to log.
+
+    x [b,C,H,W] on the model's device; counts [b] true object counts (logged, never trained on);
+    ids [b] the images' global sample indices ``step·B + j`` (they key the noise, so a share of
+    the batch draws the numbers the whole batch would). ``forward`` / ``aux_forward`` run the model
+    and the aux VAE: their DistributedDataParallel wrappers in a distributed run, by default the
+    modules themselves. Returns (scalar loss, the model's output, dict of floats to log).
+    """
+    forward = model if forward is None else forward
+    aux_forward = aux if aux_forward is None else aux_forward
+    device = x.device
+    H, W = x.shape[-2:]
+    D = H * W
+    gamma = 0.5 * math.log(D)
+    if args.model == "lavae":
+        from .aux_vae import AuxVAE, auto_target_scale, warmup_loss
+
+        aux_shape = AuxVAE.latent_shape(H, W)
+
+    log = {}
+    if args.model == "baseline":
+        beta = schedules.beta(step, args.steps)
+        eps = draw_normal(args.seed, step, ids, model.latent_shape(H, W), device=device)
+        out = forward(x, eps=eps, beta=beta)
+        loss = out.loss
+        log.update(loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl=out.kl.mean().item(),
+                   beta=beta)
+    else:
+        tau = schedules.tau(step, args.steps)
+        p_force = schedules.force_n_prob(step, args.steps)
+        w_warm = schedules.warmup_weight(step, args.steps)
+        noise = draw_noise(args.seed, step, ids, num_pixels=D, max_objects=model.max_objects,
+                           latent_size=model.latent_size, aux_shape=aux_shape if w_warm > 0 else None,
+                           device=device)
+        out = forward(x, noise=noise, tau=tau, force_n_prob=p_force)
+        loss = out.loss
+        if w_warm > 0:
+            aux_out = aux_forward(x, noise.aux_eps)
+            scale = (auto_target_scale(aux_out.target, gamma) if args.warmup_scale == "auto"
+                     else args.warmup_scale)
+            target = aux_out.target * scale
+            wl = warmup_loss(out.h_loc, target)
+            loss = loss + aux_out.loss + w_warm * wl
+            tmax = target.flatten(1).max(1).values.cpu()
+            has = counts > 0
+            log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), target_scale=scale,
+                       target_count_acc=(model._ops.count_objects(target, 4 * gamma, model.max_objects).cpu()
+                                         == counts).float().mean().item(),
+                       target_max_obj=tmax[has].mean().item() if has.any() else None,
+                       target_max_empty=tmax[~has].mean().item() if (~has).any() else None)
+        hmax = out.h_loc.detach().flatten(1).max(1).values.cpu()
+        has = counts > 0
+        n_hat = out.n_hat.cpu()
+        log.update(
+            loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl_app=out.kl_app.mean().item(),
+            kl_n=out.kl_n.mean().item(), kl_loc=out.kl_loc.mean().item(),
+            count_acc=(n_hat == counts).float().mean().item(), nhat0=(n_hat == 0).float().mean().item(),
+            nhat_mean=n_hat.float().mean().item(),
+            hloc_max_obj=hmax[has].mean().item() if has.any() else None,
+            hloc_max_empty=hmax[~has].mean().item() if (~has).any() else None,
+            tau=tau, force_n_prob=p_force, warmup_weight=w_warm, forced=out.forced.float().mean().item(),
+        )
+    return loss, out, log
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop the lines of a metrics.jsonl log after ``step`` (and a torn last line), atomically:
+    a resumed run redoes those steps and logs them again."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                rec = json.loads(raw)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+                keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Main loop
 # ---------------------------------------------------------------------------------------------
@@ -287,9 +396,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.image_every = args.eval_every
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        dist = distributed.setup(args.device, args.batch_size, sync_bn=args.sync_bn, backend=args.dist_backend)
+    except distributed.DistributedSetupError as exc:
+        parser.error(str(exc))
+    device = dist.device
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+    if dist.is_main:
+        remove_stale_temporaries(args.out)  # left by a run killed while writing a checkpoint
 
     # ---- data
     train_data = load_split(vars(args), "train")
@@ -310,33 +425,56 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = build_model(cfg).to(device)
     aux = None
     if args.model == "lavae":
-        from .aux_vae import AuxVAE, auto_target_scale, warmup_loss
+        from .aux_vae import AuxVAE
 
         aux = AuxVAE(channels).to(device)
-        aux_shape = AuxVAE.latent_shape(H, W)
+    if args.sync_bn:
+        model = distributed.convert_sync_batchnorm(model)
+        if aux is not None:
+            aux = distributed.convert_sync_batchnorm(aux)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
         if aux is not None:
             aux = aux.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, aux, args)
     start = 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        old = ckpt["args"]
-        diff = [k for k in RUN_DEFINING if k in old and old[k] != vars(args)[k]]
-        if diff:
-            parser.error("--resume with different run settings: " + ", ".join(
-                f"{k}={vars(args)[k]!r} (checkpoint: {old[k]!r})" for k in diff))
-        model.load_state_dict(ckpt["model"])
-        if aux is not None and ckpt.get("aux") is not None:
-            aux.load_state_dict(ckpt["aux"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["step"])
-        print(f"resumed from {ckpt_path} at step {start}", file=sys.stderr)
-    elif args.resume:
-        print(f"--resume: no checkpoint in {args.out}, starting from scratch", file=sys.stderr)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    if args.resume:
+        # Rank 0 reads (and verifies) the checkpoint and sends it to the others, so that every
+        # process resumes from the same state, whether or not they share a file system.
+        found = None
+        if dist.is_main:
+            try:
+                found = load_run_checkpoint(ckpt_path, required=TRAINING_KEYS)
+            except FileNotFoundError:
+                found = None
+            except CheckpointError as exc:
+                found = str(exc)
+        found = dist.broadcast(found)
+        if isinstance(found, str):
+            parser.error(f"--resume: {found}")
+        if found is None:
+            if dist.is_main:
+                print(f"--resume: no checkpoint in {args.out}, starting from scratch", file=sys.stderr)
+        else:
+            ckpt, used = found
+            old = ckpt["args"]
+            diff = [k for k in RUN_DEFINING if k in old and old[k] != vars(args)[k]]
+            if diff:
+                parser.error("--resume with different run settings: " + ", ".join(
+                    f"{k}={vars(args)[k]!r} (checkpoint: {old[k]!r})" for k in diff))
+            model.load_state_dict(ckpt["model"])
+            if aux is not None and ckpt.get("aux") is not None:
+                aux.load_state_dict(ckpt["aux"])
+            opt.load_state_dict(ckpt["optimizer"])
+            start = int(ckpt["step"])
+            if dist.is_main:
+                print(f"resumed from {used} at step {start}", file=sys.stderr)
+    if dist.is_main:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        # Log lines written after the checkpoint by the interrupted session are redone now.
+        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+    net, aux_net = dist.wrap(model), dist.wrap(aux)
 
     def save(step):
         save_checkpoint(ckpt_path, {
@@ -348,14 +486,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(os.path.join(args.out, "tb"), purge_step=start if start else None)
+        if dist.is_main:
+            writer = SummaryWriter(os.path.join(args.out, "tb"), purge_step=start if start else None)
     except Exception as exc:  # tensorboard missing: keep training, the JSONL log still works
         print(f"TensorBoard disabled ({exc})", file=sys.stderr)
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    # Rank 0 alone writes the log; the others write nowhere.
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl") if dist.is_main else os.devnull, "a")
 
     end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
     pbar = None
-    if not args.no_progress:
+    if not args.no_progress and dist.is_main:
         from tqdm import tqdm
 
         pbar = tqdm(total=end, initial=start, dynamic_ncols=True, mininterval=2.0)
@@ -366,55 +506,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     step = start
     for step in range(start, end):
         lrs = set_learning_rates(opt, args, step)
-        idx = data_indices(args.seed, step, args.batch_size, N)
+        # The global batch of the step, of which this process takes the slice [lo, hi).
+        lo, hi = dist.shard(args.batch_size)
+        idx = data_indices(args.seed, step, args.batch_size, N)[lo:hi]
         x, counts = train_data.get_batch(idx.numpy())
         x = x.to(device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ids = torch.arange(step * args.batch_size, (step + 1) * args.batch_size)
-        log = {}
-        if args.model == "baseline":
-            beta = schedules.beta(step, args.steps)
-            eps = draw_normal(args.seed, step, ids, model.latent_shape(H, W), device=device)
-            out = model(x, eps=eps, beta=beta)
-            loss = out.loss
-            log.update(loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl=out.kl.mean().item(),
-                       beta=beta)
-        else:
-            tau = schedules.tau(step, args.steps)
-            p_force = schedules.force_n_prob(step, args.steps)
-            w_warm = schedules.warmup_weight(step, args.steps)
-            noise = draw_noise(args.seed, step, ids, num_pixels=D, max_objects=model.max_objects,
-                               latent_size=model.latent_size, aux_shape=aux_shape if w_warm > 0 else None,
-                               device=device)
-            out = model(x, noise=noise, tau=tau, force_n_prob=p_force)
-            loss = out.loss
-            if w_warm > 0:
-                aux_out = aux(x, noise.aux_eps)
-                scale = (auto_target_scale(aux_out.target, gamma) if args.warmup_scale == "auto"
-                         else args.warmup_scale)
-                target = aux_out.target * scale
-                wl = warmup_loss(out.h_loc, target)
-                loss = loss + aux_out.loss + w_warm * wl
-                tmax = target.flatten(1).max(1).values.cpu()
-                has = counts > 0
-                log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), target_scale=scale,
-                           target_count_acc=(model._ops.count_objects(target, 4 * gamma, model.max_objects).cpu()
-                                             == counts).float().mean().item(),
-                           target_max_obj=tmax[has].mean().item() if has.any() else None,
-                           target_max_empty=tmax[~has].mean().item() if (~has).any() else None)
-            hmax = out.h_loc.detach().flatten(1).max(1).values.cpu()
-            has = counts > 0
-            n_hat = out.n_hat.cpu()
-            log.update(
-                loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl_app=out.kl_app.mean().item(),
-                kl_n=out.kl_n.mean().item(), kl_loc=out.kl_loc.mean().item(),
-                count_acc=(n_hat == counts).float().mean().item(), nhat0=(n_hat == 0).float().mean().item(),
-                nhat_mean=n_hat.float().mean().item(),
-                hloc_max_obj=hmax[has].mean().item() if has.any() else None,
-                hloc_max_empty=hmax[~has].mean().item() if (~has).any() else None,
-                tau=tau, force_n_prob=p_force, warmup_weight=w_warm, forced=out.forced.float().mean().item(),
-            )
+        ids = torch.arange(step * args.batch_size + lo, step * args.batch_size + hi)
+        loss, out, log = training_loss(model, aux, x, counts, ids, step, args, forward=net, aux_forward=aux_net)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -434,7 +534,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if done % args.log_every == 0 or done == end:
             now = time.time()
-            means = meter.means()
+            means = dist.reduce_meter(meter.sums, meter.counts)  # over every process
             means.update({f"lr_{k}": v for k, v in lrs.items()})
             means["sec_per_step"] = (now - t_last) / max(1, meter.counts.get("loss", 1))
             if args.model == "lavae":
@@ -462,7 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     grid = image_grid(x, out.lam)
             writer.add_image("train/input_over_reconstruction", grid, done)
 
-        if args.eval_every and (done % args.eval_every == 0 or done == end):
+        if args.eval_every and dist.is_main and (done % args.eval_every == 0 or done == end):
             from .evaluate import evaluate_split
 
             ev = {}
@@ -481,7 +581,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             metrics_file.flush()
 
         if done % args.ckpt_every == 0 or done == end:
-            save(done)
+            dist.assert_in_sync(model=model, aux=aux)  # collective: every process checks
+            if dist.is_main:
+                save(done)
         if pbar is not None:
             pbar.update(1)
 
@@ -492,6 +594,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if writer is not None:
         writer.close()
     metrics_file.close()
+    dist.close()
     return 0
 
 
