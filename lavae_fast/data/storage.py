@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["FORMAT", "DataFormatError", "DatasetWriter", "read_meta", "load_split", "file_sha256"]
+__all__ = ["FORMAT", "DataFormatError", "DatasetWriter", "read_meta", "load_split", "file_sha256",
+           "remove_stale_temporaries"]
 
 FORMAT = "lavae_fast.data/1"
 META = "meta.json"
@@ -49,6 +51,36 @@ def file_sha256(path: str) -> str:
 
 def _tmp_name(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}"
+
+
+_TMP_RE = re.compile(r"\.tmp-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir: str) -> List[str]:
+    """Delete the temporary files (``NAME.tmp-PID``) that a killed writer left in ``out_dir``;
+    files of a writer that is still running are left alone. Returns the names removed."""
+    removed = []
+    if not os.path.isdir(out_dir):
+        return removed
+    for name in os.listdir(out_dir):
+        m = _TMP_RE.search(name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(out_dir, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
@@ -81,6 +113,8 @@ class DatasetWriter:
             os.remove(meta)
         elif os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise NotADirectoryError(f"out_dir: {out_dir} exists and is not a directory")
+        # A generation that was killed leaves its temporaries (possibly hundreds of MB): drop them.
+        remove_stale_temporaries(out_dir)
         self._open: Dict[str, Tuple[dict, str]] = {}
         self._files: Dict[str, dict] = {}
 
