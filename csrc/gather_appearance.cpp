@@ -68,6 +68,10 @@ void gather_backward_fused(const at::Tensor& g, const at::Tensor& h_app, const i
       T* lb = pgl + b * M * D;
       std::fill(lb + m * D, lb + M * D, T(0));
       if (m == 0) continue;
+      if (K == 0) {  // no feature planes: the present rows are zero (the tiles below never run)
+        std::fill(lb, lb + m * D, T(0));
+        continue;
+      }
       const T* hb = ph + b * K * D;
       const int64_t obs = block_size(m);
       w.resize(m * K);

@@ -233,27 +233,47 @@ def format_table(results: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
+def _int_at_least(lo: int):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lavae_fast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run directory written by lavae_fast.train (holds checkpoint.pt)")
     p.add_argument("--data", default=None, help="data set directory (default: the run's own data)")
-    p.add_argument("--K", type=int, default=100, help="importance samples for the −log p(x) bound (0: skip)")
-    p.add_argument("--n-eval", type=int, default=None, help="images per split for accuracies (default all)")
-    p.add_argument("--n-bound", type=int, default=None, help="images per split that get the K-sample bound")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--K", type=_int_at_least(0), default=100, help="importance samples for the −log p(x) bound (0: skip)")
+    p.add_argument("--n-eval", type=_int_at_least(1), default=None, help="images per split for accuracies (default all)")
+    p.add_argument("--n-bound", type=_int_at_least(0), default=None, help="images per split that get the K-sample bound")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
     p.add_argument("--splits", default="test,test7", help="comma-separated splits")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ops", choices=["fused", "reference"], default=None, help="engine (default: the run's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the evaluation noise")
+    p.add_argument("--threads", type=_int_at_least(1), default=None)
     p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/eval.json)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.K < 0:
-        raise SystemExit("error: --K must be >= 0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    splits = [s for s in args.splits.split(",") if s]
+    bad = [s for s in splits if s not in ("train", "test", "test7")]
+    if bad or not splits:
+        parser.error(f"--splits must be a comma-separated subset of train,test,test7, got {args.splits!r}")
+    try:
+        torch.device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from .checkpoint import build_model, load_checkpoint
@@ -273,8 +293,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train_args["data"] = args.data
     results = {}
     t0 = time.time()
-    for split in [s for s in args.splits.split(",") if s]:
-        data = load_split(train_args, split)
+    for split in splits:
+        try:
+            data = load_split(train_args, split)
+        except (ValueError, OSError) as exc:  # a missing or damaged data set directory
+            raise SystemExit(f"error: split {split!r}: {exc}")
         results[split] = evaluate_split(model, data, K=args.K, batch_size=args.batch_size, n_eval=args.n_eval,
                                         n_bound=args.n_bound, device=args.device, seed=args.seed,
                                         progress=sys.stderr.isatty())

@@ -381,16 +381,27 @@ class LAVAE(nn.Module):
                 image's coin is ``noise.coin``.
         """
         self.check_input(x)
+        if not float(tau) > 0:
+            raise ValueError(f"tau must be > 0, got {tau!r}")
+        if not 0.0 <= float(force_n_prob) <= 1.0:
+            raise ValueError(f"force_n_prob must lie in [0, 1], got {force_n_prob!r}")
         B, C, H, W = x.shape
         D, M = H * W, self.max_objects
         h_app, h_loc, n_hat = self.encode(x, check=False)
         if noise is None:
             noise = self._draw_noise(B, D, x.device, h_loc.dtype)
-        elif noise.gumbel.shape != (B, D) or noise.eps.shape != (B, M, self.latent_size):
+        elif (noise.gumbel.shape != (B, D) or noise.eps.shape != (B, M, self.latent_size)
+              or noise.coin.shape != (B,)):
             raise ValueError(
                 f"noise does not match the batch: need gumbel [{B},{D}] and eps [{B},{M},{self.latent_size}], "
                 f"got {tuple(noise.gumbel.shape)} and {tuple(noise.eps.shape)}"
             )
+        else:
+            # User-supplied noise is user data: one check (one device sync) for all of it.
+            parts = [noise.gumbel, noise.eps, noise.coin]
+            if not bool(torch.stack([torch.isfinite(t).all() for t in parts]).all()):
+                bad = [k for k, t in zip(("gumbel", "eps", "coin"), parts) if not bool(torch.isfinite(t).all())]
+                raise ValueError(f"noise.{bad[0]} contains NaN or Inf")
         noise = noise.to(device=x.device, dtype=h_loc.dtype)
 
         forced = noise.coin < float(force_n_prob)

@@ -13,9 +13,13 @@ defined here with ``torch.library`` so that it exists whether or not a compiled 
 Backward passes are ops of their own (``*_backward``), so fused backends implement them too.
 No op draws random numbers: noise is an argument (SPEC §5).
 
-Inputs are checked here, once, at the boundary: shapes, dtypes, devices and ``n`` ∈ [0, M]
-(the last one only for CPU tensors outside ``torch.compile``, where it costs no device sync).
-Value checks (range, NaN) belong to the entry points (model forward, data loading, CLIs).
+Inputs are checked here, once, at the boundary: shapes (a canvas holds at least one pixel, a sprite
+at least one channel), dtypes, devices, the scalar arguments, and the integer inputs' values:
+``n`` ∈ [0, M] and, for present slots, ``index`` ∈ [−1, D) — those two only for CPU tensors
+outside ``torch.compile``, where reading them costs no device sync (on a GPU they are not read
+here). Value checks of the float data (range, NaN/Inf) belong to the entry points (model forward,
+data loading, CLIs), not to the hot path. Every refusal is a ValueError or TypeError that names
+the argument.
 """
 
 from __future__ import annotations
@@ -231,12 +235,31 @@ def _check_counts(n: Tensor, B: int, max_objects: int):
             _fail(f"n must lie in [0, max_objects={max_objects}], got values in [{lo}, {hi}]")
 
 
-def _check_index(index, B: int, M: int):
+def _check_index(index, B: int, M: int, n: Tensor, D: int):
     if index is None:
         return
     _check_tensor("index", index, 2, (torch.int64,))
     if tuple(index.shape) != (B, M):
         _fail(f"index must have shape [B, M] = [{B}, {M}], got {tuple(index.shape)}")
+    # A present slot's index is a pixel or −1 (an absent draw); absent slots are never read. As
+    # for n, reading the values is free on the CPU only.
+    if index.device.type == "cpu" and not torch.compiler.is_compiling() and index.numel():
+        present = torch.arange(M)[None, :] < n[:, None]
+        bad = present & ((index < -1) | (index >= D))
+        if bool(bad.any()):
+            b, i = (int(v) for v in bad.nonzero()[0])
+            _fail(f"index[{b}, {i}] = {int(index[b, i])} is outside [0, D={D}) for a present slot "
+                  f"(i < n[{b}] = {int(n[b])}); use -1 only for an absent draw")
+
+
+def _check_canvas(name: str, H: int, W: int):
+    if H * W == 0:
+        _fail(f"{name} must have a canvas of at least one pixel, got H×W = {H}×{W}")
+
+
+def _check_max_objects(max_objects):
+    if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 0:
+        _fail(f"max_objects must be a non-negative int, got {max_objects!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,14 +301,21 @@ def place_and_loglik(
     _check_tensor("loc", loc, 4, (sprites.dtype,))
     if S != S2 or S % 2 == 0:
         _fail(f"sprites must be square with an odd side [B,M,C,S,S], got {tuple(sprites.shape)}")
+    if C == 0:
+        _fail(f"sprites must have at least one channel, got shape {tuple(sprites.shape)}")
     if x.shape[0] != B or x.shape[1] != C:
         _fail(f"x must have shape [B={B}, C={C}, H, W] to match sprites, got {tuple(x.shape)}")
     H, W = x.shape[-2:]
+    _check_canvas("x", H, W)
     if tuple(loc.shape) != (B, M, H, W):
         _fail(f"loc must have shape [B, M, H, W] = [{B}, {M}, {H}, {W}], got {tuple(loc.shape)}")
+    # ε > 0 keeps the log-likelihood finite (SPEC §1); with ε = 0 an uncovered inked pixel gives
+    # −inf and gradients of 0·∞.
+    if not 0.0 < float(eps) < 0.5:
+        _fail(f"eps must lie in (0, 0.5) (λ = ε + (1−2ε)·min(Σ, 1)), got {eps!r}")
     _check_same_device(x=x, sprites=sprites, loc=loc, n=n, index=index)
     _check_counts(n, B, M)
-    _check_index(index, B, M)
+    _check_index(index, B, M, n, H * W)
     x = x.to(sprites.dtype).contiguous()
     ll, canvas = torch.ops.lavae_fast.place_loglik(
         x, sprites.contiguous(), loc.contiguous(), n.contiguous(),
@@ -315,10 +345,11 @@ def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int,
     _check_tensor("logits", logits, 2, _FLOAT_DTYPES)
     _check_tensor("gumbel", gumbel, 2, (logits.dtype,))
     B, D = logits.shape
+    if D == 0:
+        _fail(f"logits must have at least one location (shape [B, D], D ≥ 1), got {tuple(logits.shape)}")
     if tuple(gumbel.shape) != (B, D):
         _fail(f"gumbel must have the shape of logits {(B, D)}, got {tuple(gumbel.shape)}")
-    if not isinstance(max_objects, int) or max_objects < 0:
-        _fail(f"max_objects must be a non-negative int, got {max_objects!r}")
+    _check_max_objects(max_objects)
     if not float(tau) > 0:
         _fail(f"tau must be > 0, got {tau!r}")
     _check_same_device(logits=logits, n=n, gumbel=gumbel)
@@ -345,8 +376,10 @@ def count_objects(h_loc: Tensor, threshold: float, max_objects: int) -> Tensor:
         h_loc = h_loc[:, 0]
     if h_loc.dim() != 3:
         _fail(f"h_loc must have shape [B,H,W] or [B,1,H,W], got {tuple(h_loc.shape)}")
-    if not isinstance(max_objects, int) or max_objects < 0:
-        _fail(f"max_objects must be a non-negative int, got {max_objects!r}")
+    _check_canvas("h_loc", *h_loc.shape[-2:])
+    _check_max_objects(max_objects)
+    if float(threshold) != float(threshold):
+        _fail("threshold must be a number, got NaN")
     return torch.ops.lavae_fast.count_objects(h_loc.detach().contiguous(), float(threshold), int(max_objects))
 
 
@@ -368,9 +401,10 @@ def gather_appearance(h_app: Tensor, loc: Tensor, n: Tensor, *, index: Optional[
     M = loc.shape[1]
     if loc.shape[0] != B or tuple(loc.shape[-2:]) != (H, W):
         _fail(f"loc must have shape [B={B}, M, H={H}, W={W}], got {tuple(loc.shape)}")
+    _check_canvas("h_app", H, W)
     _check_same_device(h_app=h_app, loc=loc, n=n, index=index)
     _check_counts(n, B, M)
-    _check_index(index, B, M)
+    _check_index(index, B, M, n, H * W)
     return torch.ops.lavae_fast.gather_appearance(
         h_app.contiguous(), loc.contiguous(), n.contiguous(), None if index is None else index.contiguous()
     )

@@ -407,7 +407,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         remove_stale_temporaries(args.out)  # left by a run killed while writing a checkpoint
 
     # ---- data
-    train_data = load_split(vars(args), "train")
+    try:
+        train_data = load_split(vars(args), "train")
+    except (ValueError, OSError) as exc:  # a missing/damaged --data directory, an impossible --canvas
+        parser.error(f"training data ({'--data ' + args.data if args.data else '--dataset/--canvas'}): {exc}")
     N = len(train_data.counts)
     x0, _ = train_data.get_batch([0])
     if x0.shape[1] != channels or list(x0.shape[-2:]) != list(args.canvas):
