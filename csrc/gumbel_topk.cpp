@@ -138,7 +138,6 @@ void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const in
       std::fill(rank.begin(), rank.end(), T(-1));
       for (int64_t i = 0; i < k; ++i) rank[topi[i]] = static_cast<T>(i);
       for (int64_t i = 0; i < M; ++i) pi[b * M + i] = i < k ? topi[i] : -1;
-      // R: the non-drawn pixels against the last draw, which bounds them all (exponents ≤ 0).
       // Every non-drawn pixel lies at or below the last draw, so e_d = exp((y_d − y_{p_{k−1}})/τ)
       // ≤ 1, R = Σ e_d, and step i's value there is e_d · exp((y_{p_{k−1}} − y_{p_i})/τ) / Z_i:
       // one exp per pixel for all steps. Both factors are ≥ their product, so neither underflows

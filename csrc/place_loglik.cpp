@@ -106,10 +106,10 @@ void scatter_sprites(T* canvas, const T* spr, const int64_t* idx, int64_t nb, co
       const T* sp = spr + (i * d.C + c) * d.S * d.S;
       T* cv = canvas + c * d.D;
       for (int64_t u = u0; u < u1; ++u) {
-        T* dst = cv + (r + u - d.s) * d.W + (q - d.s);
-        const T* src = sp + u * d.S;
+        T* dst = cv + (r + u - d.s) * d.W + (q + v0 - d.s);
+        const T* src = sp + u * d.S + v0;
 #pragma omp simd
-        for (int64_t v = v0; v < v1; ++v) dst[v] += src[v];
+        for (int64_t v = 0; v < v1 - v0; ++v) dst[v] += src[v];
       }
     }
   }
