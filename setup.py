@@ -54,6 +54,8 @@ setup(
             "lavae-data=lavae_fast.data.__main__:main",
             "lavae-train=lavae_fast.train:main",
             "lavae-evaluate=lavae_fast.evaluate:main",
+            "lavae-figures=lavae_fast.figures:main",
+            "lavae-demo=lavae_fast.demo:main",
         ]
     },
 )

@@ -10,11 +10,16 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace lavae_fast {
 
@@ -167,6 +172,73 @@ inline auto hsum(const V& v) -> typename std::remove_reference<decltype(v[0])>::
   for (int j = 0; j < static_cast<int>(sizeof(V) / sizeof(v[0])); ++j) s += v[j];
   return s;
 }
+
+// dst[d] = src[d] · c for d < n, written with non-temporal (streaming) stores where the target
+// supports them: for a large output that is not read back soon, this skips reading every cache
+// line of dst before overwriting it (a third of the memory traffic of a plain store loop).
+// The caller issues store_fence() before the data is used by another thread.
+template <typename T>
+inline void scale_stream(T* dst, const T* src, T c, int64_t n) {
+  typedef typename Vec<T>::type V;
+  constexpr int N = Vec<T>::N;
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  // Head: plain stores up to a 64-byte boundary.
+  while (d < n && (reinterpret_cast<uintptr_t>(dst + d) & 63) != 0) {
+    dst[d] = src[d] * c;
+    ++d;
+  }
+  if ((reinterpret_cast<uintptr_t>(dst + d) & 63) == 0) {
+    for (; d + N <= n; d += N) {
+      const V v = vload<V>(src + d) * c;
+      if constexpr (std::is_same<T, float>::value)
+        _mm512_stream_ps(dst + d, (__m512)v);
+      else
+        _mm512_stream_pd(dst + d, (__m512d)v);
+    }
+  }
+#endif
+  for (; d + N <= n; d += N) vstore(dst + d, vload<V>(src + d) * c);
+  for (; d < n; ++d) dst[d] = src[d] * c;
+}
+
+inline void store_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work distribution
+// ---------------------------------------------------------------------------------------------
+
+// Run f(task, scratch) for every task in [0, n) on PyTorch's intra-op threads, in one parallel
+// region, handing the tasks out one at a time from a shared counter. A static split (each thread
+// takes a fixed half) stalls whenever the machine is shared and one thread is descheduled: the
+// other finishes its half and waits. Each worker gets its own default-constructed Scratch for
+// buffers reused across its tasks. Every output element must belong to exactly one task, so the
+// result does not depend on the schedule.
+template <typename Scratch, typename F>
+void parallel_tasks(int64_t n, F&& f) {
+  if (n <= 0) return;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  if (workers <= 1 || at::in_parallel_region()) {
+    Scratch scratch;
+    for (int64_t i = 0; i < n; ++i) f(i, scratch);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (;;) {
+      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) break;
+      f(i, scratch);
+    }
+  });
+}
+
+struct NoScratch {};
 
 // ---------------------------------------------------------------------------------------------
 // Input checks. The Python API validates first; these repeat the checks that guard memory safety

@@ -43,11 +43,9 @@ at::Tensor count_objects_cpu(const at::Tensor& h_loc, double threshold, int64_t 
   int64_t* o = out.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "count_objects_cpu", [&] {
     const scalar_t* p = h.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t c = count_one_image(p + b * H * W, H, W, threshold);
-        o[b] = c < max_objects ? c : max_objects;
-      }
+    parallel_tasks<NoScratch>(B, [&](int64_t b, NoScratch&) {
+      const int64_t c = count_one_image(p + b * H * W, H, W, threshold);
+      o[b] = c < max_objects ? c : max_objects;
     });
   });
   return out;

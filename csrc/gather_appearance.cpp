@@ -50,9 +50,12 @@ void gather_backward_fused(const at::Tensor& g, const at::Tensor& h_app, const i
   const T* ph = grad_loc ? h_app.const_data_ptr<T>() : nullptr;
   T* pgh = grad_h ? grad_h->mutable_data_ptr<T>() : nullptr;
   T* pgl = grad_loc ? grad_loc->mutable_data_ptr<T>() : nullptr;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  struct Scratch {
     std::vector<T> w, tail;
-    for (int64_t b = b0; b < b1; ++b) {
+  };
+  parallel_tasks<Scratch>(B, [&](int64_t b, Scratch& sc) {
+    std::vector<T>&w = sc.w, &tail = sc.tail;
+    {
       const int64_t m = pn[b];
       const T* gb = pg + b * M * K;
       if (pgh != nullptr) {
@@ -64,13 +67,13 @@ void gather_backward_fused(const at::Tensor& g, const at::Tensor& h_app, const i
           for (int64_t k = 0; k < K; ++k) hb[k * D + p] += gb[i * K + k];
         }
       }
-      if (pgl == nullptr) continue;
+      if (pgl == nullptr) return;
       T* lb = pgl + b * M * D;
       std::fill(lb + m * D, lb + M * D, T(0));
-      if (m == 0) continue;
+      if (m == 0) return;
       if (K == 0) {  // no feature planes: the present rows are zero (the tiles below never run)
         std::fill(lb, lb + m * D, T(0));
-        continue;
+        return;
       }
       const T* hb = ph + b * K * D;
       const int64_t obs = block_size(m);
@@ -140,15 +143,14 @@ at::Tensor gather_appearance_cpu(const at::Tensor& h_app_, const at::Tensor& loc
   AT_DISPATCH_FLOATING_TYPES(h_app.scalar_type(), kFwd, [&] {
     const scalar_t* ph = h_app.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t i = 0; i < pn[b]; ++i) {
-          const int64_t p = pi[b * M + i];
-          if (p < 0) continue;
-          scalar_t* row = po + (b * M + i) * K;
-          const scalar_t* col = ph + b * K * D + p;
-          for (int64_t k = 0; k < K; ++k) row[k] = col[k * D];
-        }
+    parallel_tasks<NoScratch>(B, [&](int64_t b, NoScratch&) {
+      for (int64_t i = 0; i < pn[b]; ++i) {
+        const int64_t p = pi[b * M + i];
+        if (p < 0) continue;
+        scalar_t* row = po + (b * M + i) * K;
+        const scalar_t* col = ph + b * K * D + p;
+        for (int64_t k = 0; k < K; ++k) row[k] = col[k * D];
+      }
     });
   });
   return out;

@@ -29,14 +29,17 @@ inline bool ranks_before(T a, T b) {
 }
 
 // The k largest of y[0..D) in decreasing order (k ≤ D), by insertion into a sorted list of k:
-// one pass over D, and a comparison with the current k-th value rejects almost every pixel.
+// one pass over D. Once the list is full, a whole vector of values is compared with the current
+// k-th value at once and skipped when none of them could enter, which is almost always.
 template <typename T>
 void top_k(const T* y, int64_t D, int64_t k, T* val, int64_t* idx) {
+  typedef typename Vec<T>::type V;
+  constexpr int N = Vec<T>::N;
   if (k <= 0) return;
   int64_t filled = 0;
-  for (int64_t d = 0; d < D; ++d) {
+  auto offer = [&](int64_t d) {
     const T v = y[d];
-    if (filled == k && !ranks_before(v, val[k - 1])) continue;
+    if (filled == k && !ranks_before(v, val[k - 1])) return;
     int64_t j = filled < k ? filled++ : k - 1;
     while (j > 0 && ranks_before(v, val[j - 1])) {
       val[j] = val[j - 1];
@@ -45,7 +48,19 @@ void top_k(const T* y, int64_t D, int64_t k, T* val, int64_t* idx) {
     }
     val[j] = v;
     idx[j] = d;
+  };
+  int64_t d = 0;
+  for (; d < D && filled < k; ++d) offer(d);
+  for (; d + N <= D; d += N) {
+    const V v = vload<V>(y + d);
+    // ranks_before(v, kth) lane by lane: larger, or NaN (NaN ranks first, as in torch.topk).
+    const auto enter = (v > val[k - 1]) | (v != v);
+    bool any = false;
+    for (int j = 0; j < N; ++j) any |= enter[j] != 0;
+    if (!any) continue;
+    for (int j = 0; j < N; ++j) offer(d + j);
   }
+  for (; d < D; ++d) offer(d);
 }
 
 // Over the pixels that are not draws (rank[d] < 0 marks them): the maximum of the logits and the
@@ -96,11 +111,21 @@ void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const in
   int64_t* pi = index.mutable_data_ptr<int64_t>();
   typedef typename Vec<T>::type V;
   const T inv_tau = static_cast<T>(1.0 / tau_d);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> y(D), rank(D), topv(M);
-    std::vector<int64_t> topi(M);
-    std::vector<double> lse(M);
-    for (int64_t b = b0; b < b1; ++b) {
+  struct Scratch {
+    std::vector<T> y, rank, topv;
+    std::vector<int64_t> topi;
+    std::vector<double> lse;
+  };
+  parallel_tasks<Scratch>(B, [&](int64_t b, Scratch& sc) {
+    std::vector<T>&y = sc.y, &rank = sc.rank, &topv = sc.topv;
+    std::vector<int64_t>& topi = sc.topi;
+    std::vector<double>& lse = sc.lse;
+    y.resize(D);
+    rank.resize(D);
+    topv.resize(M);
+    topi.resize(M);
+    lse.resize(M);
+    {
       const T* l = pl + b * D;
       const T* g = pg + b * D;
       T* rb = pr + b * M * D;
@@ -113,7 +138,6 @@ void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const in
       std::fill(rank.begin(), rank.end(), T(-1));
       for (int64_t i = 0; i < k; ++i) rank[topi[i]] = static_cast<T>(i);
       for (int64_t i = 0; i < M; ++i) pi[b * M + i] = i < k ? topi[i] : -1;
-      // R: the non-drawn pixels against the last draw, which bounds them all (exponents ≤ 0).
       // Every non-drawn pixel lies at or below the last draw, so e_d = exp((y_d − y_{p_{k−1}})/τ)
       // ≤ 1, R = Σ e_d, and step i's value there is e_d · exp((y_{p_{k−1}} − y_{p_i})/τ) / Z_i:
       // one exp per pixel for all steps. Both factors are ≥ their product, so neither underflows
@@ -136,7 +160,8 @@ void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const in
         for (int64_t j = i; j < k; ++j) z += std::exp((static_cast<double>(topv[j]) - yi) * inv_tau);
         const T c = static_cast<T>(std::exp((static_cast<double>(topv[k - 1]) - yi) * inv_tau) / z);
         T* row = rb + i * D;
-        simd_for<T>(D, [&](int64_t d, int64_t lanes) { vstore_n(row + d, vload_n(y.data() + d, lanes) * c, lanes); });
+        scale_stream(row, y.data(), c, D);
+        store_fence();  // the streamed row is complete before the drawn pixels are overwritten
         for (int64_t j = 0; j < k; ++j)
           row[topi[j]] = j < i ? T(0) : static_cast<T>(std::exp((static_cast<double>(topv[j]) - yi) * inv_tau) / z);
       }
@@ -196,11 +221,19 @@ void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_
   T* po = grad.mutable_data_ptr<T>();
   typedef typename Vec<T>::type V;
   const T inv_tau = static_cast<T>(1.0 / tau_d);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> rank(D);
-    std::vector<int64_t> picks(M);
-    std::vector<double> lse(M);
-    for (int64_t b = b0; b < b1; ++b) {
+  struct Scratch {
+    std::vector<T> rank;
+    std::vector<int64_t> picks;
+    std::vector<double> lse;
+  };
+  parallel_tasks<Scratch>(B, [&](int64_t b, Scratch& sc) {
+    std::vector<T>& rank = sc.rank;
+    std::vector<int64_t>& picks = sc.picks;
+    std::vector<double>& lse = sc.lse;
+    rank.resize(D);
+    picks.resize(M);
+    lse.resize(M);
+    {
       T* out = po + b * D;
       std::fill(out, out + D, T(0));
       const int64_t rows = std::min(pn[b], M);
@@ -215,7 +248,7 @@ void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_
           for (int64_t d = 0; d < D; ++d) out[d] += inv_tau * r[d] * (g[d] - dot);
         }
       }
-      if (pgq == nullptr) continue;
+      if (pgq == nullptr) return;
       const T* l = pl + b * D;
       int64_t k = 0;
       std::fill(rank.begin(), rank.end(), T(-1));
@@ -225,7 +258,7 @@ void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_
         rank[p] = static_cast<T>(k);
         picks[k++] = p;
       }
-      if (k == 0) continue;
+      if (k == 0) return;
       double mr, sr;
       rest_logsumexp(l, rank.data(), D, mr, sr);
       step_lse(l, picks.data(), k, mr, sr, lse.data());

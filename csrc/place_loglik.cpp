@@ -106,10 +106,10 @@ void scatter_sprites(T* canvas, const T* spr, const int64_t* idx, int64_t nb, co
       const T* sp = spr + (i * d.C + c) * d.S * d.S;
       T* cv = canvas + c * d.D;
       for (int64_t u = u0; u < u1; ++u) {
-        T* dst = cv + (r + u - d.s) * d.W + (q - d.s);
-        const T* src = sp + u * d.S;
+        T* dst = cv + (r + u - d.s) * d.W + (q + v0 - d.s);
+        const T* src = sp + u * d.S + v0;
 #pragma omp simd
-        for (int64_t v = v0; v < v1; ++v) dst[v] += src[v];
+        for (int64_t v = 0; v < v1 - v0; ++v) dst[v] += src[v];
       }
     }
   }
@@ -170,11 +170,45 @@ void block_weights(T* w, int64_t mo, int64_t na, int64_t S, F at) {
   }
 }
 
+// Work split. With at least kImagesPerThread images per thread, each task is one whole image
+// (prepare its padded planes and weights in thread-local buffers, then every row): one parallel
+// region per op call, no intermediate buffers for the batch. With fewer images (say B = 1 at
+// inference), the rows of an image are split into tasks of kRowsPerTask rows, after a first
+// region that prepares the buffers of every image.
+constexpr int64_t kImagesPerThread = 2;
 constexpr int64_t kRowsPerTask = 8;
+
+inline bool whole_image_tasks(int64_t B) { return B >= kImagesPerThread * at::get_num_threads(); }
+
+template <typename T>
+struct ImageScratch {
+  std::vector<T> planes, w, wl;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
+
+// Dense forward, per image: canvas[c] = Σ_i Σ_{u',v'} Lp[i, y+u', x+v'] · sprite[i, c, S−1−u', S−1−v'],
+// a row correlation with the present objects as input planes and the colours as outputs.
+template <typename T>
+void dense_prepare(T* lp, T* w, const T* sprites_b, const T* loc_b, int64_t nb, const Dims& d) {
+  const int64_t SS = d.S * d.S;
+  block_weights(w, d.C, nb, d.S, [&](int64_t c, int64_t i, int64_t u, int64_t v) {
+    return sprites_b[(i * d.C + c) * SS + (d.S - 1 - u) * d.S + (d.S - 1 - v)];
+  });
+  pad_planes(lp, loc_b, nb, d);
+}
+
+template <typename T>
+void dense_rows(T* canvas_b, const T* lp, const T* w, int64_t nb, int64_t y0, int64_t y1, const Dims& d) {
+  if (nb == 0) {
+    for (int64_t c = 0; c < d.C; ++c) std::fill(canvas_b + c * d.D + y0 * d.W, canvas_b + c * d.D + y1 * d.W, T(0));
+    return;
+  }
+  row_correlation(lp, nb, w, d.C, canvas_b, y0, y1, d);
+}
+
 template <typename T>
 void place_forward(const at::Tensor& x, const at::Tensor& sprites, const at::Tensor& loc, const int64_t* pn,
                    const int64_t* pidx, double eps_d, at::Tensor& loglik, at::Tensor& canvas) {
@@ -184,51 +218,41 @@ void place_forward(const at::Tensor& x, const at::Tensor& sprites, const at::Ten
   T* pc = canvas.mutable_data_ptr<T>();
   T* pl = loglik.mutable_data_ptr<T>();
   const T eps = static_cast<T>(eps_d);
-  const int64_t CD = d.C * d.D, SS = d.S * d.S;
+  const int64_t CD = d.C * d.D, MCSS = d.M * d.C * d.S * d.S, plane = d.Hp * d.Wq;
   if (pidx != nullptr) {
-    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        scatter_sprites(pc + b * CD, ps + b * d.M * d.C * SS, pidx + b * d.M, pn[b], d);
-        pl[b] = static_cast<T>(image_loglik(pc + b * CD, px + b * CD, CD, eps));
-      }
+    parallel_tasks<NoScratch>(d.B, [&](int64_t b, NoScratch&) {
+      scatter_sprites(pc + b * CD, ps + b * MCSS, pidx + b * d.M, pn[b], d);
+      pl[b] = static_cast<T>(image_loglik(pc + b * CD, px + b * CD, CD, eps));
     });
     return;
   }
-  // Dense: canvas[c] = Σ_i Σ_{u',v'} Lp[i, y+u', x+v'] · sprite[i, c, S−1−u', S−1−v'], a row
-  // correlation with the present objects as input planes and the colours as outputs.
   const T* pL = loc.const_data_ptr<T>();
+  if (whole_image_tasks(d.B)) {
+    parallel_tasks<ImageScratch<T>>(d.B, [&](int64_t b, ImageScratch<T>& sc) {
+      sc.planes.resize(pn[b] * plane);
+      sc.w.resize(pn[b] * d.C * d.S * d.S);
+      dense_prepare(sc.planes.data(), sc.w.data(), ps + b * MCSS, pL + b * d.M * d.D, pn[b], d);
+      dense_rows(pc + b * CD, sc.planes.data(), sc.w.data(), pn[b], 0, d.H, d);
+      pl[b] = static_cast<T>(image_loglik(pc + b * CD, px + b * CD, CD, eps));
+    });
+    return;
+  }
   std::vector<int64_t> woff(d.B + 1, 0), loff(d.B + 1, 0);
   for (int64_t b = 0; b < d.B; ++b) {
-    woff[b + 1] = woff[b] + pn[b] * d.C * SS;
-    loff[b + 1] = loff[b] + pn[b] * d.Hp * d.Wq;
+    woff[b + 1] = woff[b] + pn[b] * d.C * d.S * d.S;
+    loff[b + 1] = loff[b] + pn[b] * plane;
   }
-  at::Tensor wbuf = at::empty({woff[d.B]}, sprites.options());
-  at::Tensor lbuf = at::empty({loff[d.B]}, sprites.options());
-  T* pw = wbuf.mutable_data_ptr<T>();
-  T* plp = lbuf.mutable_data_ptr<T>();
-  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* sb = ps + b * d.M * d.C * SS;
-      block_weights(pw + woff[b], d.C, pn[b], d.S, [&](int64_t c, int64_t i, int64_t u, int64_t v) {
-        return sb[(i * d.C + c) * SS + (d.S - 1 - u) * d.S + (d.S - 1 - v)];
-      });
-      pad_planes(plp + loff[b], pL + b * d.M * d.D, pn[b], d);
-    }
+  std::vector<T> wbuf(woff[d.B]), lbuf(loff[d.B]);
+  parallel_tasks<NoScratch>(d.B, [&](int64_t b, NoScratch&) {
+    dense_prepare(lbuf.data() + loff[b], wbuf.data() + woff[b], ps + b * MCSS, pL + b * d.M * d.D, pn[b], d);
   });
   const int64_t ytasks = ceil_div(d.H, kRowsPerTask);
-  at::parallel_for(0, d.B * ytasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / ytasks, y0 = (t % ytasks) * kRowsPerTask, y1 = std::min(d.H, y0 + kRowsPerTask);
-      T* cb = pc + b * CD;
-      if (pn[b] == 0) {
-        for (int64_t c = 0; c < d.C; ++c) std::fill(cb + c * d.D + y0 * d.W, cb + c * d.D + y1 * d.W, T(0));
-        continue;
-      }
-      row_correlation(plp + loff[b], pn[b], pw + woff[b], d.C, cb, y0, y1, d);
-    }
+  parallel_tasks<NoScratch>(d.B * ytasks, [&](int64_t t, NoScratch&) {
+    const int64_t b = t / ytasks, y0 = (t % ytasks) * kRowsPerTask, y1 = std::min(d.H, y0 + kRowsPerTask);
+    dense_rows(pc + b * CD, lbuf.data() + loff[b], wbuf.data() + woff[b], pn[b], y0, y1, d);
   });
-  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) pl[b] = static_cast<T>(image_loglik(pc + b * CD, px + b * CD, CD, eps));
+  parallel_tasks<NoScratch>(d.B, [&](int64_t b, NoScratch&) {
+    pl[b] = static_cast<T>(image_loglik(pc + b * CD, px + b * CD, CD, eps));
   });
 }
 
@@ -286,6 +310,105 @@ void write_grad_canvas(T* gp, const T* canvas, const T* x, const T* gcanvas, T g
     }
 }
 
+// Backward, per image: Gp (padded dL/dΣ), the sprite weights of grad_loc, and in dense mode the
+// loc rows of the present objects as weights [(y, x)][o] of the sprite-gradient correlation.
+template <typename T>
+struct BackwardImage {
+  const Dims& d;
+  const T *pgl, *pgc, *px, *ps, *pcv, *pL;
+  const int64_t *pn, *pidx;
+  T eps;
+  bool need_sprites, need_loc, dense_sprites;
+  T *pgs, *pgo;
+
+  int64_t w_size(int64_t b) const { return need_loc ? pn[b] * d.C * d.S * d.S : 0; }
+  int64_t wl_size(int64_t b) const { return dense_sprites ? pn[b] * d.D : 0; }
+
+  void prepare(int64_t b, T* gp, T* w, T* wl) const {
+    const int64_t CD = d.C * d.D, SS = d.S * d.S;
+    write_grad_canvas(gp, pcv + b * CD, px + b * CD, pgc ? pgc + b * CD : nullptr, pgl[b], eps, d);
+    const T* sb = ps + b * d.M * d.C * SS;
+    if (need_loc)
+      block_weights(w, pn[b], d.C, d.S, [&](int64_t i, int64_t c, int64_t u, int64_t v) {
+        return sb[(i * d.C + c) * SS + u * d.S + v];
+      });
+    if (dense_sprites) {
+      const T* lb = pL + b * d.M * d.D;
+      const int64_t obs = block_size(pn[b]);
+      for (int64_t o0 = 0; o0 < pn[b]; o0 += obs) {
+        const int64_t ob = std::min(obs, pn[b] - o0);
+        T* blk = wl + o0 * d.D;
+        for (int64_t p = 0; p < d.D; ++p)
+          for (int64_t o = 0; o < ob; ++o) blk[p * ob + o] = lb[(o0 + o) * d.D + p];
+      }
+    }
+  }
+
+  // grad_loc[b,i,y,x] = Σ_{c,u,v} Gp[c, y+u, x+v] · sprite[i,c,u,v] for the rows [y0, y1).
+  void loc_rows(int64_t b, const T* gp, const T* w, int64_t y0, int64_t y1) const {
+    T* ob = pgo + b * d.M * d.D;
+    for (int64_t i = pn[b]; i < d.M; ++i) std::fill(ob + i * d.D + y0 * d.W, ob + i * d.D + y1 * d.W, T(0));
+    if (pn[b] > 0) row_correlation(gp, d.C, w, pn[b], ob, y0, y1, d);
+  }
+
+  // Index mode: the S×S window of Gp whose top-left corner is the location pixel (in padded
+  // coordinates the sprite's corner sits exactly there).
+  void sprite_windows(int64_t b, const T* gp) const {
+    const int64_t CSS = d.C * d.S * d.S;
+    T* gb = pgs + b * d.M * CSS;
+    std::fill(gb, gb + d.M * CSS, T(0));
+    for (int64_t i = 0; i < pn[b]; ++i) {
+      const int64_t p = pidx[b * d.M + i];
+      if (p < 0) continue;
+      const int64_t r = p / d.W, q = p % d.W;
+      for (int64_t c = 0; c < d.C; ++c)
+        for (int64_t u = 0; u < d.S; ++u)
+          std::memcpy(gb + (i * d.C + c) * d.S * d.S + u * d.S, gp + (c * d.Hp + r + u) * d.Wq + q, d.S * sizeof(T));
+    }
+  }
+
+  // Dense: grad_sprites[i,c,u,:] = Σ_{y,x} Gp[c, u+y, x+v] · loc[i,y,x] for one (c, u): a row
+  // correlation with the H rows of Gp as channels, the W pixels of a row as taps and the S
+  // columns v as the output row.
+  void sprite_row(int64_t b, const T* gp, const T* wl, int64_t c, int64_t u) const {
+    constexpr int N = Vec<T>::N;
+    const int64_t SS = d.S * d.S, CSS = d.C * SS;
+    T* gb = pgs + b * d.M * CSS;
+    for (int64_t i = pn[b]; i < d.M; ++i)
+      std::fill(gb + (i * d.C + c) * SS + u * d.S, gb + (i * d.C + c) * SS + (u + 1) * d.S, T(0));
+    const int64_t m = pn[b];
+    const int64_t obs = block_size(m);
+    for (int64_t o0 = 0; o0 < m; o0 += obs) {
+      const int64_t ob = std::min(obs, m - o0);
+      const int nx = choose_nx<T>(ob, d.S);
+      const TileFn fn = tile_fn<T>(static_cast<int>(ob), nx);
+      const int64_t xb = nx * N;
+      TileArgs ta;
+      ta.NA = 1;
+      ta.sa = 0;
+      ta.NR = d.H;
+      ta.sr = d.Wq;
+      ta.KW = d.W;
+      ta.w = wl + o0 * d.D;
+      ta.out_stride = CSS;
+      for (int64_t v0 = 0; v0 < d.S; v0 += xb) {
+        ta.in = gp + (c * d.Hp + u) * d.Wq + v0;
+        ta.out = gb + (o0 * d.C + c) * SS + u * d.S + v0;
+        ta.valid = std::min(xb, d.S - v0);
+        fn(ta);
+      }
+    }
+  }
+
+  void whole(int64_t b, const T* gp, const T* w, const T* wl) const {
+    if (need_loc) loc_rows(b, gp, w, 0, d.H);
+    if (!need_sprites) return;
+    if (!dense_sprites) return sprite_windows(b, gp);
+    for (int64_t c = 0; c < d.C; ++c)
+      for (int64_t u = 0; u < d.S; ++u) sprite_row(b, gp, wl, c, u);
+  }
+};
+
 template <typename T>
 void place_backward(const at::Tensor& grad_loglik, const at::Tensor& grad_canvas, const at::Tensor& x,
                     const at::Tensor& sprites, const at::Tensor& loc, const int64_t* pn, const int64_t* pidx,
@@ -293,117 +416,56 @@ void place_backward(const at::Tensor& grad_loglik, const at::Tensor& grad_canvas
                     at::Tensor& gloc) {
   const bool dense_sprites = need_sprites && pidx == nullptr;
   const Dims d = make_dims<T>(sprites, x.size(2), x.size(3), dense_sprites);
-  const int64_t CD = d.C * d.D, SS = d.S * d.S, CSS = d.C * SS, plane = d.Hp * d.Wq;
-  const T* pgl = grad_loglik.const_data_ptr<T>();
-  const T* pgc = grad_canvas.defined() ? grad_canvas.const_data_ptr<T>() : nullptr;
-  const T* px = x.const_data_ptr<T>();
-  const T* ps = sprites.const_data_ptr<T>();
-  const T* pcv = canvas.const_data_ptr<T>();
-  const T eps = static_cast<T>(eps_d);
-
-  // Phase 1, per image: the padded dL/dΣ and the weights in the tiles' blocked layouts.
-  at::Tensor gbuf = at::empty({d.B * d.C * plane}, sprites.options());
-  T* pg = gbuf.mutable_data_ptr<T>();
-  std::vector<int64_t> woff(d.B + 1, 0), loff(d.B + 1, 0);
-  for (int64_t b = 0; b < d.B; ++b) {
-    woff[b + 1] = woff[b] + (need_loc ? pn[b] * CSS : 0);
-    loff[b + 1] = loff[b] + (dense_sprites ? pn[b] * d.D : 0);
-  }
-  at::Tensor wbuf = at::empty({woff[d.B]}, sprites.options());
-  at::Tensor lbuf = at::empty({loff[d.B]}, sprites.options());
-  T* pw = wbuf.mutable_data_ptr<T>();
-  T* plt = lbuf.mutable_data_ptr<T>();
-  const T* pL = dense_sprites ? loc.const_data_ptr<T>() : nullptr;
-  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      write_grad_canvas(pg + b * d.C * plane, pcv + b * CD, px + b * CD, pgc ? pgc + b * CD : nullptr, pgl[b], eps, d);
-      const T* sb = ps + b * d.M * CSS;
-      if (need_loc)
-        block_weights(pw + woff[b], pn[b], d.C, d.S, [&](int64_t i, int64_t c, int64_t u, int64_t v) {
-          return sb[(i * d.C + c) * SS + u * d.S + v];
-        });
-      if (dense_sprites) {
-        // loc rows of the present objects as weights [(y, x)][o], blocked over objects.
-        const T* lb = pL + b * d.M * d.D;
-        T* dst = plt + loff[b];
-        const int64_t obs = block_size(pn[b]);
-        for (int64_t o0 = 0; o0 < pn[b]; o0 += obs) {
-          const int64_t ob = std::min(obs, pn[b] - o0);
-          T* blk = dst + o0 * d.D;
-          for (int64_t p = 0; p < d.D; ++p)
-            for (int64_t o = 0; o < ob; ++o) blk[p * ob + o] = lb[(o0 + o) * d.D + p];
-        }
-      }
-    }
-  });
-
-  // Phase 2a: grad_loc[b,i,y,x] = Σ_{c,u,v} Gp[c, y+u, x+v] · sprite[i,c,u,v], rows split in tasks.
-  if (need_loc) {
-    T* pgo = gloc.mutable_data_ptr<T>();
-    const int64_t ytasks = ceil_div(d.H, kRowsPerTask);
-    at::parallel_for(0, d.B * ytasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / ytasks, y0 = (t % ytasks) * kRowsPerTask, y1 = std::min(d.H, y0 + kRowsPerTask);
-        T* ob = pgo + b * d.M * d.D;
-        for (int64_t i = pn[b]; i < d.M; ++i) std::fill(ob + i * d.D + y0 * d.W, ob + i * d.D + y1 * d.W, T(0));
-        if (pn[b] > 0) row_correlation(pg + b * d.C * plane, d.C, pw + woff[b], pn[b], ob, y0, y1, d);
-      }
-    });
-  }
-
-  if (!need_sprites) return;
-  T* pgs = gs.mutable_data_ptr<T>();
-  if (pidx != nullptr) {
-    // Index mode: the S×S window of Gp whose top-left corner is the location pixel (in padded
-    // coordinates the sprite's corner sits exactly there).
-    at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        T* gb = pgs + b * d.M * CSS;
-        std::fill(gb, gb + d.M * CSS, T(0));
-        for (int64_t i = 0; i < pn[b]; ++i) {
-          const int64_t p = pidx[b * d.M + i];
-          if (p < 0) continue;
-          const int64_t r = p / d.W, q = p % d.W;
-          for (int64_t c = 0; c < d.C; ++c)
-            for (int64_t u = 0; u < d.S; ++u)
-              std::memcpy(gb + (i * d.C + c) * SS + u * d.S, pg + ((b * d.C + c) * d.Hp + r + u) * d.Wq + q,
-                          d.S * sizeof(T));
-        }
-      }
+  const int64_t plane = d.C * d.Hp * d.Wq;
+  BackwardImage<T> im{d,
+                      grad_loglik.const_data_ptr<T>(),
+                      grad_canvas.defined() ? grad_canvas.const_data_ptr<T>() : nullptr,
+                      x.const_data_ptr<T>(),
+                      sprites.const_data_ptr<T>(),
+                      canvas.const_data_ptr<T>(),
+                      dense_sprites ? loc.const_data_ptr<T>() : nullptr,
+                      pn,
+                      pidx,
+                      static_cast<T>(eps_d),
+                      need_sprites,
+                      need_loc,
+                      dense_sprites,
+                      need_sprites ? gs.mutable_data_ptr<T>() : nullptr,
+                      need_loc ? gloc.mutable_data_ptr<T>() : nullptr};
+  if (whole_image_tasks(d.B)) {
+    parallel_tasks<ImageScratch<T>>(d.B, [&](int64_t b, ImageScratch<T>& sc) {
+      sc.planes.resize(plane);
+      sc.w.resize(im.w_size(b));
+      sc.wl.resize(im.wl_size(b));
+      im.prepare(b, sc.planes.data(), sc.w.data(), sc.wl.data());
+      im.whole(b, sc.planes.data(), sc.w.data(), sc.wl.data());
     });
     return;
   }
-  // Dense: grad_sprites[i,c,u,v] = Σ_{y,x} Gp[c, u+y, v+x] · loc[i,y,x], one task per (b, c, u):
-  // a row correlation with the H rows of Gp as channels, the W pixels of a row as taps and the
-  // S columns v as the output row.
-  constexpr int N = Vec<T>::N;
-  at::parallel_for(0, d.B * d.C * d.S, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (d.C * d.S), c = (t / d.S) % d.C, u = t % d.S;
-      T* gb = pgs + b * d.M * CSS;
-      for (int64_t i = pn[b]; i < d.M; ++i) std::fill(gb + (i * d.C + c) * SS + u * d.S, gb + (i * d.C + c) * SS + (u + 1) * d.S, T(0));
-      const int64_t m = pn[b];
-      const int64_t obs = block_size(m);
-      for (int64_t o0 = 0; o0 < m; o0 += obs) {
-        const int64_t ob = std::min(obs, m - o0);
-        const int nx = choose_nx<T>(ob, d.S);
-        const TileFn fn = tile_fn<T>(static_cast<int>(ob), nx);
-        const int64_t xb = nx * N;
-        TileArgs ta;
-        ta.NA = 1;
-        ta.sa = 0;
-        ta.NR = d.H;
-        ta.sr = d.Wq;
-        ta.KW = d.W;
-        ta.w = plt + loff[b] + o0 * d.D;
-        ta.out_stride = CSS;
-        for (int64_t v0 = 0; v0 < d.S; v0 += xb) {
-          ta.in = pg + ((b * d.C + c) * d.Hp + u) * d.Wq + v0;
-          ta.out = gb + (o0 * d.C + c) * SS + u * d.S + v0;
-          ta.valid = std::min(xb, d.S - v0);
-          fn(ta);
-        }
-      }
+  // Few images: prepare every image first, then split rows (grad_loc) and (c, u) rows
+  // (dense grad_sprites) into tasks.
+  std::vector<int64_t> woff(d.B + 1, 0), loff(d.B + 1, 0);
+  for (int64_t b = 0; b < d.B; ++b) {
+    woff[b + 1] = woff[b] + im.w_size(b);
+    loff[b + 1] = loff[b] + im.wl_size(b);
+  }
+  std::vector<T> gbuf(d.B * plane), wbuf(woff[d.B]), lbuf(loff[d.B]);
+  parallel_tasks<NoScratch>(d.B, [&](int64_t b, NoScratch&) {
+    im.prepare(b, gbuf.data() + b * plane, wbuf.data() + woff[b], lbuf.data() + loff[b]);
+  });
+  const int64_t ytasks = need_loc ? ceil_div(d.H, kRowsPerTask) : 0;
+  const int64_t stasks = !need_sprites ? 0 : dense_sprites ? d.C * d.S : 1;
+  parallel_tasks<NoScratch>(d.B * (ytasks + stasks), [&](int64_t t, NoScratch&) {
+    const int64_t b = t / (ytasks + stasks), k = t % (ytasks + stasks);
+    const T* gp = gbuf.data() + b * plane;
+    if (k < ytasks) {
+      const int64_t y0 = k * kRowsPerTask;
+      im.loc_rows(b, gp, wbuf.data() + woff[b], y0, std::min(d.H, y0 + kRowsPerTask));
+    } else if (!dense_sprites) {
+      im.sprite_windows(b, gp);
+    } else {
+      const int64_t cu = k - ytasks;
+      im.sprite_row(b, gp, lbuf.data() + loff[b], cu / d.S, cu % d.S);
     }
   });
 }

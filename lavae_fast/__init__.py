@@ -11,7 +11,8 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__))
     __path__.append(_os.path.dirname(_src_kernels))  # noqa: F821 (package __path__)
 
 from . import ops, reference  # noqa: E402
-from .model import LAVAE; from .baseline import BetaVAE  # noqa: E402,E702 (the models, for users)
+from .baseline import BetaVAE  # noqa: E402
+from .model import LAVAE  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "__version__"]
+__all__ = ["LAVAE", "BetaVAE", "ops", "reference", "__version__"]

@@ -512,7 +512,10 @@ def test_aux_vae_shapes_and_terms(H, W):
     assert (out.kl_map >= 0).all()
     torch.testing.assert_close(out.neg_elbo, out.recon + out.kl)
     h_loc = torch.randn(2, 1, H, W, requires_grad=True)
-    wl = warmup_loss(h_loc, out.target)
-    torch.testing.assert_close(wl, ((h_loc - out.target) ** 2).mean())
+    wl = warmup_loss(h_loc, out.target)  # per image: summed over pixels, averaged over the batch
+    torch.testing.assert_close(wl, ((h_loc - out.target) ** 2).sum() / 2)
+    torch.testing.assert_close(warmup_loss(h_loc, out.target, reduction="mean"), ((h_loc - out.target) ** 2).mean())
+    torch.testing.assert_close(warmup_loss(h_loc, out.target, scale=2.0, reduction="mean"),
+                               ((h_loc - 2 * out.target) ** 2).mean())
     wl.backward()
     assert h_loc.grad is not None

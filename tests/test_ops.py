@@ -277,8 +277,11 @@ def test_place_non_contiguous_inputs(ext):
             close64(mode, u, v)
 
 
-def test_place_thread_count_does_not_change_results(ext):
-    x, sprites, loc, n, index = place_case(5, 4, 3, 9, 20, 24, seed=13, maps="soft")
+@pytest.mark.parametrize("B", [3, 6])
+def test_place_thread_count_does_not_change_results(ext, B):
+    # B = 3 on two threads splits images into row tasks, B = 6 gives whole images to threads,
+    # one thread always takes whole images: every split must give bitwise the same result.
+    x, sprites, loc, n, index = place_case(B, 4, 3, 9, 20, 24, seed=13, maps="soft")
     w = _place_weights(x, 13)
     results = []
     old = torch.get_num_threads()
@@ -291,7 +294,7 @@ def test_place_thread_count_does_not_change_results(ext):
         torch.set_num_threads(old)
     for (a, ga), (b, gb) in zip(results[:2], results[2:]):
         for u, v in zip(a + ga, b + gb):
-            assert torch.equal(u, v)  # every output element is computed by one thread, same order
+            assert torch.equal(u, v)  # every output element is computed by one task, same order
 
 
 def test_place_backward_op_flags_and_grad_canvas(ext):

@@ -1,0 +1,356 @@
+"""CPU throughput of the engine: eager reference vs fused C++ kernels, in the same run.
+
+    python bench/throughput.py [--quick] [--only ops,scaling] [--json PATH] [--threads N] [--thp]
+
+Sections (``--only`` picks some; each is a function ``section_<name>(ctx) -> rows``, registered
+in SECTIONS, so later work can add e.g. training-step rows with ``pass = "step"``):
+
+* ``ops``: each op at the paper's shapes (B = 64, 64×64, M = 10 with every slot present; C = 1,
+  S = 17 and C = 3, S = 21; K = 2L = 64 appearance features), forward and forward+backward,
+  reference vs fused, with the targets checked (PASS/FAIL) on ratios measured in the same run;
+* ``scaling``: fused placement forward+backward against canvas size (32² to 256²) and number of
+  objects (1 to 32), with the correlation's FLOP rate;
+* ``gpu``: bench/gpu_bench.py's rows when a CUDA device is present (skipped otherwise).
+
+Timing: implementations are called round-robin (one call each per round) so that they share the
+machine's load at the same moments; each row gives the median and the 20th/80th percentiles.
+The sgemm rate of a 2048² float32 matmul, measured at the start of the run, is the yardstick of
+the placement correlation: FLOP bound = 2·B·M·C·D·S² / rate.
+
+``--thp`` sets THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator then backs large tensors with
+transparent huge pages): on machines where page faults are slow, allocating the 67 MB gradient of
+h_app dominates the gather op for both implementations; the default leaves the allocator alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and "--thp" in sys.argv:
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read once, at PyTorch's first allocation
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.common import environment, load_average, sgemm_rate, time_interleaved  # noqa: E402
+from lavae_fast import ops  # noqa: E402
+from lavae_fast import reference as ref  # noqa: E402
+
+B, H, W, M, K = 64, 64, 64, 10, 64
+EPS = 1e-4
+SPRITE = {1: 17, 3: 21}  # multi-MNIST and multi-dSprites sprite sides
+GAMMA = 0.5 * math.log(H * W)
+
+
+class Context:
+    def __init__(self, args, rate):
+        self.args = args
+        self.quick = args.quick
+        self.rate = rate  # sgemm FLOP/s
+        self.reps = 5 if args.quick else args.reps
+        self.budget = 3.0 if args.quick else 25.0
+        self.targets = []  # (description, passed, detail)
+
+    def time(self, fns):
+        return time_interleaved(fns, reps=self.reps, warmup=1 if self.quick else 2, budget_s=self.budget)
+
+
+def _row(op, pas, impl, C, timing, **extra):
+    row = {"op": op, "pass": pas, "impl": impl, "C": C}
+    row.update(timing)
+    row.update(extra)
+    return row
+
+
+def _ratio(rows, op, pas, C, slow, fast, **match):
+    def pick(impl):
+        for r in rows:
+            if r["op"] == op and r["pass"] == pas and r["impl"] == impl and r["C"] == C and all(
+                r.get(k) == v for k, v in match.items()
+            ):
+                return r["median_ms"]
+        return None
+
+    a, b = pick(slow), pick(fast)
+    return None if a is None or b is None else a / b
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs at the paper's shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def place_inputs(C, S, b=B, h=H, w=W, m=M, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(b, C, h, w, generator=g) < 0.2).float()
+    sprites = torch.rand(b, m, C, S, S, generator=g)
+    n = torch.full((b,), m, dtype=torch.long)
+    index = torch.randint(0, h * w, (b, m), generator=g)
+    loc = F.one_hot(index, h * w).float().view(b, m, h, w)
+    return x, sprites, loc, n, index
+
+
+def place_fns(x, sprites, loc, n, index, backward):
+    """Callables for every implementation of placement + log-likelihood."""
+    H_, W_ = x.shape[-2:]
+    sp = sprites.clone().requires_grad_(backward)
+    lc = loc.clone().requires_grad_(backward)
+    gl = torch.ones(x.shape[0])
+
+    def run(f):
+        if not backward:
+            def fwd():
+                with torch.no_grad():
+                    f()
+            return fwd
+
+        def fwd_bwd():
+            torch.autograd.grad(f(), (sp, lc), gl)
+        return fwd_bwd
+
+    fns = {
+        "fused": run(lambda: ops.place_and_loglik(x, sp, lc, n, index=index)),
+        "reference": run(lambda: ref.place_and_loglik(x, sp, lc, n, index=index)),
+        "fused-dense": run(lambda: ops.place_and_loglik(x, sp, lc, n)),
+        "reference-dense": run(lambda: ref.place_and_loglik(x, sp, lc, n)),
+    }
+    if not backward:
+        # What an eager implementation of the index-mode forward would do without the dense
+        # gradient path: scatter the sprites into a padded canvas, then the log-likelihood.
+        fns["eager-scatter"] = run(lambda: ref.bernoulli_loglik(x, ref.compose_index(sp, index, n, H_, W_), EPS))
+    return fns
+
+
+def correlation_flops(b, m, C, h, w, S):
+    return 2.0 * b * m * C * h * w * S * S
+
+
+# ---------------------------------------------------------------------------------------------
+# Section: ops
+# ---------------------------------------------------------------------------------------------
+
+
+def section_ops(ctx):
+    rows = []
+    channels = [1] if ctx.quick and ctx.args.channels is None else (ctx.args.channels or [1, 3])
+    for C in channels:
+        S = SPRITE[C]
+        inputs = place_inputs(C, S)
+        bound_ms = correlation_flops(B, M, C, H, W, S) / ctx.rate * 1e3
+        for backward, pas in [(False, "fwd"), (True, "fwd+bwd")]:
+            fns = place_fns(*inputs, backward=backward)
+            if ctx.quick:
+                fns.pop("fused-dense")
+            res = ctx.time(fns)
+            for impl, t in res.items():
+                rows.append(_row("place_and_loglik", pas, impl, C, t, S=S, B=B, H=H, W=W, M=M,
+                                 mode="dense" if "dense" in impl else "index", bound_ms=bound_ms))
+            _progress(rows[-len(res):])
+        fb = _pick(rows, "place_and_loglik", "fwd+bwd", "fused", C)
+        ctx.targets.append((f"place_and_loglik index fwd+bwd C={C} S={S}: <= 2x the correlation's FLOP bound "
+                            f"({bound_ms:.1f} ms at {ctx.rate / 1e9:.0f} GFLOP/s)", fb <= 2 * bound_ms,
+                            f"{fb:.1f} ms = {fb / bound_ms:.2f}x bound"))
+        r_dense = _ratio(rows, "place_and_loglik", "fwd", C, "reference-dense", "fused")
+        r_scatter = _ratio(rows, "place_and_loglik", "fwd", C, "eager-scatter", "fused")
+        ctx.targets.append((f"place_and_loglik index fwd C={C}: >= 30x faster than the dense reference",
+                            r_dense >= 30, f"{r_dense:.1f}x"))
+        ctx.targets.append((f"place_and_loglik index fwd C={C}: >= 1.5x faster than eager scatter + loglik",
+                            r_scatter >= 1.5, f"{r_scatter:.2f}x"))
+
+    # Gumbel top-k with relaxed samples, M = 10, γ-scaled logits.
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(B, H * W, generator=g) * GAMMA
+    gumbel = -torch.log(-torch.log(torch.rand(B, H * W, generator=g).clamp(1e-12, 1 - 1e-12)))
+    n = torch.full((B,), M, dtype=torch.long)
+    w_r = torch.randn(B, M, H * W, generator=g)
+    w_q = torch.randn(B, generator=g)
+    lg = logits.clone().requires_grad_()
+    for pas in ["fwd", "fwd+bwd"]:
+        def make(impl):
+            if pas == "fwd":
+                def f():
+                    with torch.no_grad():
+                        impl.gumbel_topk_relaxed(logits, n, 0.5, M, gumbel)
+            else:
+                def f():
+                    _, relaxed, log_q = impl.gumbel_topk_relaxed(lg, n, 0.5, M, gumbel)
+                    torch.autograd.grad((relaxed, log_q), lg, (w_r, w_q))
+            return f
+
+        res = ctx.time({"fused": make(ops), "reference": make(ref)})
+        for impl, t in res.items():
+            rows.append(_row("gumbel_topk_relaxed", pas, impl, 1, t, B=B, D=H * W, M=M))
+        _progress(rows[-2:])
+    r = _ratio(rows, "gumbel_topk_relaxed", "fwd+bwd", 1, "reference", "fused")
+    ctx.targets.append(("gumbel_topk_relaxed fwd+bwd M=10: >= 10x faster than the sequential eager loop",
+                        r >= 10, f"{r:.1f}x"))
+
+    # Counting: h_loc with a few peaks above the threshold 4γ per image.
+    h_loc = torch.randn(B, 1, H, W, generator=g) * 2
+    for k in range(3):
+        h_loc[:, 0, 10 + 15 * k, 12 + 14 * k] = 6 * GAMMA
+    res = ctx.time({"fused": lambda: ops.count_objects(h_loc, 4 * GAMMA, M),
+                    "reference": lambda: ref.count_objects(h_loc, 4 * GAMMA, M)})
+    for impl, t in res.items():
+        rows.append(_row("count_objects", "fwd", impl, 1, t, B=B, H=H, W=W))
+    _progress(rows[-2:])
+    r = _ratio(rows, "count_objects", "fwd", 1, "reference", "fused")
+    ctx.targets.append(("count_objects: >= 5x faster than the eager max-pool reference", r >= 5, f"{r:.1f}x"))
+
+    # Appearance gather, K = 2L = 64 features, straight-through (one-hot) maps.
+    h_app = torch.randn(B, K, H, W, generator=g)
+    index = torch.randint(0, H * W, (B, M), generator=g)
+    loc = F.one_hot(index, H * W).float().view(B, M, H, W)
+    w_g = torch.randn(B, M, K, generator=g)
+    ha = h_app.clone().requires_grad_()
+    lc = loc.clone().requires_grad_()
+    for pas in ["fwd", "fwd+bwd"]:
+        def make(impl, use_index):
+            kw = {"index": index} if use_index else {}
+            if pas == "fwd":
+                def f():
+                    with torch.no_grad():
+                        impl.gather_appearance(h_app, loc, n, **kw)
+            else:
+                def f():
+                    torch.autograd.grad(impl.gather_appearance(ha, lc, n, **kw), (ha, lc), w_g)
+            return f
+
+        fns = {"fused": make(ops, True), "reference": make(ref, True), "reference-dense": make(ref, False),
+               "fused-dense": make(ops, False)}
+        if ctx.quick:
+            fns.pop("fused-dense")
+        res = ctx.time(fns)
+        for impl, t in res.items():
+            rows.append(_row("gather_appearance", pas, impl, 1, t, B=B, K=K, M=M,
+                             mode="dense" if "dense" in impl else "index"))
+        _progress(rows[-len(res):])
+    r = _ratio(rows, "gather_appearance", "fwd+bwd", 1, "reference-dense", "fused")
+    r2 = _ratio(rows, "gather_appearance", "fwd+bwd", 1, "reference", "fused")
+    ctx.targets.append(("gather_appearance fwd+bwd: >= 3x faster than the eager einsum over the maps",
+                        r >= 3, f"{r:.2f}x (vs the reference's index mode: {r2:.2f}x)"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Section: scaling of the fused placement
+# ---------------------------------------------------------------------------------------------
+
+
+def section_scaling(ctx):
+    rows = []
+    C, S = 1, SPRITE[1]
+    sizes = [32, 64, 128] if ctx.quick else [32, 64, 128, 256]
+    counts = [1, 4, 16] if ctx.quick else [1, 2, 4, 8, 16, 32]
+    b = 16 if ctx.quick else B
+    cases = [("canvas", s, M) for s in sizes] + [("objects", H, m) for m in counts]
+    for axis, side, m in cases:
+        x, sprites, loc, n, index = place_inputs(C, S, b=b, h=side, w=side, m=m, seed=side + m)
+        fns = place_fns(x, sprites, loc, n, index, backward=True)
+        t = ctx.time({"fused": fns["fused"]})["fused"]
+        flops = correlation_flops(b, m, C, side, side, S)
+        rows.append(_row("place_and_loglik", "fwd+bwd", "fused", C, t, S=S, B=b, H=side, W=side, M=m,
+                         mode="index", scaling=axis, gflops=flops / (t["median_ms"] * 1e-3) / 1e9,
+                         frac_sgemm=flops / (t["median_ms"] * 1e-3) / ctx.rate))
+        _progress(rows[-1:])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Section: GPU (bench/gpu_bench.py) when CUDA is present
+# ---------------------------------------------------------------------------------------------
+
+
+def section_gpu(ctx):
+    if not torch.cuda.is_available():
+        print("# gpu: skipped (no CUDA device)")
+        return []
+    from bench.gpu_bench import run_gpu_rows
+
+    return run_gpu_rows(argparse.Namespace(quick=ctx.quick))
+
+
+SECTIONS = {"ops": section_ops, "scaling": section_scaling, "gpu": section_gpu}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def _pick(rows, op, pas, impl, C):
+    for r in rows:
+        if r["op"] == op and r["pass"] == pas and r["impl"] == impl and r["C"] == C:
+            return r["median_ms"]
+    return None
+
+
+def _progress(rows):
+    for r in rows:
+        shape = ", ".join(f"{k}={r[k]}" for k in ["B", "H", "W", "M", "S", "K", "D"] if k in r)
+        extra = f"  {r['gflops']:.0f} GFLOP/s ({100 * r['frac_sgemm']:.0f}% of sgemm)" if "gflops" in r else ""
+        print(f"{r['op']:<20} {r['pass']:<8} {r['impl']:<16} C={r['C']}  {r['median_ms']:9.2f} ms "
+              f"[p20 {r['p20_ms']:.2f}, p80 {r['p80_ms']:.2f}, n={r['reps']}]  ({shape}){extra}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer repetitions and cases")
+    p.add_argument("--only", action="append", default=None,
+                   help=f"sections to run, comma-separated or repeated ({', '.join(SECTIONS)}); default: ops,scaling")
+    p.add_argument("--json", default=None, help="write {environment, rows, targets} as JSON here")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    p.add_argument("--reps", type=int, default=15, help="rounds per timing (default 15)")
+    p.add_argument("--channels", type=int, nargs="+", choices=[1, 3], default=None)
+    p.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 (see the module docstring)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = [s for arg in (args.only or ["ops,scaling"]) for s in arg.split(",") if s]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+
+    env = environment()
+    rate = sgemm_rate(1024 if args.quick else 2048)
+    env["sgemm_gflops"] = rate / 1e9
+    print(f"# {env['cpu']} ({env['cpu_flags']}), {env['logical_cpus']} logical CPUs, {env['torch_threads']} torch "
+          f"threads; torch {env['torch']}, python {env['python']}")
+    print(f"# backends: {env['backends']}; THP_MEM_ALLOC_ENABLE={env['thp_alloc']}; load average {env['load_average_start']}")
+    print(f"# sgemm ({1024 if args.quick else 2048}^2 float32 matmul): {rate / 1e9:.1f} GFLOP/s")
+    for C, S in SPRITE.items():
+        fl = correlation_flops(B, M, C, H, W, S)
+        print(f"# placement correlation FLOP bound (B={B}, M={M}, C={C}, {H}x{W}, S={S}): "
+              f"2*B*M*C*D*S^2 = {fl / 1e9:.2f} GFLOP -> {fl / rate * 1e3:.2f} ms at the sgemm rate")
+
+    ctx = Context(args, rate)
+    rows = []
+    for name in only:
+        print(f"\n## {name}")
+        rows += SECTIONS[name](ctx)
+    env["load_average_end"] = load_average()
+    targets = [{"target": d, "pass": bool(ok), "measured": detail} for d, ok, detail in ctx.targets]
+    if targets:
+        print("\n## targets (ratios from this run)")
+        for t in targets:
+            print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['measured']}")
+    print(f"# load average at the end: {env['load_average_end']}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows, "targets": targets}, f, indent=1)
+        print(f"# wrote {args.json}")
+    return rows, targets
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+// Standalone C++ test of the CPU kernels, built by CMakeLists.txt (optionally with
+// -fsanitize=address,undefined). The kernels are called through the dispatcher, as Python calls
+// them, and checked against brute-force loops written here from the definitions in SPEC §9, on
+// odd shapes that exercise the partial-vector tails, sprites larger than the canvas, more than 12
+// objects (several output blocks) and both dtypes.
+//
+// The op schemas are defined in Python (lavae_fast/ops.py); this executable has no Python, so it
+// defines them again. `test_kernels --print-schemas` prints them, and tests/test_cmake_build.py
+// checks them against the Python definitions so the two cannot drift apart.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+static const char* kSchemas[] = {
+    "place_loglik(Tensor x, Tensor sprites, Tensor loc, Tensor n, Tensor? index, float eps)"
+    " -> (Tensor loglik, Tensor canvas)",
+    "place_loglik_backward(Tensor grad_loglik, Tensor? grad_canvas, Tensor x, Tensor sprites,"
+    " Tensor loc, Tensor n, Tensor? index, Tensor canvas, float eps, bool need_sprites,"
+    " bool need_loc) -> (Tensor grad_sprites, Tensor grad_loc)",
+    "gumbel_topk_relaxed(Tensor logits, Tensor n, float tau, int max_objects, Tensor gumbel)"
+    " -> (Tensor relaxed, Tensor log_q, Tensor index)",
+    "gumbel_topk_relaxed_backward(Tensor? grad_relaxed, Tensor? grad_log_q, Tensor logits,"
+    " Tensor index, Tensor relaxed, Tensor n, float tau) -> Tensor",
+    "count_objects(Tensor h_loc, float threshold, int max_objects) -> Tensor",
+    "gather_appearance(Tensor h_app, Tensor loc, Tensor n, Tensor? index) -> Tensor",
+    "gather_appearance_backward(Tensor grad, Tensor h_app, Tensor loc, Tensor n, Tensor? index,"
+    " bool need_h_app, bool need_loc) -> (Tensor grad_h_app, Tensor grad_loc)",
+};
+
+TORCH_LIBRARY(lavae_fast, m) {
+  for (const char* s : kSchemas) m.def(s);
+}
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+using T2 = std::tuple<Tensor, Tensor>;
+
+static int g_failures = 0, g_checks = 0;
+
+#define EXPECT(cond, ...)                                            \
+  do {                                                              \
+    ++g_checks;                                                     \
+    if (!(cond)) {                                                  \
+      ++g_failures;                                                 \
+      std::fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                            \
+      std::fprintf(stderr, "\n");                                   \
+    }                                                               \
+  } while (0)
+
+// |got − want| ≤ rtol · max(1, max|want|), compared in double.
+static void check_close(const char* what, const Tensor& got, const Tensor& want, double rtol) {
+  EXPECT(got.sizes() == want.sizes(), "%s: shape mismatch", what);
+  if (got.sizes() != want.sizes() || want.numel() == 0) return;
+  const Tensor g = got.to(at::kDouble), w = want.to(at::kDouble);
+  const double scale = std::max(1.0, w.abs().max().item<double>());
+  const double err = (g - w).abs().max().item<double>();
+  EXPECT(err <= rtol * scale, "%s: max error %.3g > %.3g", what, err, rtol * scale);
+}
+
+template <typename F>
+static void check_throws(const char* what, F f) {
+  bool threw = false;
+  try {
+    f();
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  EXPECT(threw, "%s: expected a c10::Error", what);
+}
+
+template <typename Sig>
+static c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// place_loglik
+// ---------------------------------------------------------------------------------------------
+
+struct PlaceCase {
+  Tensor x, sprites, loc, n, index;
+};
+
+static PlaceCase place_case(int64_t B, int64_t M, int64_t C, int64_t S, int64_t H, int64_t W) {
+  const int64_t D = H * W;
+  PlaceCase c;
+  c.x = (at::rand({B, C, H, W}, at::kDouble) < 0.4).to(at::kDouble);
+  c.sprites = at::rand({B, M, C, S, S}, at::kDouble) * 0.6;
+  c.n = at::randint(0, M + 1, {B}, at::kLong);
+  c.n[0] = M;
+  c.index = at::randint(0, D, {B, M}, at::kLong);
+  const int64_t corners[4] = {0, W - 1, (H - 1) * W, D - 1};
+  for (int64_t i = 0; i < std::min<int64_t>(4, M); ++i) c.index[0][i] = corners[i];
+  c.loc = at::zeros({B, M, H, W}, at::kDouble);
+  auto n = c.n.accessor<int64_t, 1>();
+  auto idx = c.index.accessor<int64_t, 2>();
+  auto loc = c.loc.accessor<double, 4>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < M; ++i) {
+      if (i < n[b]) loc[b][i][idx[b][i] / W][idx[b][i] % W] = 1;
+      else idx[b][i] = b % 2 ? -1 : 1000000;  // absent: never read
+    }
+  return c;
+}
+
+// Σ by definition: sprite pixel (u, v) of object i lands on loc pixel p + (u − s, v − s), times
+// the map's value there (a dense map: every pixel is a location).
+static Tensor brute_canvas(const PlaceCase& c) {
+  const int64_t B = c.sprites.size(0), C = c.sprites.size(2), S = c.sprites.size(3);
+  const int64_t H = c.x.size(2), W = c.x.size(3), s = S / 2;
+  Tensor canvas = at::zeros({B, C, H, W}, at::kDouble);
+  auto cv = canvas.accessor<double, 4>();
+  auto sp = c.sprites.accessor<double, 5>();
+  auto lo = c.loc.accessor<double, 4>();
+  auto n = c.n.accessor<int64_t, 1>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n[b]; ++i)
+      for (int64_t py = 0; py < H; ++py)
+        for (int64_t px = 0; px < W; ++px) {
+          const double l = lo[b][i][py][px];
+          if (l == 0) continue;
+          for (int64_t ch = 0; ch < C; ++ch)
+            for (int64_t u = 0; u < S; ++u)
+              for (int64_t v = 0; v < S; ++v) {
+                const int64_t y = py + u - s, x = px + v - s;
+                if (y >= 0 && y < H && x >= 0 && x < W) cv[b][ch][y][x] += l * sp[b][i][ch][u][v];
+              }
+        }
+  return canvas;
+}
+
+static Tensor brute_loglik(const Tensor& x, const Tensor& canvas, double eps) {
+  const Tensor lam = eps + (1 - 2 * eps) * canvas.clamp_max(1);
+  return (x * lam.log() + (1 - x) * (1 - lam).log()).flatten(1).sum(1);
+}
+
+// dL/dΣ, then grad_loc[i,p] = Σ_{c,u,v} G[c, p + (u,v) − s]·sprite[i,c,u,v] and
+// grad_sprites[i,c,u,v] = Σ_p loc[i,p]·G[c, p + (u,v) − s], for i < n.
+static T2 brute_backward(const PlaceCase& c, const Tensor& canvas, const Tensor& gl, double eps) {
+  const int64_t B = c.sprites.size(0), C = c.sprites.size(2), S = c.sprites.size(3);
+  const int64_t H = c.x.size(2), W = c.x.size(3), s = S / 2;
+  const Tensor lam = eps + (1 - 2 * eps) * canvas.clamp_max(1);
+  const Tensor G = (c.x / lam - (1 - c.x) / (1 - lam)) * (1 - 2 * eps) * (canvas <= 1).to(at::kDouble) *
+                   gl.view({B, 1, 1, 1});
+  Tensor gs = at::zeros_like(c.sprites), gloc = at::zeros_like(c.loc);
+  auto g = G.accessor<double, 4>();
+  auto sp = c.sprites.accessor<double, 5>();
+  auto lo = c.loc.accessor<double, 4>();
+  auto n = c.n.accessor<int64_t, 1>();
+  auto ags = gs.accessor<double, 5>();
+  auto agl = gloc.accessor<double, 4>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n[b]; ++i)
+      for (int64_t py = 0; py < H; ++py)
+        for (int64_t px = 0; px < W; ++px)
+          for (int64_t ch = 0; ch < C; ++ch)
+            for (int64_t u = 0; u < S; ++u)
+              for (int64_t v = 0; v < S; ++v) {
+                const int64_t y = py + u - s, x = px + v - s;
+                if (y < 0 || y >= H || x < 0 || x >= W) continue;
+                agl[b][i][py][px] += g[b][ch][y][x] * sp[b][i][ch][u][v];
+                ags[b][i][ch][u][v] += lo[b][i][py][px] * g[b][ch][y][x];
+              }
+  return {gs, gloc};
+}
+
+static void test_place(int64_t B, int64_t M, int64_t C, int64_t S, int64_t H, int64_t W) {
+  using FwdSig = T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&, double);
+  using BwdSig = T2(const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                    const OptT&, const Tensor&, double, bool, bool);
+  auto fwd = op<FwdSig>("lavae_fast::place_loglik");
+  auto bwd = op<BwdSig>("lavae_fast::place_loglik_backward");
+  const double eps = 1e-4;
+  PlaceCase c = place_case(B, M, C, S, H, W);
+  const Tensor canvas = brute_canvas(c);
+  const Tensor ll = brute_loglik(c.x, canvas, eps);
+  const Tensor gl = at::randn({B}, at::kDouble);
+  auto [gs_want, gloc_want] = brute_backward(c, canvas, gl, eps);
+  // A soft map too: the dense path must convolve real values, not only one-hot ones.
+  PlaceCase soft = c;
+  soft.loc = at::rand_like(c.loc) * 0.05;
+  const Tensor soft_canvas = brute_canvas(soft);
+  auto [soft_gs, soft_gloc] = brute_backward(soft, soft_canvas, gl, eps);
+
+  for (at::ScalarType dt : {at::kDouble, at::kFloat}) {
+    const double rtol = dt == at::kDouble ? 1e-10 : 2e-4;
+    const Tensor x = c.x.to(dt), sprites = c.sprites.to(dt), loc = c.loc.to(dt), g = gl.to(dt);
+    for (bool with_index : {false, true}) {
+      const OptT index = with_index ? OptT(c.index) : OptT();
+      auto [l, cv] = fwd.call(x, sprites, loc, c.n, index, eps);
+      check_close("place canvas", cv, canvas, rtol);
+      check_close("place loglik", l, ll, rtol * 10);
+      auto [gs, gloc] = bwd.call(g, OptT(), x, sprites, loc, c.n, index, cv, eps, true, true);
+      check_close("place grad_sprites", gs, gs_want, rtol);
+      check_close("place grad_loc", gloc, gloc_want, rtol);
+    }
+    const Tensor sloc = soft.loc.to(dt);
+    auto [l, cv] = fwd.call(x, sprites, sloc, c.n, OptT(), eps);
+    check_close("place soft canvas", cv, soft_canvas, rtol);
+    auto [gs, gloc] = bwd.call(g, OptT(), x, sprites, sloc, c.n, OptT(), cv, eps, true, true);
+    check_close("place soft grad_sprites", gs, soft_gs, rtol);
+    check_close("place soft grad_loc", gloc, soft_gloc, rtol);
+  }
+  Tensor bad = c.index.clone();
+  bad[0][0] = H * W;
+  check_throws("place index out of range", [&] { fwd.call(c.x, c.sprites, c.loc, c.n, OptT(bad), eps); });
+  check_throws("place n out of range", [&] { fwd.call(c.x, c.sprites, c.loc, c.n + M + 1, OptT(), eps); });
+  check_throws("place loc shape", [&] { fwd.call(c.x, c.sprites, c.loc.narrow(3, 0, W - 1 > 0 ? W - 1 : 0), c.n, OptT(), eps); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// gumbel_topk_relaxed
+// ---------------------------------------------------------------------------------------------
+
+static void test_gumbel(int64_t B, int64_t D, int64_t M, double tau) {
+  using FwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, double, int64_t, const Tensor&);
+  using BwdSig = Tensor(const OptT&, const OptT&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double);
+  auto fwd = op<FwdSig>("lavae_fast::gumbel_topk_relaxed");
+  auto bwd = op<BwdSig>("lavae_fast::gumbel_topk_relaxed_backward");
+  const Tensor logits = at::randn({B, D}, at::kDouble) * 3;
+  const Tensor gumbel = -(-(at::rand({B, D}, at::kDouble).clamp(1e-12, 1 - 1e-12)).log()).log();
+  Tensor n = at::randint(0, M + 1, {B}, at::kLong);
+  n[0] = M;
+  const Tensor gr = at::randn({B, M, D}, at::kDouble), gq = at::randn({B}, at::kDouble);
+  // Brute force, step by step: the drawn pixels, softmax over the rest, and the gradient formula
+  // Σ_i (1/τ) r_i ⊙ (g_i − ⟨g_i, r_i⟩) + g_lq Σ_i (onehot(p_i) − b^(i)).
+  Tensor relaxed = at::zeros({B, M, D}, at::kDouble), log_q = at::zeros({B}, at::kDouble);
+  Tensor index = at::full({B, M}, -1, at::kLong), grad = at::zeros({B, D}, at::kDouble);
+  for (int64_t b = 0; b < B; ++b) {
+    const Tensor y = logits[b] + gumbel[b];
+    const Tensor order = std::get<1>(y.sort(0, /*descending=*/true));
+    Tensor allowed = at::ones({D}, at::kBool);
+    const int64_t k = std::min<int64_t>(n[b].item<int64_t>(), D);
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t p = order[i].item<int64_t>();
+      const Tensor r = at::softmax(at::where(allowed, y / tau, -INFINITY), 0);
+      const Tensor bi = at::softmax(at::where(allowed, logits[b], -INFINITY), 0);
+      relaxed[b][i] = r;
+      index[b][i] = p;
+      log_q[b] += bi[p].log();
+      grad[b] += r * (gr[b][i] - (gr[b][i] * r).sum()) / tau;
+      Tensor hit = at::zeros({D}, at::kDouble);
+      hit[p] = 1;
+      grad[b] += gq[b] * (hit - bi);
+      allowed[p] = false;
+    }
+  }
+  for (at::ScalarType dt : {at::kDouble, at::kFloat}) {
+    const double rtol = dt == at::kDouble ? 1e-10 : 1e-4;
+    auto [r, lq, idx] = fwd.call(logits.to(dt), n, tau, M, gumbel.to(dt));
+    EXPECT(at::equal(idx, index), "gumbel index (D=%lld, M=%lld)", (long long)D, (long long)M);
+    check_close("gumbel relaxed", r, relaxed, rtol);
+    check_close("gumbel log_q", lq, log_q, rtol);
+    const Tensor g = bwd.call(OptT(gr.to(dt)), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau);
+    check_close("gumbel grad", g, grad, rtol * 10);
+  }
+  check_throws("gumbel tau", [&] { fwd.call(logits, n, 0.0, M, gumbel); });
+  check_throws("gumbel n", [&] { fwd.call(logits, n + M + 1, tau, M, gumbel); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// count_objects and gather_appearance
+// ---------------------------------------------------------------------------------------------
+
+static void test_count(int64_t B, int64_t H, int64_t W) {
+  auto count = op<Tensor(const Tensor&, double, int64_t)>("lavae_fast::count_objects");
+  for (at::ScalarType dt : {at::kDouble, at::kFloat}) {
+    const Tensor h = (at::randn({B, H, W}, at::kDouble) * 3).to(dt);
+    const Tensor got = count.call(h, 2.0, 7);
+    const Tensor hd = h.to(at::kDouble);
+    auto a = hd.accessor<double, 3>();
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t c = 0;
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t x = 0; x < W; ++x) {
+          bool peak = a[b][y][x] > 2.0;
+          for (int64_t dy = -1; dy <= 1; ++dy)
+            for (int64_t dx = -1; dx <= 1; ++dx) {
+              const int64_t yy = y + dy, xx = x + dx;
+              if (yy >= 0 && yy < H && xx >= 0 && xx < W && a[b][yy][xx] > a[b][y][x]) peak = false;
+            }
+          c += peak;
+        }
+      EXPECT(got[b].item<int64_t>() == std::min<int64_t>(c, 7), "count image %lld", (long long)b);
+    }
+  }
+}
+
+static void test_gather(int64_t B, int64_t M, int64_t K, int64_t H, int64_t W) {
+  using FwdSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptT&);
+  using BwdSig = T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&, bool, bool);
+  auto fwd = op<FwdSig>("lavae_fast::gather_appearance");
+  auto bwd = op<BwdSig>("lavae_fast::gather_appearance_backward");
+  const int64_t D = H * W;
+  PlaceCase c = place_case(B, M, 1, 1, H, W);  // for n, index and one-hot maps
+  const Tensor h = at::randn({B, K, H, W}, at::kDouble);
+  const Tensor g = at::randn({B, M, K}, at::kDouble);
+  const Tensor mask = (at::arange(M).view({1, M}) < c.n.view({B, 1})).to(at::kDouble);
+  const Tensor maps = c.loc.view({B, M, D}) * mask.view({B, M, 1});
+  const Tensor feats = h.view({B, K, D});
+  const Tensor gm = g * mask.view({B, M, 1});
+  const Tensor out_want = at::bmm(maps, feats.transpose(1, 2));
+  const Tensor gh_want = at::bmm(gm.transpose(1, 2), maps).view({B, K, H, W});
+  const Tensor gl_want = at::bmm(gm, feats).view({B, M, H, W});
+  for (at::ScalarType dt : {at::kDouble, at::kFloat}) {
+    const double rtol = dt == at::kDouble ? 1e-10 : 1e-4;
+    for (bool with_index : {false, true}) {
+      const OptT index = with_index ? OptT(c.index) : OptT();
+      check_close("gather value", fwd.call(h.to(dt), c.loc.to(dt), c.n, index), out_want, rtol);
+      auto [gh, gl] = bwd.call(g.to(dt), h.to(dt), c.loc.to(dt), c.n, index, true, true);
+      check_close("gather grad_h_app", gh, gh_want, rtol);
+      check_close("gather grad_loc", gl, gl_want, rtol);
+    }
+  }
+  Tensor bad = c.index.clone();
+  bad[0][0] = -5;
+  check_throws("gather index out of range", [&] { fwd.call(h, c.loc, c.n, OptT(bad)); });
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--print-schemas") == 0) {
+    for (const char* s : kSchemas) std::printf("lavae_fast::%s\n", s);
+    return 0;
+  }
+  at::manual_seed(0);
+  test_place(3, 4, 2, 5, 6, 7);
+  test_place(2, 13, 1, 9, 5, 3);    // S > canvas, 13 objects: two output blocks
+  test_place(2, 3, 1, 3, 1, 1);     // 1×1 canvas
+  test_place(2, 2, 3, 21, 40, 37);  // dSprites sprite, odd width (partial vectors)
+  test_gumbel(4, 37, 5, 0.3);
+  test_gumbel(3, 3, 5, 0.5);        // D < M
+  test_gumbel(3, 70, 4, 0.02);
+  test_count(4, 7, 9);
+  test_count(2, 1, 1);
+  test_gather(3, 4, 5, 5, 7);
+  test_gather(2, 13, 64, 6, 11);
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  if (g_failures == 0) std::printf("ALL OK\n");
+  return g_failures == 0 ? 0 : 1;
+}

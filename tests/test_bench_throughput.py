@@ -1,0 +1,51 @@
+"""Smoke tests of bench/throughput.py: it runs, and its JSON has the documented records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "throughput.py")
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, SCRIPT, "--quick", "--threads", "1", "--json", str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_scaling_section_writes_records(tmp_path):
+    data, stdout = _run(tmp_path, "--only", "scaling")
+    assert {"environment", "rows", "targets"} <= set(data)
+    env = data["environment"]
+    assert env["torch_threads"] == 1 and env["sgemm_gflops"] > 0
+    rows = data["rows"]
+    assert rows and all({"op", "pass", "impl", "C", "median_ms", "p20_ms", "p80_ms"} <= set(r) for r in rows)
+    assert all(r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in rows)
+    assert {r["scaling"] for r in rows} == {"canvas", "objects"}
+    assert "FLOP bound" in stdout and "sgemm" in stdout
+
+
+def test_bench_rejects_unknown_section(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--only", "nope"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "unknown section" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_quick_ops_section(tmp_path):
+    data, stdout = _run(tmp_path, "--only", "ops")
+    ops = {(r["op"], r["pass"], r["impl"]) for r in data["rows"]}
+    for op in ["place_and_loglik", "gumbel_topk_relaxed", "gather_appearance"]:
+        for pas in ["fwd", "fwd+bwd"]:
+            assert (op, pas, "fused") in ops and (op, pas, "reference") in ops
+    assert ("count_objects", "fwd", "fused") in ops
+    assert len(data["targets"]) >= 6 and all(isinstance(t["pass"], bool) for t in data["targets"])
+    assert "PASS" in stdout or "FAIL" in stdout
