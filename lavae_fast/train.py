@@ -482,8 +482,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if dist.is_main:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        # Log lines written after the checkpoint by the interrupted session are redone now.
-        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+        if args.resume:  # log lines written after the checkpoint by the interrupted session are redone now
+            truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
     net, aux_net = dist.wrap(model), dist.wrap(aux)
 
     def save(step):

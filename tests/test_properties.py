@@ -27,7 +27,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lavae_fast import _backends, ops
@@ -59,12 +59,13 @@ def _kernels_and_threads():
 class Tally:
     def __init__(self, op):
         self.op = op
-        self.valid = self.refused = self.reference_refused_too = 0
+        self.valid = self.refused = self.reference_refused_too = self.discarded = 0
 
     def report(self):
         total = self.valid + self.refused
         print(f"\n[hypothesis] {self.op}: {total} examples: {self.valid} valid (fused = reference), "
-              f"{self.refused} refused (reference raised too on {self.reference_refused_too})")
+              f"{self.refused} refused (reference raised too on {self.reference_refused_too})"
+              + (f"; {self.discarded} discarded (near-tied keys)" if self.discarded else ""))
         assert self.valid > 0 and total >= min(EXAMPLES, 20)
 
 
@@ -359,6 +360,16 @@ def _gumbel_property(c):
                  lambda: torch.ops.lavae_fast.gumbel_topk_relaxed(bl, bn, float(bt), raw_m, bg),
                  lambda: ref.gumbel_topk_relaxed(bl, bn, bt, bm, bg), name, GUMBEL)
         return
+    # The draws are the top-n of logits + g; among equal keys their order is unspecified, and keys
+    # within rounding of each other may be ordered differently by the float64 reference. Such
+    # inputs (probability ~1e-4 at D = 300 in float32) are not compared.
+    k = min(M + 1, D)
+    if B and k > 1:
+        top = (logits.double() + noise.double()).topk(k, dim=1).values
+        gap = (top[:, :-1] - top[:, 1:]).min()
+        tied = float(gap) <= 16 * torch.finfo(dtype).eps * max(1.0, float(top.abs().max()))
+        GUMBEL.discarded += tied
+        assume(not tied)
     w = torch.Generator().manual_seed(c["seed"] + 1)
     weights = [None, torch.randn(B, M, D, generator=w, dtype=torch.float64), torch.randn(B, generator=w,
                                                                                       dtype=torch.float64)]
