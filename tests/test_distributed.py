@@ -169,20 +169,22 @@ def _reference(saved_args: dict, world: int):
         for b, v in zip(list(model.buffers()) + list(aux.buffers()), values):
             b.copy_(v)
 
-    unused = []
+    unused, losses = [], []  # losses[step][rank]: the loss each share logs
     model.train(), aux.train()
     for step in range(args.steps):
         T.set_learning_rates(opt, args, step)
         idx = data_indices(args.seed, step, args.batch_size, len(data))
         start, rank0_after = buffers(), None
         grads = []
+        losses.append([])
         for rank in range(world):
             lo, hi = distributed.DistContext(rank=rank, world_size=world).shard(args.batch_size)
             set_buffers(start)
             x, counts = data.get_batch(idx[lo:hi].numpy())
             ids = torch.arange(step * args.batch_size + lo, step * args.batch_size + hi)
             opt.zero_grad(set_to_none=True)
-            loss, out, _ = T.training_loss(model, aux, x, counts, ids, step, args)
+            loss, out, log = T.training_loss(model, aux, x, counts, ids, step, args)
+            losses[-1].append(log["loss"])
             loss.backward()
             grads.append([None if p.grad is None else p.grad.clone() for p in params])
             unused.append(all(p.grad is None for p in model.sprite_decoder.parameters()))
@@ -194,7 +196,7 @@ def _reference(saved_args: dict, world: int):
             p.grad = None if all(g is None for g in gs) else sum(
                 torch.zeros_like(p) if g is None else g for g in gs) / world
         opt.step()
-    return model, aux, unused
+    return model, aux, unused, losses
 
 
 def test_two_gloo_processes_equal_the_averaged_half_batch_gradients(tmp_path):
@@ -203,8 +205,13 @@ def test_two_gloo_processes_equal_the_averaged_half_batch_gradients(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            str(runner), str(tmp_path)] + ARGS + ["--out", str(run)]
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # Two sessions: stopped after step 3, then resumed (rank 0 reads the checkpoint, rank 1 gets it
+    # by broadcast) to the end.
+    for extra in (["--stop-at", "3"], ["--resume"]):
+        proc = subprocess.run(cmd + extra, cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     ckpt = load_checkpoint(str(run))
     assert ckpt["step"] == 5 and ckpt["args"]["batch_size"] == 8
@@ -220,7 +227,7 @@ def test_two_gloo_processes_equal_the_averaged_half_batch_gradients(tmp_path):
 
     # = one process averaging the two half-batch gradients
     torch.set_num_threads(1)
-    model, aux, unused = _reference(ckpt["args"], WORLD)
+    model, aux, unused, losses = _reference(ckpt["args"], WORLD)
     pairs = [tuple(unused[i:i + WORLD]) for i in range(0, len(unused), WORLD)]
     assert (False, True) in pairs and (True, True) in pairs, pairs  # both cases are covered
     worst = 0.0
@@ -237,5 +244,11 @@ def test_two_gloo_processes_equal_the_averaged_half_batch_gradients(tmp_path):
     torch.manual_seed(ckpt["args"]["seed"])
     init = build_model(ckpt["model_config"]).state_dict()
     assert any(not torch.equal(init[k], model.state_dict()[k]) for k in init if init[k].is_floating_point())
-    # the log is rank 0's, with metrics averaged over both processes
-    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [2, 4, 5]
+    # the log is rank 0's, with metrics averaged over both processes; each line averages the steps
+    # since the previous line of its session: [0, 1], [2] (end of session 1), [3] (resumed), [4]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 3, 4, 5]
+    for r, steps in zip(rows, ([0, 1], [2], [3], [4])):
+        want = sum(sum(losses[s]) / WORLD for s in steps) / len(steps)
+        assert r["loss"] == pytest.approx(want, rel=1e-5), (r["step"], r["loss"], want)
+        assert r["loss"] != pytest.approx(losses[steps[0]][0], rel=1e-5)  # not rank 0's share alone
