@@ -54,7 +54,7 @@ LR = 1e-3
 # Arguments that define the run; a resumed run must agree on them (the rest — logging cadence,
 # device, threads — may change between sessions).
 RUN_DEFINING = ["model", "dataset", "data", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
-                "width", "sprite_width", "location_mode", "warmup_scale", "warmup_peak", "warmup_reduction", "lr", "loc_lr"]
+                "width", "sprite_width", "location_mode", "warmup_scale", "warmup_peak", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sprite-width", type=_positive_int, default=48)
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--loc-lr", type=float, default=None, help="location-net lr (default: 1e-4 MNIST, 5e-4 dSprites)")
+    p.add_argument("--loc-lr-decay", type=float, default=100.0,
+                   help="total exponential decay of the location-net lr over the horizon (paper: 100)")
     p.add_argument("--warmup-scale", type=_scale, default="auto",
                    help="multiplier of the aux VAE's KL map as h_loc's target: a number (1 = the raw map, "
                         "nats per latent location) or 'auto' (peaks lifted to 2·4γ, see aux_vae.auto_target_scale)")
@@ -225,7 +227,7 @@ def set_learning_rates(opt, args, step: int) -> Dict[str, float]:
     out = {}
     for g in opt.param_groups:
         if g["name"] == "location":
-            g["lr"] = args.loc_lr * schedules.loc_lr_factor(step, args.steps)
+            g["lr"] = args.loc_lr * schedules.loc_lr_factor(step, args.steps, args.loc_lr_decay)
         out[g["name"]] = g["lr"]
     return out
 
