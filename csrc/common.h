@@ -130,10 +130,6 @@ inline Vec<double>::type vlog(Vec<double>::type x) {
   return x;
 }
 
-// Scalar versions for the few values outside the vector loops.
-inline float sexp(float x) { return vexp(splat<Vec<float>::type>(x))[0]; }
-inline double sexp(double x) { return std::exp(x); }
-
 // A loop over n values in whole vectors: body(d, lanes) handles values [d, d + lanes), lanes = N
 // except in the last call. Use vload_n / vstore_n / lane_mask inside the body.
 template <typename T, typename F>

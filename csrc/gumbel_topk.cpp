@@ -87,6 +87,20 @@ void rest_logsumexp(const T* l, const T* rank, int64_t D, double& mr, double& sr
   sr = hsum(acc);
 }
 
+// Σ a[d]·b[d] with four independent vector accumulators, so that the loop is bound by loads
+// rather than by the latency of one chain of fused multiply-adds.
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  typedef typename Vec<T>::type V;
+  constexpr int N = Vec<T>::N;
+  V acc[4] = {};
+  int64_t d = 0;
+  for (; d + 4 * N <= n; d += 4 * N)
+    for (int j = 0; j < 4; ++j) acc[j] += vload<V>(a + d + j * N) * vload<V>(b + d + j * N);
+  simd_for<T>(n - d, [&](int64_t e, int64_t lanes) { acc[0] += vload_n(a + d + e, lanes) * vload_n(b + d + e, lanes); });
+  return hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
 // log of the normaliser of b^(i) for each step i < k: logsumexp of the logits over the draws
 // i..k−1 and the rest, against the step's own maximum.
 template <typename T>
@@ -222,31 +236,34 @@ void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_
   typedef typename Vec<T>::type V;
   const T inv_tau = static_cast<T>(1.0 / tau_d);
   struct Scratch {
-    std::vector<T> rank;
+    std::vector<T> rank, dots;
     std::vector<int64_t> picks;
     std::vector<double> lse;
   };
   parallel_tasks<Scratch>(B, [&](int64_t b, Scratch& sc) {
-    std::vector<T>& rank = sc.rank;
+    std::vector<T>&rank = sc.rank, &dots = sc.dots;
     std::vector<int64_t>& picks = sc.picks;
     std::vector<double>& lse = sc.lse;
     rank.resize(D);
+    dots.resize(M);
     picks.resize(M);
     lse.resize(M);
     {
       T* out = po + b * D;
       std::fill(out, out + D, T(0));
       const int64_t rows = std::min(pn[b], M);
-      if (pgr != nullptr) {
-        for (int64_t i = 0; i < rows; ++i) {
-          const T* r = pr + (b * M + i) * D;
-          const T* g = pgr + (b * M + i) * D;
-          T dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += g[d] * r[d];
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) out[d] += inv_tau * r[d] * (g[d] - dot);
-        }
+      if (pgr != nullptr && rows > 0) {
+        // Pass 1 reads every row pair once from memory for the dots ⟨g_i, r_i⟩; pass 2 sweeps
+        // the image's rows together (now in L2) and writes each output value once.
+        const T* r0 = pr + b * M * D;
+        const T* g0 = pgr + b * M * D;
+        for (int64_t i = 0; i < rows; ++i) dots[i] = dot(g0 + i * D, r0 + i * D, D);
+        simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+          V acc{};
+          for (int64_t i = 0; i < rows; ++i)
+            acc += vload_n(r0 + i * D + d, lanes) * (vload_n(g0 + i * D + d, lanes) - dots[i]);
+          vstore_n(out + d, acc * inv_tau, lanes);
+        });
       }
       if (pgq == nullptr) return;
       const T* l = pl + b * D;

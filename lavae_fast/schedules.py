@@ -60,9 +60,12 @@ def tau(step: float, steps: float) -> float:
     return TAU_START * (TAU_END / TAU_START) ** progress(step, steps)
 
 
-def loc_lr_factor(step: float, steps: float) -> float:
-    """Multiplier of the location-inference net's learning rate: 1 → 1/100 exponentially."""
-    return LOC_LR_DECAY ** (-progress(step, steps))
+def loc_lr_factor(step: float, steps: float, decay: float = LOC_LR_DECAY) -> float:
+    """Multiplier of the location-inference net's learning rate: 1 → 1/decay exponentially
+    (decay = 100 in the paper)."""
+    if not decay > 0:
+        raise ValueError(f"decay must be > 0, got {decay}")
+    return decay ** (-progress(step, steps))
 
 
 def _ramp(step: float, steps: float) -> float:

@@ -61,7 +61,7 @@ LR = 1e-3
 # Arguments that define the run; a resumed run must agree on them (the rest — logging cadence,
 # device, threads — may change between sessions).
 RUN_DEFINING = ["model", "dataset", "data", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
-                "width", "sprite_width", "location_mode", "warmup_scale", "warmup_reduction", "lr", "loc_lr"]
+                "width", "sprite_width", "location_mode", "warmup_scale", "warmup_peak", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,9 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sprite-width", type=_positive_int, default=48)
     p.add_argument("--lr", type=_positive_float, default=LR)
     p.add_argument("--loc-lr", type=_positive_float, default=None, help="location-net lr (default: 1e-4 MNIST, 5e-4 dSprites)")
+    p.add_argument("--loc-lr-decay", type=_positive_float, default=100.0,
+                   help="total exponential decay of the location-net lr over the horizon (paper: 100)")
     p.add_argument("--warmup-scale", type=_scale, default="auto",
                    help="multiplier of the aux VAE's KL map as h_loc's target: a number (1 = the raw map, "
                         "nats per latent location) or 'auto' (peaks lifted to 2·4γ, see aux_vae.auto_target_scale)")
+    p.add_argument("--warmup-peak", type=_positive_float, default=2.0,
+                   help="with --warmup-scale auto: target object peaks at this multiple of the threshold 4γ")
     p.add_argument("--warmup-reduction", choices=["sum", "mean"], default="sum",
                    help="warm-up loss summed over pixels per image (default, the paper's squared distance) "
                         "or averaged over pixels (SPEC §5's wording; measured too weak, see aux_vae.warmup_loss)")
@@ -243,7 +247,7 @@ def set_learning_rates(opt, args, step: int) -> Dict[str, float]:
     out = {}
     for g in opt.param_groups:
         if g["name"] == "location":
-            g["lr"] = args.loc_lr * schedules.loc_lr_factor(step, args.steps)
+            g["lr"] = args.loc_lr * schedules.loc_lr_factor(step, args.steps, args.loc_lr_decay)
         out[g["name"]] = g["lr"]
     return out
 
@@ -338,7 +342,7 @@ def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.
         loss = out.loss
         if w_warm > 0:
             aux_out = aux_forward(x, noise.aux_eps)
-            scale = (auto_target_scale(aux_out.target, gamma) if args.warmup_scale == "auto"
+            scale = (auto_target_scale(aux_out.target, gamma, args.warmup_peak) if args.warmup_scale == "auto"
                      else args.warmup_scale)
             target = aux_out.target * scale
             wl = warmup_loss(out.h_loc, target, reduction=args.warmup_reduction)

@@ -30,6 +30,8 @@ def test_schedules_at_the_paper_milestones():
     assert schedules.loc_lr_factor(0, S) == 1.0
     assert schedules.loc_lr_factor(S, S) == pytest.approx(0.01)
     assert schedules.loc_lr_factor(S // 2, S) == pytest.approx(0.1)
+    assert schedules.loc_lr_factor(S, S, decay=10) == pytest.approx(0.1)
+    assert schedules.loc_lr_factor(S // 2, S, decay=1) == 1.0
     for step, w, p in [(0, 1, 1), (29_999, 1, 1), (30_000, 1, 1), (45_000, 0.5, 0.55), (60_000, 0, 0.1),
                        (80_000, 0, 0.1)]:
         assert schedules.warmup_weight(step, S) == pytest.approx(w), step
