@@ -22,6 +22,14 @@ thread count: float summation order is the only thing not pinned), even after a 
 moment: checkpoints are written atomically, the previous one is kept, and a truncated or corrupt
 one is detected on load and replaced by the previous (:mod:`lavae_fast.checkpoint`).
 
+Measured limits of compressed schedules (multi-dSprites 48×48, batch 16, 2-core CPU, see the
+project report): with ``--steps 3000`` the location net does not learn to count. Adamax moves each
+weight by at most ~lr per step, so h_loc needs most of the compressed warm-up just to reach the
+amplitude of its target (≈ 2·4γ); what it learns in that time is a plateau over each object's
+silhouette with pixel-scale texture, whose many 3×3 local maxima above 4γ make n̂ over-count
+(≈ 5.5 against 1.5 true), and the ×100 learning-rate decay then freezes it. Budget tens of
+thousands of steps (a GPU) for counting; short runs exercise the code path only.
+
 Several processes or machines: ``torchrun --standalone --nproc_per_node=N -m lavae_fast.train ...``
 trains with DistributedDataParallel, ``--batch-size`` being the global batch (see
 :mod:`lavae_fast.distributed`).
