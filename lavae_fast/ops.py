@@ -244,6 +244,9 @@ def _check_index(index, B: int, M: int, n: Tensor, D: int):
     # A present slot's index is a pixel or −1 (an absent draw); absent slots are never read. As
     # for n, reading the values is free on the CPU only.
     if index.device.type == "cpu" and not torch.compiler.is_compiling() and index.numel():
+        lo, hi = torch.aminmax(index)
+        if int(lo) >= -1 and int(hi) < D:  # the usual case, one pass (absent slots hold −1)
+            return
         present = torch.arange(M)[None, :] < n[:, None]
         bad = present & ((index < -1) | (index >= D))
         if bool(bad.any()):
