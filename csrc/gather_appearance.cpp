@@ -124,12 +124,91 @@ void gather_backward_fused(const at::Tensor& g, const at::Tensor& h_app, const i
   });
 }
 
+// ---- channels-last h_app ([B,K,H,W] stored as [B][H·W][K], as the convolution that makes it
+// leaves it when the model runs channels-last). The K features of a pixel are one contiguous row,
+// so the look-up is a row copy and the scatter a row add; the products are GEMMs on the
+// [B,D,K] view. The gradient to h_app keeps h_app's layout, so the convolution's backward reads
+// it without a 67 MB conversion (issue 5).
+
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// [B,K,H,W] channels-last → its [B,D,K] row-major view (no copy).
+at::Tensor rows_view(const at::Tensor& t, int64_t B, int64_t K, int64_t D) {
+  return t.permute({0, 2, 3, 1}).reshape({B, D, K});
+}
+
+at::Tensor gather_forward_channels_last(const at::Tensor& h_app, const at::Tensor& loc, const at::Tensor& n,
+                                        const std::optional<at::Tensor>& index_, int64_t B, int64_t M, int64_t K,
+                                        int64_t D) {
+  const int64_t* pn = n.const_data_ptr<int64_t>();
+  const at::Tensor hv = rows_view(h_app, B, K, D);
+  if (!index_.has_value()) {
+    at::Tensor out = at::bmm(loc.reshape({B, M, D}), hv).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), kFwd,
+                               [&] { zero_absent_rows(out.mutable_data_ptr<scalar_t>(), pn, B, M, K); });
+    return out;
+  }
+  const at::Tensor index = checked_index(*index_, n, B, M, D, kFwd);
+  const int64_t* pi = index.const_data_ptr<int64_t>();
+  at::Tensor out = at::zeros({B, M, K}, h_app.options());
+  AT_DISPATCH_FLOATING_TYPES(h_app.scalar_type(), kFwd, [&] {
+    const scalar_t* ph = hv.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < pn[b]; ++i) {
+        const int64_t p = pi[b * M + i];
+        if (p >= 0) std::copy(ph + (b * D + p) * K, ph + (b * D + p + 1) * K, po + (b * M + i) * K);
+      }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_backward_channels_last(const at::Tensor& g, const at::Tensor& h_app,
+                                                                 const at::Tensor& loc, const at::Tensor& n,
+                                                                 const at::Tensor& index, int64_t B, int64_t M,
+                                                                 int64_t K, int64_t D, bool need_h_app,
+                                                                 bool need_loc) {
+  const int64_t* pn = n.const_data_ptr<int64_t>();
+  at::Tensor grad_h = at::empty({0}, h_app.options()), grad_loc = at::empty({0}, h_app.options());
+  if (need_loc) {
+    grad_loc = at::empty(loc.sizes(), h_app.options());
+    at::Tensor gl = grad_loc.view({B, M, D});
+    at::bmm_out(gl, g, rows_view(h_app, B, K, D).transpose(1, 2));
+  }
+  if (need_h_app) {
+    grad_h = at::empty_like(h_app);  // channels-last, like h_app
+    at::Tensor gv = rows_view(grad_h, B, K, D);
+    if (!index.defined()) {
+      at::bmm_out(gv, loc.reshape({B, M, D}).transpose(1, 2), g);
+    } else {
+      const int64_t* pi = index.const_data_ptr<int64_t>();
+      AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), kBwd, [&] {
+        const scalar_t* pg = g.const_data_ptr<scalar_t>();
+        scalar_t* ph = gv.mutable_data_ptr<scalar_t>();
+        parallel_tasks<NoScratch>(B, [&](int64_t b, NoScratch&) {
+          scalar_t* hb = ph + b * D * K;
+          std::fill(hb, hb + D * K, scalar_t(0));
+          for (int64_t i = 0; i < pn[b]; ++i) {
+            const int64_t p = pi[b * M + i];
+            if (p < 0) continue;
+            for (int64_t k = 0; k < K; ++k) hb[p * K + k] += pg[(b * M + i) * K + k];
+          }
+        });
+      });
+    }
+  }
+  return {grad_h, grad_loc};
+}
+
 at::Tensor gather_appearance_cpu(const at::Tensor& h_app_, const at::Tensor& loc_, const at::Tensor& n_,
                                  const std::optional<at::Tensor>& index_) {
   check_gather_inputs(kFwd, h_app_, loc_);
   const int64_t B = h_app_.size(0), K = h_app_.size(1), D = h_app_.size(2) * h_app_.size(3), M = loc_.size(1);
   const at::Tensor n = checked_counts(n_, B, M, kFwd);
   const int64_t* pn = n.const_data_ptr<int64_t>();
+  if (is_channels_last(h_app_)) return gather_forward_channels_last(h_app_, loc_, n, index_, B, M, K, D);
   const at::Tensor h_app = h_app_.contiguous();
   if (!index_.has_value()) {
     at::Tensor out = at::bmm(loc_.reshape({B, M, D}), h_app.view({B, K, D}).transpose(1, 2)).contiguous();
@@ -172,6 +251,8 @@ std::tuple<at::Tensor, at::Tensor> gather_appearance_backward_cpu(const at::Tens
   // Rows of absent slots carry no gradient: zero them once, then every product may use all rows.
   at::Tensor g = grad_.contiguous().clone();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), kBwd, [&] { zero_absent_rows(g.mutable_data_ptr<scalar_t>(), pn, B, M, K); });
+  if (is_channels_last(h_app_))
+    return gather_backward_channels_last(g, h_app_, loc_, n, index, B, M, K, D, need_h_app, need_loc);
   const bool scatter_h = need_h_app && index.defined();
   at::Tensor grad_h = at::empty({0}, h_app_.options()), grad_loc = at::empty({0}, h_app_.options());
   if (need_h_app && !scatter_h) grad_h = at::bmm(g.transpose(1, 2), loc_.reshape({B, M, D})).view(h_app_.sizes());

@@ -118,7 +118,7 @@ def _(h_app, loc, n, index):
 
 @torch.library.register_fake("lavae_fast::gather_appearance_backward")
 def _(grad, h_app, loc, n, index, need_h_app, need_loc):
-    gh = h_app.new_empty(h_app.shape) if need_h_app else h_app.new_empty(0)
+    gh = _ref.grad_h_app_layout(h_app, h_app.new_empty(h_app.shape)) if need_h_app else h_app.new_empty(0)
     gl = loc.new_empty(loc.shape) if need_loc else loc.new_empty(0)
     return gh, gl
 

@@ -310,6 +310,15 @@ def _fallback_gather_appearance(h_app, loc, n, index):
         return gather_appearance(h_app, loc, n, index=index).contiguous()
 
 
+def grad_h_app_layout(h_app: Tensor, grad_h: Tensor) -> Tensor:
+    """``grad_h`` in the memory layout every implementation gives the gradient to h_app:
+    channels-last when h_app is (the model's channels-last path, so the convolution's backward
+    reads it without a conversion), contiguous otherwise."""
+    if h_app.dim() == 4 and not h_app.is_contiguous() and h_app.is_contiguous(memory_format=torch.channels_last):
+        return grad_h.contiguous(memory_format=torch.channels_last)
+    return grad_h.contiguous()
+
+
 def _fallback_gather_appearance_backward(grad, h_app, loc, n, index, need_h_app, need_loc):
     B, K = h_app.shape[:2]
     M = loc.shape[1]
@@ -329,4 +338,5 @@ def _fallback_gather_appearance_backward(grad, h_app, loc, n, index, need_h_app,
             src = (g * present[:, :, None].to(g.dtype)).transpose(1, 2)  # [B,K,M]
             grad_h = feats.new_zeros(feats.shape).scatter_add(2, idx[:, None, :].expand(B, K, M), src)
             grad_h = grad_h.view(h_app.shape)
+        grad_h = grad_h_app_layout(h_app, grad_h)
     return grad_h, grad_loc
