@@ -51,7 +51,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from . import distributed, schedules
+from . import distributed, performance, schedules
 from .checkpoint import (CHECKPOINT_NAME, TRAINING_KEYS, CheckpointError, build_model, load_run_checkpoint,
                          remove_stale_temporaries, save_checkpoint)
 from .noise import draw_noise, draw_normal, data_indices
@@ -212,8 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=_positive_int, default=256, help="test images per split at --eval-every")
     p.add_argument("--image-every", type=_nonneg_int, default=None, help="image grids (default: --eval-every)")
     p.add_argument("--stop-at", type=_positive_int, default=None, help="stop after this step (as if interrupted)")
-    p.add_argument("--threads", type=_positive_int, default=None)
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convs")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: the CPUs this process may use)")
+    speed = p.add_argument_group("speed (none of these changes what a step computes, bf16 aside)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="channels-last memory format for the convolutions (default: on)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the convolutional nets (20-40 s of compilation at the first step)")
+    speed.add_argument("--bf16", action="store_true",
+                       help="bf16 autocast for the convolutions (optional; float32 is the default)")
+    speed.add_argument("--tune-allocator", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep freed activations in the process instead of unmapping them (glibc; see "
+                            "lavae_fast.performance)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--sync-bn", action="store_true",
                    help="distributed GPU runs: batch norm over the global batch (SyncBatchNorm) in the inference "
@@ -235,6 +244,22 @@ def model_config(args, channels: int) -> Dict:
     _, S, _ = DATASETS[args.dataset]
     return {"kind": "lavae", "channels": channels, "canvas": canvas, "sprite_size": S, "width": args.width,
             "sprite_width": args.sprite_width, "ops": args.ops, "location_mode": args.location_mode}
+
+
+def _compiled(module, args):
+    """``module`` itself, or its ``torch.compile``d wrapper (same parameters) with --compile."""
+    return torch.compile(module) if args.compile else module
+
+
+def accelerate(module, args) -> None:
+    """Apply the speed flags in place: LAVAE's own :meth:`~lavae_fast.LAVAE.accelerate`;
+    channels-last for the baseline and the aux VAE (compiled, with --compile, by the caller)."""
+    from .model import LAVAE
+
+    if isinstance(module, LAVAE):
+        module.accelerate(channels_last=args.channels_last, compile=args.compile, bf16=args.bf16)
+    elif args.channels_last:
+        module.to(memory_format=torch.channels_last)
 
 
 def make_optimizer(model, aux, args):
@@ -413,8 +438,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.canvas = list(_parse_canvas(args.canvas))
     if args.image_every is None:
         args.image_every = args.eval_every
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.device == "cpu" or args.threads:
+        performance.set_threads(args.threads)
+    if args.tune_allocator:
+        performance.tune_allocator()
     try:
         dist = distributed.setup(args.device, args.batch_size, sync_bn=args.sync_bn, backend=args.dist_backend)
     except distributed.DistributedSetupError as exc:
@@ -440,6 +467,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--dataset {args.dataset} expects {channels} channel(s), data has {x0.shape[1]}")
     H, W = args.canvas
     D = H * W
+    eval_splits = []
+    if args.eval_every and dist.is_main:
+        # Build the evaluation splits now, so that a canvas too small for one of them (7 objects
+        # on 32×32) is reported before training rather than at the first evaluation.
+        for split in ("test", "test7"):
+            try:
+                load_split(vars(args), split)
+                eval_splits.append(split)
+            except (ValueError, OSError) as exc:
+                print(f"periodic evaluation skips the {split} split: {exc}", file=sys.stderr)
 
     # ---- model, aux VAE, optimiser
     torch.manual_seed(args.seed)
@@ -454,10 +491,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = distributed.convert_sync_batchnorm(model)
         if aux is not None:
             aux = distributed.convert_sync_batchnorm(aux)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        if aux is not None:
-            aux = aux.to(memory_format=torch.channels_last)
+    accelerate(model, args)
+    if aux is not None:
+        accelerate(aux, args)
     opt = make_optimizer(model, aux, args)
     start = 0
     if args.resume:
@@ -497,6 +533,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.resume:  # log lines written after the checkpoint by the interrupted session are redone now
             truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
     net, aux_net = dist.wrap(model), dist.wrap(aux)
+    if dist.world_size == 1:  # LAVAE compiles its nets itself; the others are compiled whole
+        net = model if args.model == "lavae" else _compiled(model, args)
+        aux_net = None if aux is None else _compiled(aux, args)
 
     def save(step):
         save_checkpoint(ckpt_path, {
@@ -532,7 +571,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lo, hi = dist.shard(args.batch_size)
         idx = data_indices(args.seed, step, args.batch_size, N)[lo:hi]
         x, counts = train_data.get_batch(idx.numpy())
-        x = x.to(device)
+        x = x.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ids = torch.arange(step * args.batch_size + lo, step * args.batch_size + hi)
@@ -588,7 +627,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .evaluate import evaluate_split
 
             ev = {}
-            for split in ("test", "test7"):
+            for split in eval_splits:
                 r = evaluate_split(model, load_split(vars(args), split), K=0, n_eval=args.eval_size,
                                    batch_size=32, device=device, seed=args.seed)
                 ev[split] = r
