@@ -43,7 +43,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench.common import environment, load_average, sgemm_rate, time_interleaved  # noqa: E402
-from lavae_fast import ops  # noqa: E402
+from lavae_fast import ops, performance  # noqa: E402
 from lavae_fast import reference as ref  # noqa: E402
 
 B, H, W, M, K = 64, 64, 64, 10, 64
@@ -300,7 +300,20 @@ def section_gpu(ctx):
     return run_gpu_rows(argparse.Namespace(quick=ctx.quick))
 
 
-SECTIONS = {"ops": section_ops, "scaling": section_scaling, "gpu": section_gpu}
+def section_step(ctx):
+    from bench.training_step import section_step as run
+
+    return run(ctx)
+
+
+def section_eval(ctx):
+    from bench.training_step import section_eval as run
+
+    return run(ctx)
+
+
+SECTIONS = {"ops": section_ops, "scaling": section_scaling, "step": section_step, "eval": section_eval,
+            "gpu": section_gpu}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,16 +342,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: fewer repetitions and cases")
     p.add_argument("--only", action="append", default=None,
-                   help=f"sections to run, comma-separated or repeated ({', '.join(SECTIONS)}); default: ops,scaling")
+                   help=f"sections to run, comma-separated or repeated ({', '.join(SECTIONS)}); default: all but gpu")
     p.add_argument("--json", default=None, help="write {environment, rows, targets} as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     p.add_argument("--reps", type=int, default=15, help="rounds per timing (default 15)")
     p.add_argument("--channels", type=int, nargs="+", choices=[1, 3], default=None)
     p.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 (see the module docstring)")
+    p.add_argument("--tune-allocator", action=argparse.BooleanOptionalAction, default=True,
+                   help="the project's allocator setting (lavae_fast.performance.tune_allocator), as the training "
+                        "CLI uses it; the step section's eager rows switch it off around their own calls")
+    p.add_argument("--step-reps", type=int, default=7, help="rounds of the step section (default 7)")
+    p.add_argument("--step-budget", type=float, default=300.0, help="seconds per step timing (default 300)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    only = [s for arg in (args.only or ["ops,scaling"]) for s in arg.split(",") if s]
+    if args.tune_allocator:
+        performance.tune_allocator()
+    only = [s for arg in (args.only or ["ops,scaling,step,eval"]) for s in arg.split(",") if s]
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
@@ -348,7 +368,8 @@ def main(argv=None):
     env["sgemm_gflops"] = rate / 1e9
     print(f"# {env['cpu']} ({env['cpu_flags']}), {env['logical_cpus']} logical CPUs, {env['torch_threads']} torch "
           f"threads; torch {env['torch']}, python {env['python']}")
-    print(f"# backends: {env['backends']}; THP_MEM_ALLOC_ENABLE={env['thp_alloc']}; load average {env['load_average_start']}")
+    print(f"# backends: {env['backends']}; THP_MEM_ALLOC_ENABLE={env['thp_alloc']}; allocator tuned: "
+          f"{performance.allocator_tuned()}; load average {env['load_average_start']}")
     print(f"# sgemm ({1024 if args.quick else 2048}^2 float32 matmul): {rate / 1e9:.1f} GFLOP/s")
     for C, S in SPRITE.items():
         fl = correlation_flops(B, M, C, H, W, S)

@@ -1,0 +1,233 @@
+"""Whole-step benchmarks: a LAVAE training step (images/s) and the importance-sampled evaluation.
+
+Used by ``bench/throughput.py --only step,eval`` (rows with ``pass = "step"`` / ``"eval"``).
+
+Step: forward (negative ELBO with the training recipe's noise and forced-n coin), backward and one
+Adamax update, B = 64, 64×64 and 32×32, C = 1, S = 17 (multi-MNIST's shapes). Implementations, all
+from the same initial weights and timed round-robin in the same run:
+
+* ``eager``: the plain PyTorch reference — reference ops, NCHW float32, no compilation, and glibc's
+  default allocator (restored around each of its calls, see lavae_fast.performance);
+* ``eager+allocator``: the same with the project's allocator setting, to show what that alone buys;
+* ``default``: what ``python -m lavae_fast.train`` runs by default (fused ops, channels-last,
+  the allocator setting, :meth:`LAVAE.accelerate` with its defaults);
+* ``compile``: default + ``torch.compile`` of the nets;
+* ``bf16``, ``bf16+compile``: bf16 autocast for the convolutions (optional path).
+
+The float32 ceiling is the step's FLOP count (torch.utils.flop_counter, forward + backward) over
+the sgemm rate measured in the same run; the conv rate of one of the nets' 3×3 convolutions,
+measured in isolation, is printed too (oneDNN's convolutions beat MKL's sgemm on some CPUs).
+
+Eval: ``log_likelihood(x, K=100)`` on 32 test-like images (n̂ = 1–3 per image, set by a hook on
+the location head so that the work matches a trained model's), ``eager`` loop over the K samples
+(reference ops, NCHW, one sample per iteration, default allocator) vs the default path (fused
+ops, channels-last, samples batched); the 10k-image figure is extrapolated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import time_interleaved
+from lavae_fast import LAVAE, performance
+from lavae_fast.noise import draw_noise
+
+B = 64
+C, S = 1, 17
+
+
+def _images(b, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, C, h, w, generator=g) < 0.15).float()
+
+
+@contextlib.contextmanager
+def _plain_allocator():
+    """glibc's default allocator behaviour for the duration (for the eager reference)."""
+    was = performance.allocator_tuned()
+    performance.tune_allocator(False)
+    try:
+        yield
+    finally:
+        if was:
+            performance.tune_allocator(True)
+
+
+class _Stepper:
+    """One implementation: its own model copy and optimiser; ``__call__`` runs one training step."""
+
+    def __init__(self, base: LAVAE, x, *, ops, accelerate=None, plain_allocator=False):
+        self.model = copy.deepcopy(base)
+        self.model.set_ops(ops)
+        if accelerate is not None:
+            self.model.accelerate(**accelerate)
+        self.x = x  # the model makes its own layout (channels-last when accelerated)
+        self.opt = torch.optim.Adamax(self.model.parameters(), lr=1e-3)
+        self.plain = plain_allocator
+        self.ids = torch.arange(x.shape[0])
+        self.step_no = 0
+        self.first_s = None
+
+    def run(self):
+        H, W = self.x.shape[-2:]
+        noise = draw_noise(0, self.step_no, self.ids, num_pixels=H * W, max_objects=self.model.max_objects,
+                           latent_size=self.model.latent_size)
+        out = self.model(self.x, noise=noise, tau=0.5, force_n_prob=0.5)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.opt.step()
+        self.step_no += 1
+        return out.loss.detach()
+
+    def __call__(self):
+        with _plain_allocator() if self.plain else contextlib.nullcontext():
+            return self.run()
+
+    def warm(self):
+        t0 = time.perf_counter()
+        self()
+        self.first_s = time.perf_counter() - t0
+
+
+def step_flops(model: LAVAE, x) -> float:
+    """FLOPs of one forward + backward (convolutions and matmuls, as torch's counter counts them)."""
+    m = copy.deepcopy(model)
+    m.set_ops("reference")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = m(x, tau=0.5, force_n_prob=0.5)
+        out.loss.backward()
+    return float(counter.get_total_flops())
+
+
+def conv_rate(h, w, reps=5) -> float:
+    """FLOP/s of one of the nets' 3×3 convolutions (44 → 44 channels, channels-last, B = 64),
+    forward + backward, in isolation."""
+    conv = torch.nn.Conv2d(44, 44, 3, padding=1).to(memory_format=torch.channels_last)
+    xi = torch.randn(B, 44, h, w).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(B, 44, h, w).contiguous(memory_format=torch.channels_last)
+
+    def f():
+        torch.autograd.backward(conv(xi), g)
+
+    t = time_interleaved({"conv": f}, reps=reps, warmup=2, budget_s=10)["conv"]["median_ms"] * 1e-3
+    return 3 * 2.0 * B * 44 * 44 * 9 * h * w / t
+
+
+def section_step(ctx):
+    rows = []
+    sizes = [(64, 64)] if ctx.quick else [(64, 64), (32, 32)]
+    for (h, w) in sizes:
+        torch.manual_seed(0)
+        base = LAVAE(C, (h, w), S)
+        x = _images(B, h, w)
+        impls = {
+            "eager": _Stepper(base, x, ops="reference", plain_allocator=True),
+            "eager+allocator": _Stepper(base, x, ops="reference"),
+            "default": _Stepper(base, x, ops="fused", accelerate={}),
+            "compile": _Stepper(base, x, ops="fused", accelerate={"compile": True}),
+            "bf16": _Stepper(base, x, ops="fused", accelerate={"bf16": True}),
+            "bf16+compile": _Stepper(base, x, ops="fused", accelerate={"bf16": True, "compile": True}),
+        }
+        if ctx.quick:
+            for k in ("eager+allocator", "bf16"):
+                impls.pop(k)
+        for name, s in impls.items():  # first steps: compilation, oneDNN primitive creation
+            s.warm()
+            print(f"# step {h}x{w} {name}: first step {s.first_s:.1f} s", flush=True)
+        res = time_interleaved({k: s for k, s in impls.items()}, reps=3 if ctx.quick else ctx.args.step_reps,
+                               warmup=1, budget_s=60 if ctx.quick else ctx.args.step_budget)
+        flops = step_flops(base, x)
+        ceiling_ms = flops / ctx.rate * 1e3
+        crate = conv_rate(h, w)
+        for name, t in res.items():
+            extra = {"images_per_s": B / (t["median_ms"] * 1e-3), "first_step_s": impls[name].first_s,
+                     "H": h, "W": w, "B": B, "S": S, "step_gflop": flops / 1e9,
+                     "ceiling_sgemm_ms": ceiling_ms, "ceiling_conv_ms": flops / crate * 1e3}
+            if "compile" in name:
+                extra["compile_s"] = impls[name].first_s - t["median_ms"] * 1e-3
+            rows.append({"op": f"training_step_{h}x{w}", "pass": "step", "impl": name, "C": C, **t, **extra})
+        eager = res["eager"]["median_ms"]
+        print(f"# step {h}x{w}: {flops / 1e9:.0f} GFLOP -> float32 ceiling {ceiling_ms / 1e3:.2f} s at the sgemm rate "
+              f"({ctx.rate / 1e9:.0f} GFLOP/s), {flops / crate:.2f} s at the isolated conv rate ({crate / 1e9:.0f} GFLOP/s)")
+        for name, t in res.items():
+            comp = f", compile {impls[name].first_s - t['median_ms'] * 1e-3:.0f} s" if "compile" in name else ""
+            print(f"training_step {h}x{w} {name:<16} {t['median_ms'] / 1e3:7.2f} s [p20 {t['p20_ms'] / 1e3:.2f}, "
+                  f"p80 {t['p80_ms'] / 1e3:.2f}, n={t['reps']}]  {B / (t['median_ms'] * 1e-3):6.1f} images/s  "
+                  f"{eager / t['median_ms']:.2f}x eager  ({100 * ceiling_ms / t['median_ms']:.0f}% of the sgemm "
+                  f"ceiling){comp}", flush=True)
+        if (h, w) == (64, 64):
+            r = eager / res["default"]["median_ms"]
+            ctx.targets.append(("training step 64x64 B=64, default path (float32): >= 2.5x the eager reference",
+                                r >= 2.5, f"{r:.2f}x ({res['default']['median_ms'] / 1e3:.2f} s vs "
+                                          f"{eager / 1e3:.2f} s; float32 ceiling {ceiling_ms / 1e3:.2f} s)"))
+            best = min((k for k in res if k.startswith("bf16")), key=lambda k: res[k]["median_ms"], default=None)
+            if best:
+                r = eager / res[best]["median_ms"]
+                ctx.targets.append((f"training step 64x64 B=64, bf16 path ({best}): >= 5x the eager reference",
+                                    r >= 5, f"{r:.2f}x ({res[best]['median_ms'] / 1e3:.2f} s)"))
+            comp = [impls[k].first_s for k in impls if "compile" in k]
+            if comp:
+                ctx.targets.append(("compilation (first compiled step) under a minute", max(comp) < 60,
+                                    ", ".join(f"{k}: {impls[k].first_s:.0f} s" for k in impls if "compile" in k)))
+        del impls
+    return rows
+
+
+def _with_peaks(model: LAVAE, h, w, seed=1):
+    """A forward hook on the location head that puts 1–3 peaks above 4γ per image (so n̂ and the
+    decoding work match a trained model's on 0–3-object data)."""
+    g = torch.Generator().manual_seed(seed)
+    gamma = model.gamma_for(h, w)
+
+    def hook(mod, inp, out):
+        b = out.shape[0]
+        counts = torch.randint(1, 4, (b,), generator=g)
+        peaks = torch.full((b, 1, h, w), -2.0)
+        for i in range(b):
+            for k in range(int(counts[i])):
+                peaks[i, 0, 8 + 20 * k, 10 + 17 * k] = 6.0
+        return peaks.to(out.dtype).contiguous(memory_format=torch.contiguous_format) + 0 * out
+
+    return model.loc_head.register_forward_hook(hook)
+
+
+def section_eval(ctx):
+    h = w = 64
+    K = 100
+    nb = 8 if ctx.quick else 32
+    torch.manual_seed(0)
+    base = LAVAE(C, (h, w), S)
+    x = _images(nb, h, w, seed=3)
+    eager = copy.deepcopy(base)
+    eager.set_ops("reference")
+    fast = copy.deepcopy(base).accelerate()
+    _with_peaks(eager, h, w)
+    _with_peaks(fast, h, w)
+
+    def run_eager():
+        with _plain_allocator():
+            return eager.log_likelihood(x, K, chunk=1, generator=torch.Generator().manual_seed(0))
+
+    def run_fast():
+        return fast.log_likelihood(x, K, generator=torch.Generator().manual_seed(0))
+
+    res = time_interleaved({"eager": run_eager, "default": run_fast}, reps=3, warmup=1,
+                           budget_s=30 if ctx.quick else 240)
+    rows = []
+    for name, t in res.items():
+        per_image_s = t["median_ms"] * 1e-3 / nb
+        rows.append({"op": "log_likelihood_K100", "pass": "eval", "impl": name, "C": C, **t, "images": nb, "K": K,
+                     "projected_10k_s": per_image_s * 10_000})
+        print(f"log_likelihood K={K} {name:<8} {t['median_ms'] / 1e3:7.2f} s for {nb} images [p20 "
+              f"{t['p20_ms'] / 1e3:.2f}, p80 {t['p80_ms'] / 1e3:.2f}]  -> {per_image_s * 1e4 / 60:.1f} min per 10k "
+              f"images", flush=True)
+    r = res["eager"]["median_ms"] / res["default"]["median_ms"]
+    ctx.targets.append(("evaluation log_likelihood K=100: >= 3x faster than an eager loop", r >= 3, f"{r:.2f}x"))
+    return rows
