@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <numeric>
 #include <vector>
 
 #include "common.h"
@@ -27,11 +28,11 @@
 namespace lavae_fast {
 namespace {
 
-constexpr int64_t kChunkRows = 16;      // rows summed in the compute type before the float64 flush
+constexpr int64_t kChunkGroups = 8;    // groups summed in the compute type before the float64 flush
 constexpr int64_t kTaskElems = 32768;   // elements per parallel block (channels-last)
 
 // Element access in the compute type A. bfloat16 data is handled as raw uint16 bits so that the
-// conversions are plain integer shifts the vectoriser understands.
+// conversions are plain integer shifts.
 inline float ld(const float* p, int64_t i) { return p[i]; }
 inline double ld(const double* p, int64_t i) { return p[i]; }
 inline float ld(const uint16_t* p, int64_t i) {
@@ -50,248 +51,302 @@ inline void st(uint16_t* p, int64_t i, float v) {
   p[i] = static_cast<uint16_t>(v != v ? 0x7fc0u : r);
 }
 
+// The same on whole vectors (Vec<A>::N values).
+typedef uint32_t VecU32 __attribute__((vector_size(64)));
+typedef uint16_t VecU16 __attribute__((vector_size(32)));
+inline Vec<float>::type vld(const float* p) { return vload<Vec<float>::type>(p); }
+inline Vec<double>::type vld(const double* p) { return vload<Vec<double>::type>(p); }
+inline Vec<float>::type vld(const uint16_t* p) {
+  const VecU32 u = __builtin_convertvector(vload<VecU16>(p), VecU32) << 16;
+  return (Vec<float>::type)u;
+}
+inline void vst(float* p, const Vec<float>::type& v) { vstore(p, v); }
+inline void vst(double* p, const Vec<double>::type& v) { vstore(p, v); }
+inline void vst(uint16_t* p, const Vec<float>::type& v) {
+  const VecU32 u = (VecU32)v;
+  VecU32 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  r = v != v ? VecU32{} + 0x7fc0u : r;
+  vstore(p, __builtin_convertvector(r, VecU16));
+}
+
 template <typename A>
 inline A lrelu(A y, A slope) {
   return y > A(0) ? y : y * slope;
 }
+template <typename V, typename A>
+inline V vlrelu(V y, A slope) {
+  return y > V{} ? y : y * slope;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Span kernels. A span is `len` contiguous values whose per-value coefficients repeat with period
+// P (a multiple of the vector width): for channels-last, P = k·C values (k rows, the fewest whole
+// rows that fill whole vectors: k = 16/gcd(C, 16), e.g. 4 rows = 176 values for C = 44), so every
+// vector sits at a fixed set of channels and the hot loop has no remainder; for a NCHW plane the
+// coefficients are constant and P is one vector. Coefficient arrays hold P values. Sums go into
+// f1[P], f2[P] (the caller folds positions into channels); the last len % P values are done one
+// by one with the coefficient of their position.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, typename A>
+void span_stats(const T* y, int64_t len, int64_t P, A slope, const A* sh, A* f1, A* f2) {
+  typedef typename Vec<A>::type V;
+  constexpr int VN = Vec<A>::N;
+  int64_t i = 0;
+  for (; i + P <= len; i += P)
+    for (int64_t p = 0; p < P; p += VN) {
+      const V d = vlrelu(vld(y + i + p), slope) - vload<V>(sh + p);
+      vstore(f1 + p, vload<V>(f1 + p) + d);
+      vstore(f2 + p, vload<V>(f2 + p) + d * d);
+    }
+  for (int64_t p = 0; i + p < len; ++p) {
+    const A d = lrelu(ld(y, i + p), slope) - sh[p];
+    f1[p] += d;
+    f2[p] += d * d;
+  }
+}
+
+template <typename T, typename A>
+void span_normalise(const T* y, T* out, int64_t len, int64_t P, A slope, const A* mu, const A* sc, const A* b) {
+  typedef typename Vec<A>::type V;
+  constexpr int VN = Vec<A>::N;
+  int64_t i = 0;
+  for (; i + P <= len; i += P)
+    for (int64_t p = 0; p < P; p += VN)
+      vst(out + i + p, (vlrelu(vld(y + i + p), slope) - vload<V>(mu + p)) * vload<V>(sc + p) + vload<V>(b + p));
+  for (int64_t p = 0; i + p < len; ++p) st(out, i + p, (lrelu(ld(y, i + p), slope) - mu[p]) * sc[p] + b[p]);
+}
+
+template <typename T, typename A>
+void span_grad_stats(const T* g, const T* y, int64_t len, int64_t P, A slope, const A* mu, A* f1, A* f2) {
+  typedef typename Vec<A>::type V;
+  constexpr int VN = Vec<A>::N;
+  int64_t i = 0;
+  for (; i + P <= len; i += P)
+    for (int64_t p = 0; p < P; p += VN) {
+      const V gv = vld(g + i + p);
+      vstore(f1 + p, vload<V>(f1 + p) + gv);
+      vstore(f2 + p, vload<V>(f2 + p) + gv * (vlrelu(vld(y + i + p), slope) - vload<V>(mu + p)));
+    }
+  for (int64_t p = 0; i + p < len; ++p) {
+    const A gv = ld(g, i + p);
+    f1[p] += gv;
+    f2[p] += gv * (lrelu(ld(y, i + p), slope) - mu[p]);
+  }
+}
+
+// grad_y = kk·g + k0 + kq·(a − mean), times the Leaky ReLU's slope where y ≤ 0.
+template <typename T, typename A>
+void span_grad(const T* g, const T* y, T* gy, int64_t len, int64_t P, A slope, const A* mu, const A* kk, const A* k0,
+               const A* kq) {
+  typedef typename Vec<A>::type V;
+  constexpr int VN = Vec<A>::N;
+  int64_t i = 0;
+  for (; i + P <= len; i += P)
+    for (int64_t p = 0; p < P; p += VN) {
+      const V yv = vld(y + i + p);
+      const V v = vload<V>(kk + p) * vld(g + i + p) + vload<V>(k0 + p) +
+                  vload<V>(kq + p) * (vlrelu(yv, slope) - vload<V>(mu + p));
+      vst(gy + i + p, yv > V{} ? v : v * slope);
+    }
+  for (int64_t p = 0; i + p < len; ++p) {
+    const A yv = ld(y, i + p);
+    const A v = kk[p] * ld(g, i + p) + k0[p] + kq[p] * (lrelu(yv, slope) - mu[p]);
+    st(gy, i + p, yv > A(0) ? v : v * slope);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drivers: the layout's periods and parallel blocks around the span kernels.
+// ---------------------------------------------------------------------------------------------
+
+struct Layout {
+  bool cl;
+  int64_t N, C, HW;
+  int64_t P;      // channels-last period in values (k·C)
+  int64_t G;      // whole periods in the tensor (channels-last)
+  int64_t gpt;    // periods per parallel block
+  int64_t tasks;  // parallel blocks (channels-last) or planes (NCHW)
+  Layout(bool cl_, int64_t N_, int64_t C_, int64_t HW_) : cl(cl_), N(N_), C(C_), HW(HW_) {
+    const int64_t k = 16 / std::gcd<int64_t>(C, 16);
+    P = k * C;
+    G = N * HW * C / P;
+    gpt = std::max<int64_t>(1, kTaskElems / P);
+    tasks = cl ? std::max<int64_t>(1, ceil_div(G, gpt)) : N * C;
+  }
+  // Channels-last block t: values [begin, end); the last block also takes the tail rows.
+  int64_t begin(int64_t t) const { return t * gpt * P; }
+  int64_t end(int64_t t) const { return t + 1 == tasks ? N * HW * C : std::min(G, (t + 1) * gpt) * P; }
+};
+
+// A coefficient per channel, laid out with the period of the layout (P values for channels-last,
+// one vector of the plane's constant for NCHW: `plane_coef` picks it).
+template <typename A>
+std::vector<A> periodic(const Layout& L, const double* v) {
+  std::vector<A> out(L.P);
+  for (int64_t p = 0; p < L.P; ++p) out[p] = static_cast<A>(v[p % L.C]);
+  return out;
+}
+template <typename A>
+struct PlaneCoef {
+  A v[Vec<A>::N];
+  explicit PlaneCoef(A x) {
+    for (auto& e : v) e = x;
+  }
+};
 
 template <typename A>
 struct Buf {
   std::vector<A> v;
+  std::vector<double> d;
 };
 
-inline int64_t rows_per_task(int64_t C) { return round_up(std::max<int64_t>(1, kTaskElems / C), kChunkRows); }
-
-// Channels-last sums: for each block of rows, row(r, f1, f2) adds row r's terms into f1[C], f2[C]
-// (compute type); S[0..C) and S[C..2C) receive the totals in float64.
-template <typename A, typename F>
-void rows_sums(int64_t R, int64_t C, double* S, const F& row) {
-  const int64_t rpt = rows_per_task(C), ntasks = ceil_div(R, rpt);
-  std::vector<double> part(static_cast<size_t>(ntasks * 2 * C), 0.0);
-  parallel_tasks<Buf<A>>(ntasks, [&](int64_t t, Buf<A>& s) {
-    s.v.resize(2 * C);
-    A* __restrict f1 = s.v.data();
-    A* __restrict f2 = f1 + C;
-    double* __restrict p1 = part.data() + t * 2 * C;
-    double* __restrict p2 = p1 + C;
-    const int64_t end = std::min(R, (t + 1) * rpt);
-    for (int64_t r0 = t * rpt; r0 < end; r0 += kChunkRows) {
-      for (int64_t c = 0; c < 2 * C; ++c) f1[c] = A(0);
-      const int64_t r1 = std::min(end, r0 + kChunkRows);
-      for (int64_t r = r0; r < r1; ++r) row(r, f1, f2);
-      for (int64_t c = 0; c < C; ++c) {
-        p1[c] += f1[c];
-        p2[c] += f2[c];
+// Per-channel sums S[0..C), S[C..2C) in float64 of span(x_offset, len, P, f1, f2) over the tensor.
+// For channels-last, span gets its block's values; for NCHW, each plane with its channel's index.
+template <typename A, typename SpanCL, typename SpanPlane>
+void channel_sums(const Layout& L, double* S, const SpanCL& span_cl, const SpanPlane& span_plane) {
+  const int64_t C = L.C;
+  std::vector<double> part(static_cast<size_t>(L.tasks * 2 * (L.cl ? C : 1)), 0.0);
+  if (L.cl) {
+    const int64_t P = L.P;
+    parallel_tasks<Buf<A>>(L.tasks, [&](int64_t t, Buf<A>& s) {
+      s.v.assign(2 * P, A(0));
+      s.d.assign(2 * P, 0.0);
+      A* f = s.v.data();
+      const int64_t b = L.begin(t), e = L.end(t);
+      for (int64_t i = b; i < e; i += kChunkGroups * P) {
+        std::fill(f, f + 2 * P, A(0));
+        span_cl(i, std::min(e - i, kChunkGroups * P), f, f + P);
+        for (int64_t p = 0; p < 2 * P; ++p) s.d[p] += f[p];
       }
-    }
-  });
-  for (int64_t c = 0; c < 2 * C; ++c) S[c] = 0.0;
-  for (int64_t t = 0; t < ntasks; ++t)
-    for (int64_t c = 0; c < 2 * C; ++c) S[c] += part[t * 2 * C + c];
-}
-
-// Channels-last element-wise pass: row(r) for every row, in parallel blocks.
-template <typename F>
-void rows_map(int64_t R, int64_t C, const F& row) {
-  const int64_t rpt = rows_per_task(C);
-  parallel_tasks<NoScratch>(ceil_div(R, rpt), [&](int64_t t, NoScratch&) {
-    const int64_t end = std::min(R, (t + 1) * rpt);
-    for (int64_t r = t * rpt; r < end; ++r) row(r);
-  });
-}
-
-// Sums over one NCHW plane of `len` values: elem(i, u, v) gives the two terms of value i. Lanes of
-// one vector width accumulate in the compute type for a few vectors, then flush to float64.
-template <typename A, typename F>
-inline void plane_sums(int64_t len, const F& elem, double& out1, double& out2) {
-  constexpr int L = 64 / sizeof(A);
-  double d1[L] = {}, d2[L] = {};
-  int64_t i = 0;
-  while (i + L <= len) {
-    A f1[L] = {}, f2[L] = {};
-    const int64_t blocks = std::min<int64_t>(kChunkRows, (len - i) / L);
-    for (int64_t b = 0; b < blocks; ++b, i += L)
-      for (int j = 0; j < L; ++j) {
-        A u, v;
-        elem(i + j, u, v);
-        f1[j] += u;
-        f2[j] += v;
+      double* o = part.data() + t * 2 * C;
+      for (int64_t p = 0; p < P; ++p) {
+        o[p % C] += s.d[p];
+        o[C + p % C] += s.d[P + p];
       }
-    for (int j = 0; j < L; ++j) {
-      d1[j] += f1[j];
-      d2[j] += f2[j];
+    });
+    for (int64_t c = 0; c < 2 * C; ++c) S[c] = 0.0;
+    for (int64_t t = 0; t < L.tasks; ++t)
+      for (int64_t c = 0; c < 2 * C; ++c) S[c] += part[t * 2 * C + c];
+  } else {
+    constexpr int VN = Vec<A>::N;
+    const int64_t HW = L.HW;
+    parallel_tasks<NoScratch>(L.tasks, [&](int64_t t, NoScratch&) {
+      const int64_t c = t % C;
+      A f[2 * VN];
+      double d1 = 0.0, d2 = 0.0;
+      // 16 values per lane in the compute type, then float64.
+      for (int64_t i = 0; i < HW; i += 16 * VN) {
+        std::fill(f, f + 2 * VN, A(0));
+        span_plane(t * HW + i, std::min<int64_t>(HW - i, 16 * VN), c, f, f + VN);
+        for (int j = 0; j < VN; ++j) {
+          d1 += f[j];
+          d2 += f[VN + j];
+        }
+      }
+      part[2 * t] = d1;
+      part[2 * t + 1] = d2;
+    });
+    for (int64_t c = 0; c < 2 * C; ++c) S[c] = 0.0;
+    for (int64_t t = 0; t < L.tasks; ++t) {
+      S[t % C] += part[2 * t];
+      S[C + t % C] += part[2 * t + 1];
     }
   }
-  double s1 = 0.0, s2 = 0.0;
-  for (int j = 0; j < L; ++j) {
-    s1 += d1[j];
-    s2 += d2[j];
-  }
-  for (; i < len; ++i) {
-    A u, v;
-    elem(i, u, v);
-    s1 += u;
-    s2 += v;
-  }
-  out1 = s1;
-  out2 = s2;
 }
 
-// NCHW sums: plane(n, c, out1, out2) per plane in parallel, then per channel over n in order.
-template <typename F>
-void planes_sums(int64_t N, int64_t C, double* S, const F& plane) {
-  std::vector<double> part(static_cast<size_t>(N * C * 2), 0.0);
-  parallel_tasks<NoScratch>(N * C, [&](int64_t p, NoScratch&) { plane(p / C, p % C, part[2 * p], part[2 * p + 1]); });
-  for (int64_t c = 0; c < 2 * C; ++c) S[c] = 0.0;
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) {
-      S[c] += part[2 * (n * C + c)];
-      S[C + c] += part[2 * (n * C + c) + 1];
-    }
+// map_cl(begin, len) per channels-last block; map_plane(offset, len, c) per NCHW plane.
+template <typename MapCL, typename MapPlane>
+void elementwise(const Layout& L, const MapCL& map_cl, const MapPlane& map_plane) {
+  parallel_tasks<NoScratch>(L.tasks, [&](int64_t t, NoScratch&) {
+    if (L.cl)
+      map_cl(L.begin(t), L.end(t) - L.begin(t));
+    else
+      map_plane(t * L.HW, L.HW, t % L.C);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward
+// Forward and backward
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, typename A>
-void forward_kernel(const T* y, T* out, const double* w, const double* b, double* mean, double* invstd, int64_t N,
-                    int64_t C, int64_t HW, bool cl, double slope_d, double eps) {
+void forward_kernel(const T* y, T* out, const double* w, const double* b, double* mean, double* invstd,
+                    const Layout& L, double slope_d, double eps) {
+  constexpr int VN = Vec<A>::N;
   const A slope = static_cast<A>(slope_d);
-  const int64_t R = N * HW;
-  const double n = static_cast<double>(R);
-  std::vector<A> shift(C), coef(2 * C);
-  std::vector<double> S(2 * C);
-  // Shift: the channel's first value, a cheap estimate of its mean.
-  for (int64_t c = 0; c < C; ++c) shift[c] = lrelu(ld(y, cl ? c : c * HW), slope);
-  const A* __restrict sh = shift.data();
-  if (cl) {
-    rows_sums<A>(R, C, S.data(), [&](int64_t r, A* __restrict f1, A* __restrict f2) {
-      const T* __restrict yr = y + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const A d = lrelu(ld(yr, c), slope) - sh[c];
-        f1[c] += d;
-        f2[c] += d * d;
-      }
-    });
-  } else {
-    planes_sums(N, C, S.data(), [&](int64_t i, int64_t c, double& o1, double& o2) {
-      const T* __restrict yp = y + (i * C + c) * HW;
-      const A s = sh[c];
-      plane_sums<A>(HW, [&](int64_t k, A& u, A& v) {
-        const A d = lrelu(ld(yp, k), slope) - s;
-        u = d;
-        v = d * d;
-      }, o1, o2);
-    });
-  }
-  // mean = shift + Σd/n, var = Σd²/n − (Σd/n)²; out = (a − mean)·scale + bias.
+  const int64_t C = L.C, HW = L.HW;
+  const double n = static_cast<double>(L.N * HW);
+  // Shift: each channel's first value, a cheap estimate of its mean.
+  std::vector<double> shift(C), S(2 * C), mu(C), sc(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = lrelu(ld(y, L.cl ? c : c * HW), slope);
+  const std::vector<A> sh = periodic<A>(L, shift.data());
+  channel_sums<A>(
+      L, S.data(), [&](int64_t i, int64_t len, A* f1, A* f2) { span_stats(y + i, len, L.P, slope, sh.data(), f1, f2); },
+      [&](int64_t i, int64_t len, int64_t c, A* f1, A* f2) {
+        const PlaneCoef<A> s(static_cast<A>(shift[c]));
+        span_stats(y + i, len, VN, slope, s.v, f1, f2);
+      });
+  // mean = shift + Σd/n, var = Σd²/n − (Σd/n)²; out = (a − mean)·invstd·weight + bias.
   for (int64_t c = 0; c < C; ++c) {
     const double md = S[c] / n;
     const double var = std::max(S[C + c] / n - md * md, 0.0);
-    mean[c] = static_cast<double>(sh[c]) + md;
+    mean[c] = shift[c] + md;
     invstd[c] = 1.0 / std::sqrt(var + eps);
-    coef[c] = static_cast<A>(mean[c]);
-    coef[C + c] = static_cast<A>(invstd[c] * w[c]);
+    mu[c] = mean[c];
+    sc[c] = invstd[c] * w[c];
   }
-  const A* __restrict mu = coef.data();
-  const A* __restrict sc = coef.data() + C;
-  if (cl) {
-    rows_map(R, C, [&](int64_t r) {
-      const T* __restrict yr = y + r * C;
-      T* __restrict orow = out + r * C;
-      for (int64_t c = 0; c < C; ++c) st(orow, c, (lrelu(ld(yr, c), slope) - mu[c]) * sc[c] + static_cast<A>(b[c]));
-    });
-  } else {
-    std::vector<A> bias(b, b + C);
-    parallel_tasks<NoScratch>(N * C, [&](int64_t p, NoScratch&) {
-      const int64_t c = p % C;
-      const A m = mu[c], s = sc[c], bb = bias[c];
-      const T* __restrict yp = y + p * HW;
-      T* __restrict op = out + p * HW;
-      for (int64_t k = 0; k < HW; ++k) st(op, k, (lrelu(ld(yp, k), slope) - m) * s + bb);
-    });
-  }
+  const std::vector<A> muP = periodic<A>(L, mu.data()), scP = periodic<A>(L, sc.data()), bP = periodic<A>(L, b);
+  elementwise(
+      L,
+      [&](int64_t i, int64_t len) { span_normalise(y + i, out + i, len, L.P, slope, muP.data(), scP.data(), bP.data()); },
+      [&](int64_t i, int64_t len, int64_t c) {
+        const PlaneCoef<A> m(static_cast<A>(mu[c])), s(static_cast<A>(sc[c])), bb(static_cast<A>(b[c]));
+        span_normalise(y + i, out + i, len, VN, slope, m.v, s.v, bb.v);
+      });
 }
-
-// ---------------------------------------------------------------------------------------------
-// Backward
-// ---------------------------------------------------------------------------------------------
 
 template <typename T, typename A>
 void backward_kernel(const T* g, const T* y, T* gy, const double* w, const double* mean, const double* invstd,
-                     double* gw, double* gb, int64_t N, int64_t C, int64_t HW, bool cl, double slope_d) {
+                     double* gw, double* gb, const Layout& L, double slope_d) {
+  constexpr int VN = Vec<A>::N;
   const A slope = static_cast<A>(slope_d);
-  const int64_t R = N * HW;
-  const double n = static_cast<double>(R);
-  std::vector<A> mu(mean, mean + C);
+  const int64_t C = L.C;
+  const double n = static_cast<double>(L.N * L.HW);
   std::vector<double> S(2 * C);
-  const A* __restrict m = mu.data();
-  // Σg and Σg·(a − mean): x̂ = (a − mean)·invstd is applied afterwards.
-  if (cl) {
-    rows_sums<A>(R, C, S.data(), [&](int64_t r, A* __restrict f1, A* __restrict f2) {
-      const T* __restrict gr = g + r * C;
-      const T* __restrict yr = y + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const A gv = ld(gr, c);
-        f1[c] += gv;
-        f2[c] += gv * (lrelu(ld(yr, c), slope) - m[c]);
-      }
-    });
-  } else {
-    planes_sums(N, C, S.data(), [&](int64_t i, int64_t c, double& o1, double& o2) {
-      const T* __restrict gp = g + (i * C + c) * HW;
-      const T* __restrict yp = y + (i * C + c) * HW;
-      const A mc = m[c];
-      plane_sums<A>(HW, [&](int64_t k, A& u, A& v) {
-        const A gv = ld(gp, k);
-        u = gv;
-        v = gv * (lrelu(ld(yp, k), slope) - mc);
-      }, o1, o2);
-    });
-  }
+  const std::vector<A> muP = periodic<A>(L, mean);
+  // Σg and Σg·(a − mean); x̂ = (a − mean)·invstd is applied afterwards.
+  channel_sums<A>(
+      L, S.data(),
+      [&](int64_t i, int64_t len, A* f1, A* f2) { span_grad_stats(g + i, y + i, len, L.P, slope, muP.data(), f1, f2); },
+      [&](int64_t i, int64_t len, int64_t c, A* f1, A* f2) {
+        const PlaneCoef<A> m(static_cast<A>(mean[c]));
+        span_grad_stats(g + i, y + i, len, VN, slope, m.v, f1, f2);
+      });
   for (int64_t c = 0; c < C; ++c) {
     if (gb) gb[c] = S[c];
     if (gw) gw[c] = S[C + c] * invstd[c];
   }
   if (!gy) return;
-  // grad_y = k·g − k·mean(g) − k·invstd²·mean(g·(a − mean))·(a − mean), times the LReLU slope,
-  // with k = weight·invstd.
-  std::vector<A> coef(3 * C);
+  // grad_y = k·g − k·mean(g) − k·invstd²·mean(g·(a − mean))·(a − mean), with k = weight·invstd.
+  std::vector<double> kk(C), k0(C), kq(C);
   for (int64_t c = 0; c < C; ++c) {
     const double k = w[c] * invstd[c];
-    coef[c] = static_cast<A>(k);
-    coef[C + c] = static_cast<A>(-k * S[c] / n);
-    coef[2 * C + c] = static_cast<A>(-k * invstd[c] * invstd[c] * S[C + c] / n);
+    kk[c] = k;
+    k0[c] = -k * S[c] / n;
+    kq[c] = -k * invstd[c] * invstd[c] * S[C + c] / n;
   }
-  const A* __restrict kk = coef.data();
-  const A* __restrict k0 = coef.data() + C;
-  const A* __restrict kq = coef.data() + 2 * C;
-  if (cl) {
-    rows_map(R, C, [&](int64_t r) {
-      const T* __restrict gr = g + r * C;
-      const T* __restrict yr = y + r * C;
-      T* __restrict o = gy + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const A yv = ld(yr, c);
-        const A v = kk[c] * ld(gr, c) + k0[c] + kq[c] * (lrelu(yv, slope) - m[c]);
-        st(o, c, yv > A(0) ? v : v * slope);
-      }
-    });
-  } else {
-    parallel_tasks<NoScratch>(N * C, [&](int64_t p, NoScratch&) {
-      const int64_t c = p % C;
-      const A a1 = kk[c], a0 = k0[c], aq = kq[c], mc = m[c];
-      const T* __restrict gp = g + p * HW;
-      const T* __restrict yp = y + p * HW;
-      T* __restrict o = gy + p * HW;
-      for (int64_t k = 0; k < HW; ++k) {
-        const A yv = ld(yp, k);
-        const A v = a1 * ld(gp, k) + a0 + aq * (lrelu(yv, slope) - mc);
-        st(o, k, yv > A(0) ? v : v * slope);
-      }
-    });
-  }
+  const std::vector<A> kkP = periodic<A>(L, kk.data()), k0P = periodic<A>(L, k0.data()), kqP = periodic<A>(L, kq.data());
+  elementwise(
+      L,
+      [&](int64_t i, int64_t len) {
+        span_grad(g + i, y + i, gy + i, len, L.P, slope, muP.data(), kkP.data(), k0P.data(), kqP.data());
+      },
+      [&](int64_t i, int64_t len, int64_t c) {
+        const PlaneCoef<A> m(static_cast<A>(mean[c])), a1(static_cast<A>(kk[c])), a0(static_cast<A>(k0[c])),
+            aq(static_cast<A>(kq[c]));
+        span_grad(g + i, y + i, gy + i, len, VN, slope, m.v, a1.v, a0.v, aq.v);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrelu_batch_norm_cpu(const at::Te
       using T = std::remove_pointer_t<decltype(tp)>;
       using A = std::remove_pointer_t<decltype(ap)>;
       forward_kernel<T, A>(static_cast<const T*>(y.const_data_ptr()), static_cast<T*>(out.data_ptr()), w.data(),
-                           b.data(), mean.data(), invstd.data(), N, C, HW, cl, slope, eps);
+                           b.data(), mean.data(), invstd.data(), Layout(cl, N, C, HW), slope, eps);
     });
   }
   at::Tensor m = at::from_blob(mean.data(), {C}, at::kDouble).to(sopt.dtype());
@@ -397,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrelu_batch_norm_backward_cpu(
       backward_kernel<T, A>(static_cast<const T*>(g.const_data_ptr()), static_cast<const T*>(y.const_data_ptr()),
                             need_y ? static_cast<T*>(gy.data_ptr()) : nullptr, w.data(), mu.data(), is.data(),
                             need_weight ? gw.data_ptr<double>() : nullptr, need_bias ? gb.data_ptr<double>() : nullptr,
-                            N, C, HW, cl, slope);
+                            Layout(cl, N, C, HW), slope);
     });
   }
   return {gy, gw.to(sopt.dtype()), gb.to(sopt.dtype())};
