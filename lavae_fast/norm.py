@@ -111,7 +111,6 @@ def reference_backward(grad_out: Tensor, y: Tensor, weight: Tensor, mean: Tensor
     xhat = (F.leaky_relu(yf, slope) - mean[:, None, None]) * invstd[:, None, None]
     sum_g = g.sum(dim=(0, 2, 3))
     sum_gx = (g * xhat).sum(dim=(0, 2, 3))
-    empty = weight.new_empty(0)
     gy = y.new_empty(0)
     if need_y:
         n = y.numel() // y.shape[1]
@@ -119,7 +118,8 @@ def reference_backward(grad_out: Tensor, y: Tensor, weight: Tensor, mean: Tensor
         gy = k * (g - (sum_g / n)[:, None, None] - xhat * (sum_gx / n)[:, None, None])
         gy = torch.where(yf > 0, gy, gy * slope)
         gy = gy.to(y.dtype).contiguous(memory_format=output_memory_format(y))
-    return gy, (sum_gx if need_weight else empty), (sum_g.clone() if need_bias else empty)
+    # Separate empty tensors: outputs must not alias each other.
+    return gy, (sum_gx if need_weight else weight.new_empty(0)), (sum_g if need_bias else weight.new_empty(0))
 
 
 _lib.impl("lrelu_batch_norm", reference_forward, "CompositeExplicitAutograd")
