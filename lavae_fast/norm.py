@@ -190,7 +190,10 @@ def lrelu_batch_norm(y: Tensor, bn: nn.BatchNorm2d, slope: float) -> Tensor:
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     if not isinstance(bn, nn.BatchNorm2d):
         raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-    if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
+    # (Under torch.compile with dynamic shapes a module's float attribute may arrive symbolic; the
+    # eager call already checked it.)
+    if not torch.compiler.is_compiling() and (
+            isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope)):
         raise ValueError(f"slope must be a finite number, got {slope!r}")
     if y.dim() != 4:
         raise ValueError(f"y must have 4 dimensions [N,C,H,W], got shape {tuple(y.shape)}")

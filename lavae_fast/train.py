@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed = p.add_argument_group("speed (none of these changes what a step computes, bf16 aside)")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="channels-last memory format for the convolutions (default: on)")
+    speed.add_argument("--fused-norm", action=argparse.BooleanOptionalAction, default=True,
+                       help="each Leaky ReLU + batch norm as one fused op (lavae_fast.norm; default: on)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the convolutional nets (20-40 s of compilation at the first step)")
     speed.add_argument("--bf16", action="store_true",
@@ -254,12 +256,15 @@ def _compiled(module, args):
 def accelerate(module, args) -> None:
     """Apply the speed flags in place: LAVAE's own :meth:`~lavae_fast.LAVAE.accelerate`;
     channels-last for the baseline and the aux VAE (compiled, with --compile, by the caller)."""
-    from .model import LAVAE
+    from .model import LAVAE, use_fused_norm
 
     if isinstance(module, LAVAE):
-        module.accelerate(channels_last=args.channels_last, compile=args.compile, bf16=args.bf16)
-    elif args.channels_last:
+        module.accelerate(channels_last=args.channels_last, fused_norm=args.fused_norm, compile=args.compile,
+                          bf16=args.bf16)
+        return
+    if args.channels_last:
         module.to(memory_format=torch.channels_last)
+    use_fused_norm(module, args.fused_norm)
 
 
 def make_optimizer(model, aux, args):
