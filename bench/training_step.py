@@ -6,9 +6,13 @@ Step: forward (negative ELBO with the training recipe's noise and forced-n coin)
 Adamax update, B = 64, 64×64 and 32×32, C = 1, S = 17 (multi-MNIST's shapes). Implementations, all
 from the same initial weights and timed round-robin in the same run:
 
-* ``eager``: the plain PyTorch reference — reference ops, NCHW float32, no compilation, and glibc's
-  default allocator (restored around each of its calls, see lavae_fast.performance);
-* ``eager+allocator``: the same with the project's allocator setting, to show what that alone buys;
+* ``eager``: the plain PyTorch reference — reference ops, NCHW float32, no compilation, glibc's
+  default allocator — in a fresh worker process (``python bench/training_step.py --worker``) that
+  the benchmark drives step by step, interleaved with the others: once a process has grown its
+  heap, switching the allocator setting back no longer restores the plain behaviour, so the plain
+  eager step can only be timed in a process of its own;
+* ``eager+allocator``: the same in this process, with the project's allocator setting, to show
+  what that setting alone buys (any eager script gets it from lavae_fast.performance);
 * ``default``: what ``python -m lavae_fast.train`` runs by default (fused ops, channels-last,
   the allocator setting, :meth:`LAVAE.accelerate` with its defaults);
 * ``compile``: default + ``torch.compile`` of the nets;
@@ -18,15 +22,15 @@ The float32 ceiling is the step's FLOP count (torch.utils.flop_counter, forward 
 the sgemm rate measured in the same run; the conv rate of one of the nets' 3×3 convolutions,
 measured in isolation, is printed too (oneDNN's convolutions beat MKL's sgemm on some CPUs).
 
-Eval: ``log_likelihood(x, K=100)`` on 32 test-like images (n̂ = 1–3 per image, set by a hook on
+Eval: ``log_likelihood(x, K=100)`` on 16 test-like images (n̂ = 1–3 per image, set by a hook on
 the location head so that the work matches a trained model's), ``eager`` loop over the K samples
 (reference ops, NCHW, one sample per iteration, default allocator) vs the default path (fused
-ops, channels-last, samples batched); the 10k-image figure is extrapolated.
+ops, channels-last, samples batched), both in this process with the allocator setting on (which
+favours the eager loop); the 10k-image figure is extrapolated.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -47,29 +51,16 @@ def _images(b, h, w, seed=0):
     return (torch.rand(b, C, h, w, generator=g) < 0.15).float()
 
 
-@contextlib.contextmanager
-def _plain_allocator():
-    """glibc's default allocator behaviour for the duration (for the eager reference)."""
-    was = performance.allocator_tuned()
-    performance.tune_allocator(False)
-    try:
-        yield
-    finally:
-        if was:
-            performance.tune_allocator(True)
-
-
 class _Stepper:
     """One implementation: its own model copy and optimiser; ``__call__`` runs one training step."""
 
-    def __init__(self, base: LAVAE, x, *, ops, accelerate=None, plain_allocator=False):
+    def __init__(self, base: LAVAE, x, *, ops, accelerate=None):
         self.model = copy.deepcopy(base)
         self.model.set_ops(ops)
         if accelerate is not None:
             self.model.accelerate(**accelerate)
         self.x = x  # the model makes its own layout (channels-last when accelerated)
         self.opt = torch.optim.Adamax(self.model.parameters(), lr=1e-3)
-        self.plain = plain_allocator
         self.ids = torch.arange(x.shape[0])
         self.step_no = 0
         self.first_s = None
@@ -86,13 +77,60 @@ class _Stepper:
         return out.loss.detach()
 
     def __call__(self):
-        with _plain_allocator() if self.plain else contextlib.nullcontext():
-            return self.run()
+        return self.run()
 
     def warm(self):
         t0 = time.perf_counter()
         self()
         self.first_s = time.perf_counter() - t0
+
+
+class _WorkerStepper:
+    """The eager reference in a fresh process (see the module docstring): the same model (same
+    seed), data and noise; ``__call__`` asks it for one step and waits for it."""
+
+    def __init__(self, h, w):
+        import os
+        import subprocess
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, LAVAE_FAST_TUNE_ALLOCATOR="0", PYTHONPATH=root + os.pathsep + os.environ.get(
+            "PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(h), str(w),
+                                      str(torch.get_num_threads())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=root)
+        self.first_s = None
+
+    def __call__(self):
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line.startswith("ok"):
+            raise RuntimeError(f"eager worker failed: {line!r}")
+
+    def warm(self):
+        t0 = time.perf_counter()
+        self()
+        self.first_s = time.perf_counter() - t0
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _worker(h, w, threads):
+    """Loop of the eager worker: one training step per 'step' line on stdin."""
+    import sys
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    stepper = _Stepper(LAVAE(C, (h, w), S), _images(B, h, w), ops="reference")
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        stepper.run()
+        print("ok", flush=True)
 
 
 def step_flops(model: LAVAE, x) -> float:
@@ -128,7 +166,7 @@ def section_step(ctx):
         base = LAVAE(C, (h, w), S)
         x = _images(B, h, w)
         impls = {
-            "eager": _Stepper(base, x, ops="reference", plain_allocator=True),
+            "eager": _WorkerStepper(h, w),
             "eager+allocator": _Stepper(base, x, ops="reference"),
             "default": _Stepper(base, x, ops="fused", accelerate={}),
             "compile": _Stepper(base, x, ops="fused", accelerate={"compile": True}),
@@ -176,6 +214,7 @@ def section_step(ctx):
             if comp:
                 ctx.targets.append(("compilation (first compiled step) under a minute", max(comp) < 60,
                                     ", ".join(f"{k}: {impls[k].first_s:.0f} s" for k in impls if "compile" in k)))
+        impls["eager"].close()
         del impls
     return rows
 
@@ -201,7 +240,7 @@ def _with_peaks(model: LAVAE, h, w, seed=1):
 def section_eval(ctx):
     h = w = 64
     K = 100
-    nb = 8 if ctx.quick else 32
+    nb = 8 if ctx.quick else 16
     torch.manual_seed(0)
     base = LAVAE(C, (h, w), S)
     x = _images(nb, h, w, seed=3)
@@ -212,8 +251,7 @@ def section_eval(ctx):
     _with_peaks(fast, h, w)
 
     def run_eager():
-        with _plain_allocator():
-            return eager.log_likelihood(x, K, chunk=1, generator=torch.Generator().manual_seed(0))
+        return eager.log_likelihood(x, K, chunk=1, generator=torch.Generator().manual_seed(0))
 
     def run_fast():
         return fast.log_likelihood(x, K, generator=torch.Generator().manual_seed(0))
@@ -231,3 +269,12 @@ def section_eval(ctx):
     r = res["eager"]["median_ms"] / res["default"]["median_ms"]
     ctx.targets.append(("evaluation log_likelihood K=100: >= 3x faster than an eager loop", r >= 3, f"{r:.2f}x"))
     return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        sys.exit("bench/training_step.py is driven by bench/throughput.py (--only step,eval)")

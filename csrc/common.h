@@ -198,6 +198,22 @@ inline void scale_stream(T* dst, const T* src, T c, int64_t n) {
   for (; d < n; ++d) dst[d] = src[d] * c;
 }
 
+// dst[0..n) = 0 with streaming stores where the target has them (see scale_stream): a large
+// gradient buffer that is zeroed and then written at a few places is otherwise read in full
+// before it is overwritten. Fences itself, so the caller may write into dst right after.
+template <typename T>
+inline void zero_stream(T* dst, int64_t n) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  while (d < n && (reinterpret_cast<uintptr_t>(dst + d) & 63) != 0) dst[d++] = T(0);
+  constexpr int64_t per_line = 64 / static_cast<int64_t>(sizeof(T));
+  const __m512i z = _mm512_setzero_si512();
+  for (; d + per_line <= n; d += per_line) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + d), z);
+  _mm_sfence();
+#endif
+  for (; d < n; ++d) dst[d] = T(0);
+}
+
 inline void store_fence() {
 #if defined(__AVX512F__)
   _mm_sfence();

@@ -60,7 +60,7 @@ void gather_backward_fused(const at::Tensor& g, const at::Tensor& h_app, const i
       const T* gb = pg + b * M * K;
       if (pgh != nullptr) {
         T* hb = pgh + b * K * D;
-        std::fill(hb, hb + K * D, T(0));
+        zero_stream(hb, K * D);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t p = pi[b * M + i];
           if (p < 0) continue;
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> gather_backward_channels_last(const at::Tenso
         scalar_t* ph = gv.mutable_data_ptr<scalar_t>();
         parallel_tasks<NoScratch>(B, [&](int64_t b, NoScratch&) {
           scalar_t* hb = ph + b * D * K;
-          std::fill(hb, hb + D * K, scalar_t(0));
+          zero_stream(hb, D * K);
           for (int64_t i = 0; i < pn[b]; ++i) {
             const int64_t p = pi[b * M + i];
             if (p < 0) continue;

@@ -49,8 +49,9 @@ def _libc():
 def tune_allocator(enable: bool = True) -> bool:
     """Keep large freed blocks in the process (glibc: no ``mmap`` for big blocks, no heap trim).
 
-    ``enable=False`` restores glibc's defaults (used by the benchmark to time the eager reference
-    as a plain PyTorch process would run it). Returns True when the setting took effect; False on
+    ``enable=False`` restores glibc's defaults for later allocations (a heap that has already grown
+    keeps serving big blocks from its free memory, so this does not make a process behave like a
+    fresh one again). Returns True when the setting took effect; False on
     a platform without glibc (macOS, Windows, musl), where nothing changes. The environment
     variable ``LAVAE_FAST_TUNE_ALLOCATOR=0`` turns the tuning off everywhere.
     """
