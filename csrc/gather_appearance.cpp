@@ -139,17 +139,12 @@ at::Tensor rows_view(const at::Tensor& t, int64_t B, int64_t K, int64_t D) {
   return t.permute({0, 2, 3, 1}).reshape({B, D, K});
 }
 
-at::Tensor gather_forward_channels_last(const at::Tensor& h_app, const at::Tensor& loc, const at::Tensor& n,
+// Index mode only (the dense forward is one GEMM on the [B,D,K] view for either layout).
+at::Tensor gather_forward_channels_last(const at::Tensor& h_app, const at::Tensor& n,
                                         const std::optional<at::Tensor>& index_, int64_t B, int64_t M, int64_t K,
                                         int64_t D) {
   const int64_t* pn = n.const_data_ptr<int64_t>();
   const at::Tensor hv = rows_view(h_app, B, K, D);
-  if (!index_.has_value()) {
-    at::Tensor out = at::bmm(loc.reshape({B, M, D}), hv).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), kFwd,
-                               [&] { zero_absent_rows(out.mutable_data_ptr<scalar_t>(), pn, B, M, K); });
-    return out;
-  }
   const at::Tensor index = checked_index(*index_, n, B, M, D, kFwd);
   const int64_t* pi = index.const_data_ptr<int64_t>();
   at::Tensor out = at::zeros({B, M, K}, h_app.options());
@@ -208,14 +203,16 @@ at::Tensor gather_appearance_cpu(const at::Tensor& h_app_, const at::Tensor& loc
   const int64_t B = h_app_.size(0), K = h_app_.size(1), D = h_app_.size(2) * h_app_.size(3), M = loc_.size(1);
   const at::Tensor n = checked_counts(n_, B, M, kFwd);
   const int64_t* pn = n.const_data_ptr<int64_t>();
-  if (is_channels_last(h_app_)) return gather_forward_channels_last(h_app_, loc_, n, index_, B, M, K, D);
-  const at::Tensor h_app = h_app_.contiguous();
+  const bool cl = is_channels_last(h_app_);
+  const at::Tensor h_app = cl ? h_app_ : h_app_.contiguous();
   if (!index_.has_value()) {
-    at::Tensor out = at::bmm(loc_.reshape({B, M, D}), h_app.view({B, K, D}).transpose(1, 2)).contiguous();
+    const at::Tensor hv = cl ? rows_view(h_app, B, K, D) : h_app.view({B, K, D}).transpose(1, 2);
+    at::Tensor out = at::bmm(loc_.reshape({B, M, D}), hv).contiguous();
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), kFwd,
                                [&] { zero_absent_rows(out.mutable_data_ptr<scalar_t>(), pn, B, M, K); });
     return out;
   }
+  if (cl) return gather_forward_channels_last(h_app, n, index_, B, M, K, D);
   const at::Tensor index = checked_index(*index_, n, B, M, D, kFwd);
   const int64_t* pi = index.const_data_ptr<int64_t>();
   at::Tensor out = at::zeros({B, M, K}, h_app.options());

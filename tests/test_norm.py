@@ -17,11 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lavae_fast import _backends
 from lavae_fast import norm
 from lavae_fast.norm import lrelu_batch_norm
 
-REQUIRE_EXT = os.environ.get("LAVAE_FAST_REQUIRE_EXT") == "1"
 SLOPE = 0.01
 CL = torch.channels_last
 
@@ -33,14 +31,6 @@ def _one_thread():
     yield
     torch.set_num_threads(old)
 
-
-@pytest.fixture
-def ext():
-    if not _backends.cpu_kernels_loaded:
-        msg = f"lavae_fast._C is not loaded ({_backends.cpu_kernels_error}); {_backends.BUILD_HINT}"
-        if REQUIRE_EXT:
-            pytest.fail("LAVAE_FAST_REQUIRE_EXT=1 but " + msg)
-        pytest.skip(msg)
 
 
 def make_bn(C, dtype=torch.float32, momentum=0.1, seed=0):

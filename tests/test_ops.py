@@ -34,15 +34,6 @@ OP_NAMES = [
 ]
 
 
-@pytest.fixture
-def ext():
-    """The C++ kernels must be loaded: skip (or fail under LAVAE_FAST_REQUIRE_EXT=1) otherwise."""
-    if not _backends.cpu_kernels_loaded:
-        msg = f"lavae_fast._C is not loaded ({_backends.cpu_kernels_error}); {_backends.BUILD_HINT}"
-        if REQUIRE_EXT:
-            pytest.fail("LAVAE_FAST_REQUIRE_EXT=1 but " + msg)
-        pytest.skip(msg)
-
 
 # ---------------------------------------------------------------------------------------------
 # Comparison helpers
