@@ -10,7 +10,6 @@ LAVAE_FAST_REQUIRE_EXT=1 (set in CI) turns a missing extension into a failure.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
