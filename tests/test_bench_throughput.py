@@ -49,3 +49,17 @@ def test_bench_quick_ops_section(tmp_path):
     assert ("count_objects", "fwd", "fused") in ops
     assert len(data["targets"]) >= 6 and all(isinstance(t["pass"], bool) for t in data["targets"])
     assert "PASS" in stdout or "FAIL" in stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_step_and_eval_sections(tmp_path):
+    data, stdout = _run(tmp_path, "--only", "step,eval")
+    steps = {r["impl"]: r for r in data["rows"] if r["pass"] == "step"}
+    assert {"eager", "default", "compile", "bf16+compile"} <= set(steps)
+    assert all(r["images_per_s"] > 0 and r["step_gflop"] > 100 for r in steps.values())
+    assert all("compile_s" in r for k, r in steps.items() if "compile" in k)
+    evals = {r["impl"] for r in data["rows"] if r["pass"] == "eval"}
+    assert evals == {"eager", "default"}
+    names = " ".join(t["target"] for t in data["targets"])
+    assert "training step" in names and "evaluation" in names
+    assert "ceiling" in stdout
