@@ -340,11 +340,13 @@ class LAVAE(nn.Module):
         fused_norm: every conv → Leaky ReLU → batch norm runs its last two as one op
             (:func:`lavae_fast.norm.lrelu_batch_norm`, C++ on CPU).
         compile: ``torch.compile`` the two inference nets with their heads (one graph) and the
-            sprite decoder (dynamic in the number of present objects). Inductor fuses each Leaky
-            ReLU with its batch norm's statistics and normalisation. The engine's ops, the
-            data-dependent parts (the count, which objects are present) and the ELBO's small
-            terms stay eager: the graph breaks are exactly between the nets and the ops.
-            Compilation takes ~20–40 s on the first step (and again for eval mode).
+            sprite decoder (dynamic in the number of present objects), each one whole graph. The
+            rest of the step stays eager: the engine ops are fused kernels already, and the
+            ELBO's terms are small. ``torch.compile(model)`` of the whole forward works too; its
+            only graph breaks are the input and noise checks (they must read values) and
+            ``_decode_present`` (how many objects are decoded depends on the data) — see
+            tests/test_speed.py. Compilation: 10–30 s at the first step (and again in eval mode);
+            it buys ~2% on CPU, where the convolutions are oneDNN calls either way.
         bf16: run the convolutions under bf16 autocast (AVX-512 BF16 / AMX on recent CPUs, any
             CUDA GPU); batch-norm statistics, the heads' outputs and every engine op stay float32.
             Optional, off by default; its loss curve is tested against float32.
