@@ -408,6 +408,10 @@ def gather_appearance(h_app: Tensor, loc: Tensor, n: Tensor, *, index: Optional[
     _check_same_device(h_app=h_app, loc=loc, n=n, index=index)
     _check_counts(n, B, M)
     _check_index(index, B, M, n, H * W)
+    # A channels-last h_app (the model's fast path) is passed as it is: the kernels read its
+    # [B,D,K] rows directly and return its gradient in the same layout.
+    if not h_app.is_contiguous(memory_format=torch.channels_last):
+        h_app = h_app.contiguous()
     return torch.ops.lavae_fast.gather_appearance(
-        h_app.contiguous(), loc.contiguous(), n.contiguous(), None if index is None else index.contiguous()
+        h_app, loc.contiguous(), n.contiguous(), None if index is None else index.contiguous()
     )

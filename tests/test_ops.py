@@ -554,6 +554,28 @@ def test_gather_matches_reference(ext, shape, mode, dtype):
     compare("grad_loc", dtype, ggot[1], gwant[1], gwant64[1])
 
 
+@pytest.mark.parametrize("mode", ["index", "onehot", "soft"])
+@pytest.mark.parametrize("shape", GATHER_SHAPES, ids=lambda s: "B{}M{}K{}_{}x{}".format(*s))
+def test_gather_channels_last_h_app(ext, shape, mode):
+    """The model's channels-last h_app: same values and gradients as the reference on the
+    contiguous tensor, and the gradient to h_app comes back channels-last (no conversion for the
+    convolution's backward) whenever h_app is."""
+    h_app, loc, n, index = gather_case(*shape, seed=7 + sum(shape), maps="soft" if mode == "soft" else "onehot")
+    B, M, K = shape[:3]
+    w = [torch.randn(B, M, K, generator=torch.Generator().manual_seed(2), dtype=torch.float64)]
+    fmode = "index" if mode == "index" else "dense"
+    h_cl = h_app.contiguous(memory_format=torch.channels_last)
+    got, ggot = run_with_grads(_gather_fn(fmode), [h_cl, loc, n, index], [0, 1], w)
+    want, gwant = run_with_grads(_gather_fn(fmode, ref), [h_app, loc, n, index], [0, 1], w)
+    for name, u, v in [("value", got[0], want[0]), ("grad_h_app", ggot[0], gwant[0]), ("grad_loc", ggot[1], gwant[1])]:
+        close64(name, u, v)
+    if not h_cl.is_contiguous():  # K = 1 or a 1×1 canvas: both layouts are the same
+        assert ggot[0].is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.lavae_fast.gather_appearance,
+                          (h_cl.clone().requires_grad_(), loc.clone().requires_grad_(), n,
+                           index if fmode == "index" else None))
+
+
 def test_gather_index_gradients_equal_dense_at_one_hot(ext):
     h_app, loc, n, index = gather_case(4, 6, 9, 7, 11, seed=47, maps="onehot")
     index = torch.where(index == -1, 0, index)
