@@ -32,14 +32,13 @@ favours the eager loop); the 10k-image figure is extrapolated.
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import time_interleaved
-from lavae_fast import LAVAE, performance
+from lavae_fast import LAVAE
 from lavae_fast.noise import draw_noise
 
 B = 64
@@ -51,7 +50,18 @@ def _images(b, h, w, seed=0):
     return (torch.rand(b, C, h, w, generator=g) < 0.15).float()
 
 
-class _Stepper:
+class _Timed:
+    """``warm()`` runs the first step (compilation, oneDNN primitive creation) and keeps its time."""
+
+    first_s = None
+
+    def warm(self):
+        t0 = time.perf_counter()
+        self()
+        self.first_s = time.perf_counter() - t0
+
+
+class _Stepper(_Timed):
     """One implementation: its own model copy and optimiser; ``__call__`` runs one training step."""
 
     def __init__(self, base: LAVAE, x, *, ops, accelerate=None):
@@ -63,7 +73,6 @@ class _Stepper:
         self.opt = torch.optim.Adamax(self.model.parameters(), lr=1e-3)
         self.ids = torch.arange(x.shape[0])
         self.step_no = 0
-        self.first_s = None
 
     def run(self):
         H, W = self.x.shape[-2:]
@@ -79,13 +88,8 @@ class _Stepper:
     def __call__(self):
         return self.run()
 
-    def warm(self):
-        t0 = time.perf_counter()
-        self()
-        self.first_s = time.perf_counter() - t0
 
-
-class _WorkerStepper:
+class _WorkerStepper(_Timed):
     """The eager reference in a fresh process (see the module docstring): the same model (same
     seed), data and noise; ``__call__`` asks it for one step and waits for it."""
 
@@ -100,7 +104,6 @@ class _WorkerStepper:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(h), str(w),
                                       str(torch.get_num_threads())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=root)
-        self.first_s = None
 
     def __call__(self):
         self.proc.stdin.write("step\n")
@@ -108,11 +111,6 @@ class _WorkerStepper:
         line = self.proc.stdout.readline()
         if not line.startswith("ok"):
             raise RuntimeError(f"eager worker failed: {line!r}")
-
-    def warm(self):
-        t0 = time.perf_counter()
-        self()
-        self.first_s = time.perf_counter() - t0
 
     def close(self):
         self.proc.stdin.close()
@@ -223,7 +221,6 @@ def _with_peaks(model: LAVAE, h, w, seed=1):
     """A forward hook on the location head that puts 1–3 peaks above 4γ per image (so n̂ and the
     decoding work match a trained model's on 0–3-object data)."""
     g = torch.Generator().manual_seed(seed)
-    gamma = model.gamma_for(h, w)
 
     def hook(mod, inp, out):
         b = out.shape[0]
@@ -232,7 +229,7 @@ def _with_peaks(model: LAVAE, h, w, seed=1):
         for i in range(b):
             for k in range(int(counts[i])):
                 peaks[i, 0, 8 + 20 * k, 10 + 17 * k] = 6.0
-        return peaks.to(out.dtype).contiguous(memory_format=torch.contiguous_format) + 0 * out
+        return peaks.to(out.dtype) + 0 * out
 
     return model.loc_head.register_forward_hook(hook)
 
