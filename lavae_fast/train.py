@@ -7,12 +7,17 @@ paper's schedule; see :mod:`lavae_fast.schedules`):
   (multi-MNIST) or 5e-4 (multi-dSprites), decayed exponentially ×100 over the horizon;
 * τ from 0.5 to 0.02, exponentially;
 * warm-up: an auxiliary VAE (:mod:`lavae_fast.aux_vae`) trained alongside on its own ELBO (its own
-  parameter group, lr 1e-3); its per-location KL map is the target of h_loc, loss weight 1 for 30%
-  of the horizon, then linearly → 0 over the next 30% (the aux VAE is not run after that). The raw
-  map peaks below the count threshold 4γ (measured, see :func:`lavae_fast.aux_vae.auto_target_scale`),
-  so by default (``--warmup-scale auto``) it is rescaled per batch to put object peaks at ≈ 2·4γ;
-  the scale, the target's own count accuracy and its peak heights are logged. The loss is summed
-  over pixels per image (``--warmup-reduction sum``; the mean over pixels measured too weak);
+  parameter group, lr 1e-3); its per-location KL map is the source of h_loc's target, loss weight 1
+  for 30% of the horizon, then linearly → 0 over the next 30% (the aux VAE is not run after that).
+  The target (decisions, each measured, see :mod:`lavae_fast.aux_vae`): the map is blurred
+  (σ = S/7 px, ``--warmup-blur``) so that it has one peak per object, scaled per batch so that its
+  typical object peak sits at 2·4γ (the raw map peaks below the count threshold 4γ); its points
+  above 4γ are the detected objects, and each becomes the apex of a cone of height 2·4γ and radius
+  S/4 px (``--warmup-target cones``, ``--warmup-peak``, ``--warmup-radius``), a shape whose only local
+  maxima are the apexes even when h_loc imitates it with an error of a few nats per pixel
+  (``--warmup-target map`` trains on the blurred, scaled map instead). The scale, the target's own
+  count accuracy and its peak heights are logged. The loss is summed over pixels per image
+  (``--warmup-reduction sum``; the mean over pixels measured too weak);
 * n forced to 1 per image with probability 1 for 30%, then linearly → 0.1 over the next 30%.
 
 Reproducibility: the data order and every random number are functions of (seed, step, sample), see
@@ -69,7 +74,7 @@ LR = 1e-3
 # Arguments that define the run; a resumed run must agree on them (the rest — logging cadence,
 # device, threads — may change between sessions).
 RUN_DEFINING = ["model", "dataset", "data", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
-                "width", "sprite_width", "location_mode", "warmup_scale", "warmup_peak", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
+                "width", "sprite_width", "location_mode", "warmup_scale", "warmup_peak", "warmup_blur", "warmup_target", "warmup_radius", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +170,24 @@ def _scale(s):
     return v
 
 
+def _auto_or_length(positive: bool):
+    """'auto' or a finite length in pixels (> 0 when ``positive``, else >= 0)."""
+    need = "> 0" if positive else ">= 0"
+
+    def parse(s):
+        if s == "auto":
+            return s
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a number {need}, got {s!r}") from None
+        if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a number {need}, got {s!r}")
+        return v
+
+    return parse
+
+
 def _positive_float(s):
     v = float(s)
     if not (v > 0 and math.isfinite(v)):
@@ -202,7 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiplier of the aux VAE's KL map as h_loc's target: a number (1 = the raw map, "
                         "nats per latent location) or 'auto' (peaks lifted to 2·4γ, see aux_vae.auto_target_scale)")
     p.add_argument("--warmup-peak", type=_positive_float, default=2.0,
-                   help="with --warmup-scale auto: target object peaks at this multiple of the threshold 4γ")
+                   help="height of the target's object peaks as a multiple of the threshold 4γ (with "
+                        "--warmup-target map: of the auto-scaled map's typical peak)")
+    p.add_argument("--warmup-blur", type=_auto_or_length(False), default="auto",
+                   help="σ in pixels of the Gaussian blur applied to the KL map before it becomes h_loc's target "
+                        "(0: none; 'auto': sprite size / 7, see aux_vae.smooth_target)")
+    p.add_argument("--warmup-target", choices=["cones", "map"], default="cones",
+                   help="h_loc's warm-up target: 'cones' (default) one cone of height --warmup-peak·4γ at each point "
+                        "the smoothed, scaled KL map counts (aux_vae.peak_target); 'map' the smoothed, scaled KL map")
+    p.add_argument("--warmup-radius", type=_auto_or_length(True), default="auto",
+                   help="radius in pixels of the target's cones ('auto': sprite size / 4)")
     p.add_argument("--warmup-reduction", choices=["sum", "mean"], default="sum",
                    help="warm-up loss summed over pixels per image (default, the paper's squared distance) "
                         "or averaged over pixels (SPEC §5's wording; measured too weak, see aux_vae.warmup_loss)")
@@ -357,7 +389,7 @@ def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.
     D = H * W
     gamma = 0.5 * math.log(D)
     if args.model == "lavae":
-        from .aux_vae import AuxVAE, auto_target_scale, warmup_loss
+        from .aux_vae import AUTO_PEAK, AuxVAE, auto_blur, auto_radius, auto_target_scale, peak_target, smooth_target, warmup_loss
 
         aux_shape = AuxVAE.latent_shape(H, W)
 
@@ -380,9 +412,17 @@ def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.
         loss = out.loss
         if w_warm > 0:
             aux_out = aux_forward(x, noise.aux_eps)
-            scale = (auto_target_scale(aux_out.target, gamma, args.warmup_peak) if args.warmup_scale == "auto"
-                     else args.warmup_scale)
-            target = aux_out.target * scale
+            sigma = auto_blur(model.sprite_size) if args.warmup_blur == "auto" else args.warmup_blur
+            target = smooth_target(aux_out.target, sigma)
+            peaks = args.warmup_target == "cones"
+            # With cones the scaled map only detects the objects (its points above 4γ at the
+            # default scale, half the typical object peak); --warmup-peak sets the cones' height.
+            scale = (auto_target_scale(target, gamma, AUTO_PEAK if peaks else args.warmup_peak)
+                     if args.warmup_scale == "auto" else args.warmup_scale)
+            target = target * scale
+            if peaks:
+                radius = auto_radius(model.sprite_size) if args.warmup_radius == "auto" else args.warmup_radius
+                target = peak_target(target, 4 * gamma, args.warmup_peak * 4 * gamma, radius)
             wl = warmup_loss(out.h_loc, target, reduction=args.warmup_reduction)
             loss = loss + aux_out.loss + w_warm * wl
             tmax = target.flatten(1).max(1).values.cpu()

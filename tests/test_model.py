@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lavae_fast import reference as ref
-from lavae_fast.aux_vae import AuxVAE, warmup_loss
+from lavae_fast.aux_vae import AuxVAE, peak_target, smooth_target, warmup_loss
 from lavae_fast.baseline import BetaVAE
 from lavae_fast.model import LAVAE, Latents, gaussian_kl
 from lavae_fast.noise import Noise, data_indices, draw_noise, draw_normal, mix
@@ -496,6 +496,53 @@ def test_same_seed_same_forward():
 # ---------------------------------------------------------------------------------------------
 # Aux VAE
 # ---------------------------------------------------------------------------------------------
+
+
+def test_smooth_target_is_a_normalised_gaussian_blur():
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(2, 1, 20, 23, generator=g)
+    assert smooth_target(t, 0.0) is t
+    # Far from the edges an impulse becomes the 2-D Gaussian of σ = 1.5 px, cut at ±⌈3σ⌉ = ±5 px
+    # along each axis and normalised to sum 1.
+    imp = torch.zeros(1, 1, 31, 31)
+    imp[0, 0, 15, 15] = 1.0
+    b = smooth_target(imp, 1.5)
+    yy, xx = torch.meshgrid(torch.arange(31.0), torch.arange(31.0), indexing="ij")
+    expect = torch.exp(-((yy - 15) ** 2 + (xx - 15) ** 2) / (2 * 1.5**2))
+    expect = torch.where(((yy - 15).abs() <= 5) & ((xx - 15).abs() <= 5), expect, torch.zeros(()))
+    torch.testing.assert_close(b[0, 0], expect / expect.sum(), atol=1e-7, rtol=1e-5)
+    # A constant map stays constant (replicated edges, normalised kernel); nothing becomes negative.
+    torch.testing.assert_close(smooth_target(torch.full((1, 1, 9, 12), 3.0), 2.0), torch.full((1, 1, 9, 12), 3.0))
+    assert (smooth_target(t, 3.0) >= 0).all()
+    with pytest.raises(ValueError, match="sigma"):
+        smooth_target(t, -1.0)
+
+
+def test_peak_target_puts_one_cone_at_each_counted_maximum():
+    # Blobs above the threshold at (4, 8), (20, 25) and at the corner (31, 39); one below it.
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(40.0), indexing="ij")
+
+    def blob(r, c, h):
+        return h * torch.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * 4.0**2))
+
+    t = (blob(4, 8, 30) + blob(20, 25, 22) + blob(20, 5, 9) + blob(31, 39, 18))[None, None]
+    p = peak_target(t, 15.0, 31.0, radius=5.0)
+    assert p.shape == t.shape and (p >= 0).all()
+    assert ref.count_objects(p, 15.0, 10).item() == ref.count_objects(t, 15.0, 10).item() == 3
+    for r, c in [(4, 8), (20, 25), (31, 39)]:
+        assert p[0, 0, r, c].item() == pytest.approx(31.0)
+        assert p[0, 0, r, c - 3].item() == pytest.approx(31.0 * (1 - 3 / 5))  # linear flank
+        assert p[0, 0, r - 3, c - 4].item() == pytest.approx(0.0, abs=1e-6)  # r = 5: the cone's foot
+    assert p[0, 0, 20, 5].item() == 0  # the blob under the threshold gets no cone
+    # Every point of a flank has a higher neighbour: the apexes are the only local maxima.
+    pooled = F.max_pool2d(F.pad(p, (1, 1, 1, 1), value=float("-inf")), 3, stride=1)
+    assert int(((p >= pooled) & (p > 0)).sum()) == 3
+    # Overlapping cones: the higher value wins (no sum above the height).
+    two = torch.zeros(1, 1, 9, 9)
+    two[0, 0, 4, 2], two[0, 0, 4, 6] = 20.0, 19.0
+    q = peak_target(two, 1.0, 10.0, radius=3.0)
+    assert q.max().item() == pytest.approx(10.0) and q[0, 0, 4, 4].item() == pytest.approx(10.0 / 3)
+    assert peak_target(torch.zeros(2, 1, 7, 7), 1.0, 5.0, 2.0).abs().max() == 0
 
 
 @pytest.mark.parametrize("H,W", [(64, 64), (48, 48), (13, 18)])

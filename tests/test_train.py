@@ -154,6 +154,10 @@ def test_baseline_cli_runs(tmp_path):
     (["--canvas", "axb"], "canvas"),
     (["--dataset", "cifar"], "invalid choice"),
     (["--warmup-scale", "-1"], "auto"),
+    (["--warmup-blur", "-2"], "auto"),
+    (["--warmup-blur", "nan"], "auto"),
+    (["--warmup-target", "blobs"], "invalid choice"),
+    (["--warmup-radius", "0"], "auto"),
 ])
 def test_bad_cli_arguments(tmp_path, capsys, bad, match):
     with pytest.raises(SystemExit):
