@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lavae_fast import reference as ref
-from lavae_fast.aux_vae import AuxVAE, peak_target, smooth_target, warmup_loss
+from lavae_fast.aux_vae import AuxVAE, ink_anchors, peak_target, smooth_target, warmup_loss
 from lavae_fast.baseline import BetaVAE
 from lavae_fast.model import LAVAE, Latents, gaussian_kl
 from lavae_fast.noise import Noise, data_indices, draw_noise, draw_normal, mix
@@ -543,6 +543,26 @@ def test_peak_target_puts_one_cone_at_each_counted_maximum():
     q = peak_target(two, 1.0, 10.0, radius=3.0)
     assert q.max().item() == pytest.approx(10.0) and q[0, 0, 4, 4].item() == pytest.approx(10.0 / 3)
     assert peak_target(torch.zeros(2, 1, 7, 7), 1.0, 5.0, 2.0).abs().max() == 0
+
+
+def test_ink_anchors_move_detections_to_the_ink_centroid():
+    x = torch.zeros(2, 3, 24, 30)
+    x[0, 0, 10:15, 4:9] = 1  # a 5×5 square centred at (12, 6)
+    x[0, 1:, 3:6, 20:27] = 1  # a 3×7 bar centred at (4, 23), ink in two channels
+    imp = torch.zeros(2, 1, 24, 30)
+    imp[0, 0, 14, 8] = 1  # detected 2 px off the square's centre
+    imp[0, 0, 2, 24] = 1  # detected off the bar's centre (its window holds the whole bar)
+    imp[1, 0, 7, 7] = 1  # no ink within reach: stays where it is
+    out = ink_anchors(imp, x, half=4)
+    assert out.sum() == 3
+    assert out[0, 0, 12, 6] == 1 and out[0, 0, 4, 23] == 1 and out[1, 0, 7, 7] == 1
+    # Two detections of one object collapse onto its centroid.
+    imp2 = torch.zeros(2, 1, 24, 30)
+    imp2[0, 0, 11, 5] = imp2[0, 0, 13, 7] = 1
+    out2 = ink_anchors(imp2, x, half=4)
+    assert out2.sum() == 1 and out2[0, 0, 12, 6] == 1
+    # No detections: nothing to move.
+    assert ink_anchors(torch.zeros(1, 1, 5, 5), torch.ones(1, 1, 5, 5), 2).sum() == 0
 
 
 @pytest.mark.parametrize("H,W", [(64, 64), (48, 48), (13, 18)])

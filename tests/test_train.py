@@ -158,8 +158,38 @@ def test_baseline_cli_runs(tmp_path):
     (["--warmup-blur", "nan"], "auto"),
     (["--warmup-target", "blobs"], "invalid choice"),
     (["--warmup-radius", "0"], "auto"),
+    (["--warmup-anchor", "centre"], "invalid choice"),
 ])
 def test_bad_cli_arguments(tmp_path, capsys, bad, match):
     with pytest.raises(SystemExit):
         train_main(TINY + ["--out", str(tmp_path / "r")] + bad)
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["map", "cones"])
+def test_warmup_loss_enters_the_objective_with_its_weight(target):
+    """training_loss adds weight · schedule · warm-up loss; the target's variants all count and log."""
+    import copy
+
+    from lavae_fast import train as T
+    from lavae_fast.aux_vae import AuxVAE
+
+    args = T.build_parser().parse_args(TINY + ["--out", "unused", "--warmup-target", target,
+                                               "--warmup-anchor", "ink"])
+    torch.manual_seed(0)
+    model = T.build_model(T.model_config(args, 3))
+    aux = AuxVAE(3)
+    model.train(), aux.train()
+    data = T.load_split(vars(args), "train")
+    x, counts = data.get_batch(list(range(4)))
+    ids = torch.arange(4)
+    heavy = copy.copy(args)
+    heavy.warmup_weight = 3.0
+    states = [copy.deepcopy(m.state_dict()) for m in (model, aux)]  # batch norm's running stats move
+    loss1, _, log1 = T.training_loss(model, aux, x, counts, ids, 0, args)
+    model.load_state_dict(states[0]), aux.load_state_dict(states[1])
+    loss3, _, log3 = T.training_loss(model, aux, x, counts, ids, 0, heavy)
+    assert log1["warmup_weight"] == 1.0 and log1["warmup_loss"] > 0
+    assert log1["warmup_loss"] == pytest.approx(log3["warmup_loss"], rel=1e-5)
+    assert (loss3 - loss1).item() == pytest.approx(2.0 * log1["warmup_loss"], rel=1e-4)
+    assert 0.0 <= log1["target_count_acc"] <= 1.0
