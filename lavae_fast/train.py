@@ -32,7 +32,9 @@ target h_loc reaches the target's height (≈ 2·4γ) but learns a plateau over 
 not. The isolated location net fits the cone target in a few hundred steps (peaks 24–26 against
 31), but inside the full objective it stalls at ≈ 16–18, under a threshold of 15.5 plus noise,
 even with ``--warmup-weight 10``: the ELBO's own gradient on h_loc, through the relaxed Gumbel
-samples, is far larger near the sampled locations than the warm-up loss's. After the warm-up
+samples, is far larger near the sampled locations than the warm-up loss's (measured at step 1000
+of a 4k-step run: the reconstruction term's gradient on the 5 most-pushed pixels of each image
+averages ~300 against ~0.6 for the warm-up term's; the location KL's is ~0.01). After the warm-up
 fades, the object peaks sink to the threshold. Budget tens of thousands of steps (a GPU) and
 check the count before trusting one; short CPU runs exercise the code path.
 
