@@ -34,7 +34,8 @@ not. The isolated location net fits the cone target in a few hundred steps (peak
 even with ``--warmup-weight 10``: the ELBO's own gradient on h_loc, through the relaxed Gumbel
 samples, is far larger near the sampled locations than the warm-up loss's (measured at step 1000
 of a 4k-step run: the reconstruction term's gradient on the 5 most-pushed pixels of each image
-averages ~300 against ~0.6 for the warm-up term's; the location KL's is ~0.01). After the warm-up
+averages ~300 against ~0.6 for the warm-up term's; the location KL's is ~0.01;
+``--probe-gradients`` logs these figures as ``hgrad_*``). After the warm-up
 fades, the object peaks sink to the threshold. Budget tens of thousands of steps (a GPU) and
 check the count before trusting one; short CPU runs exercise the code path.
 
@@ -64,7 +65,7 @@ from .checkpoint import (CHECKPOINT_NAME, TRAINING_KEYS, CheckpointError, build_
                          remove_stale_temporaries, save_checkpoint)
 from .noise import draw_noise, draw_normal, data_indices
 
-__all__ = ["main", "build_parser", "load_split", "training_loss", "ArrayData", "DATASETS"]
+__all__ = ["main", "build_parser", "load_split", "training_loss", "probe_location_gradients", "ArrayData", "DATASETS"]
 
 # dataset -> (channels, sprite size S, location-net learning rate)
 DATASETS = {
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-up loss summed over pixels per image (default, the paper's squared distance) "
                         "or averaged over pixels (SPEC §5's wording; measured too weak, see aux_vae.warmup_loss)")
     p.add_argument("--log-every", type=_positive_int, default=50)
+    p.add_argument("--probe-gradients", action="store_true",
+                   help="at each log step, log how hard each loss term pushes on h_loc (hgrad_*; a few extra "
+                        "partial backward passes)")
     p.add_argument("--ckpt-every", type=_positive_int, default=500)
     p.add_argument("--eval-every", type=_nonneg_int, default=1000, help="0: never")
     p.add_argument("--eval-size", type=_positive_int, default=256, help="test images per split at --eval-every")
@@ -380,15 +384,33 @@ class _Meter:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
+def probe_location_gradients(out, terms: Dict[str, torch.Tensor], top: int = 5) -> Dict[str, float]:
+    """How hard each term of the objective pushes on the location logits: for each named scalar
+    term, the mean over images of the average |∂term/∂h_loc| over the image's ``top`` most-pushed
+    pixels (``hgrad_<name>``). The count depends on h_loc's peaks, and the warm-up target can only
+    shape them where its push is not drowned by the ELBO's (see the module docstring)."""
+    res = {}
+    for name, term in terms.items():
+        (g,) = torch.autograd.grad(term, out.h_loc, retain_graph=True, allow_unused=True)
+        if g is None:
+            res[f"hgrad_{name}"] = 0.0
+            continue
+        flat = g.detach().abs().flatten(1)
+        res[f"hgrad_{name}"] = flat.topk(min(top, flat.shape[1]), dim=1).values.mean().item()
+    return res
+
+
 def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor, step: int, args,
-                  *, forward=None, aux_forward=None):
+                  *, forward=None, aux_forward=None, probe: bool = False):
     """The loss of one batch, or of one process's share of it, at ``step``; and the values to log.
 
     x [b,C,H,W] on the model's device; counts [b] true object counts (logged, never trained on);
     ids [b] the images' global sample indices ``step·B + j`` (they key the noise, so a share of
     the batch draws the numbers the whole batch would). ``forward`` / ``aux_forward`` run the model
     and the aux VAE: their DistributedDataParallel wrappers in a distributed run, by default the
-    modules themselves. Returns (scalar loss, the model's output, dict of floats to log).
+    modules themselves. ``probe`` (LAVAE only) also logs :func:`probe_location_gradients` of the
+    reconstruction, the two KL terms and the weighted warm-up loss. Returns (scalar loss, the
+    model's output, dict of floats to log).
     """
     forward = model if forward is None else forward
     aux_forward = aux if aux_forward is None else aux_forward
@@ -433,7 +455,8 @@ def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.
                 target = peak_target(target, 4 * gamma, args.warmup_peak * 4 * gamma, radius,
                                      x=x if args.warmup_anchor == "ink" else None, half=model.sprite_size // 2)
             wl = warmup_loss(out.h_loc, target, reduction=args.warmup_reduction)
-            loss = loss + aux_out.loss + args.warmup_weight * w_warm * wl
+            warm = args.warmup_weight * w_warm * wl
+            loss = loss + aux_out.loss + warm
             tmax = target.flatten(1).max(1).values.cpu()
             has = counts > 0
             log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), target_scale=scale,
@@ -441,6 +464,11 @@ def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.
                                          == counts).float().mean().item(),
                        target_max_obj=tmax[has].mean().item() if has.any() else None,
                        target_max_empty=tmax[~has].mean().item() if (~has).any() else None)
+        if probe:
+            terms = {"recon": out.recon.mean(), "kl_loc": out.kl_loc.mean(), "kl_app": out.kl_app.mean()}
+            if w_warm > 0:
+                terms["warmup"] = warm
+            log.update(probe_location_gradients(out, terms))
         hmax = out.h_loc.detach().flatten(1).max(1).values.cpu()
         has = counts > 0
         n_hat = out.n_hat.cpu()
@@ -629,7 +657,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ids = torch.arange(step * args.batch_size + lo, step * args.batch_size + hi)
-        loss, out, log = training_loss(model, aux, x, counts, ids, step, args, forward=net, aux_forward=aux_net)
+        probe = args.probe_gradients and (step + 1) % args.log_every == 0
+        loss, out, log = training_loss(model, aux, x, counts, ids, step, args, forward=net, aux_forward=aux_net,
+                                       probe=probe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,6 +1,7 @@
 """Tests of the training schedules, checkpoints and the training CLI (tiny runs, end to end)."""
 
 import json
+import math
 import os
 
 import pytest
@@ -111,6 +112,15 @@ def test_training_cli_runs_end_to_end(tmp_path):
     assert rows[-1]["warmup_weight"] == 0.0 and "warmup_loss" not in rows[-1]  # aux VAE no longer run
     assert os.path.isdir(os.path.join(run, "tb")) and os.listdir(os.path.join(run, "tb"))
     assert json.load(open(os.path.join(run, "args.json")))["steps"] == 6
+    assert not any(k.startswith("hgrad_") for r in rows for k in r)  # the probe is off by default
+
+
+def test_gradient_probe_logs_at_the_log_steps(tmp_path):
+    run = str(tmp_path / "run")
+    assert train_main(TINY + ["--steps", "6", "--out", run, "--probe-gradients"]) == 0
+    rows = read_metrics(run)
+    assert all(r["hgrad_recon"] > 0 and "hgrad_kl_loc" in r for r in rows)
+    assert "hgrad_warmup" in rows[0] and "hgrad_warmup" not in rows[-1]  # no warm-up term at the end
 
 
 def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path):
@@ -186,10 +196,31 @@ def test_warmup_loss_enters_the_objective_with_its_weight(target):
     heavy = copy.copy(args)
     heavy.warmup_weight = 3.0
     states = [copy.deepcopy(m.state_dict()) for m in (model, aux)]  # batch norm's running stats move
-    loss1, _, log1 = T.training_loss(model, aux, x, counts, ids, 0, args)
+    loss1, _, log1 = T.training_loss(model, aux, x, counts, ids, 0, args, probe=True)
     model.load_state_dict(states[0]), aux.load_state_dict(states[1])
-    loss3, _, log3 = T.training_loss(model, aux, x, counts, ids, 0, heavy)
+    loss3, _, log3 = T.training_loss(model, aux, x, counts, ids, 0, heavy, probe=True)
     assert log1["warmup_weight"] == 1.0 and log1["warmup_loss"] > 0
     assert log1["warmup_loss"] == pytest.approx(log3["warmup_loss"], rel=1e-5)
     assert (loss3 - loss1).item() == pytest.approx(2.0 * log1["warmup_loss"], rel=1e-4)
     assert 0.0 <= log1["target_count_acc"] <= 1.0
+    # The gradient probe: every term present, the warm-up's push scales with its weight, the
+    # others do not depend on it.
+    for k in ("hgrad_recon", "hgrad_kl_loc", "hgrad_kl_app", "hgrad_warmup"):
+        assert log1[k] >= 0 and math.isfinite(log1[k])
+    assert log1["hgrad_warmup"] > 0 and log1["hgrad_recon"] > 0
+    assert log3["hgrad_warmup"] == pytest.approx(3.0 * log1["hgrad_warmup"], rel=1e-4)
+    assert log3["hgrad_recon"] == pytest.approx(log1["hgrad_recon"], rel=1e-4)
+
+
+def test_probe_location_gradients_against_a_hand_computation():
+    from types import SimpleNamespace
+
+    from lavae_fast.train import probe_location_gradients
+
+    h = torch.tensor([[1.0, -2.0, 3.0, 0.5], [0.0, 4.0, -1.0, 2.0]], requires_grad=True)
+    out = SimpleNamespace(h_loc=h)
+    terms = {"sq": (h ** 2).sum() / 2, "free": torch.zeros((), requires_grad=True)}
+    res = probe_location_gradients(out, terms, top=2)
+    # d(Σh²/2)/dh = h: the top-2 |h| per row are (3, 2) and (4, 2).
+    assert res["hgrad_sq"] == pytest.approx(((3 + 2) / 2 + (4 + 2) / 2) / 2)
+    assert res["hgrad_free"] == 0.0
