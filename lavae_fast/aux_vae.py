@@ -5,8 +5,8 @@ Its per-location KL map — KL(q(z|x)‖N(0,I)) summed over the 8 latent channel
 location — is a rough proxy for where the information (the objects) is (Nash et al., 2017). Resized
 bilinearly to H×W and detached, it is where the early target of the location logits h_loc comes
 from: blurred (:func:`smooth_target`), scaled against the count threshold
-(:func:`auto_target_scale`), and, as an experimental option, turned into one cone per object it
-counts (:func:`peak_target`);
+(:func:`auto_target_scale`), and turned into one cone per object it counts (:func:`peak_target`),
+standing on the image's ink centroid near the detection (:func:`ink_anchors`);
 ``warmup_loss = Σ_pixels (h_loc − target)²`` per image (see :func:`warmup_loss` for why not the
 mean over pixels), weighted by :func:`lavae_fast.schedules.warmup_weight`. Each step of that
 transformation is a decision SPEC §5 leaves open ("the map's scale relative to the count
@@ -188,8 +188,9 @@ def peak_target(target: Tensor, threshold: float, height: float, radius: float,
       fitting error, so points on its flank are not local maxima (with N(0, 2²) noise added per
       pixel, cones of radius 5.25 px still count 89% of the test images right, the blurred map
       26%). Alone, the location net fits it in a few hundred steps (peaks 24–26 of 31); inside the
-      full objective, h_loc's peaks stalled at 16–18 (radius 5.25; with the apex at the ink
-      centroid too, and with the warm-up loss ×10), so this target is not the default."""
+      full objective it does so only when the warm-up loss is weighted to match the
+      reconstruction's much larger push on h_loc (×300 in training: peaks at 24–25 and test count
+      accuracy 0.91; with ×1 and ×10 they stalled at 16–18, under the threshold plus noise)."""
     hm = target.detach()
     pooled = F.max_pool2d(F.pad(hm, (1, 1, 1, 1), value=float("-inf")), 3, stride=1)
     impulses = ((hm >= pooled) & (hm > threshold)).to(hm.dtype)

@@ -185,7 +185,7 @@ def test_warmup_loss_enters_the_objective_with_its_weight(target):
     from lavae_fast.aux_vae import AuxVAE
 
     args = T.build_parser().parse_args(TINY + ["--out", "unused", "--warmup-target", target,
-                                               "--warmup-anchor", "ink"])
+                                               "--warmup-anchor", "ink", "--warmup-weight", "1"])
     torch.manual_seed(0)
     model = T.build_model(T.model_config(args, 3))
     aux = AuxVAE(3)
