@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .model import ConvAct, ResBlock, gaussian_kl
+from .reference import counted_peaks
 
-__all__ = ["AuxVAE", "AuxOutput", "warmup_loss", "auto_target_scale", "smooth_target", "auto_blur", "peak_target", "auto_radius"]
+__all__ = ["AuxVAE", "AuxOutput", "warmup_loss", "auto_target_scale", "smooth_target", "auto_blur", "peak_target", "ink_anchors", "auto_radius"]
 
 # Target peak height, in units of the count threshold 4γ, that the automatic scaling aims for.
 AUTO_PEAK = 2.0
@@ -148,7 +149,7 @@ def smooth_target(target: Tensor, sigma: float) -> Tensor:
 def ink_anchors(impulses: Tensor, x: Tensor, half: int) -> Tensor:
     """Move each detection [B,1,H,W] (0/1) to the ink centroid of x [B,C,H,W] in the
     (2·half+1)² window around it (rounded; a window without ink leaves it in place)."""
-    B, _, H, W = impulses.shape
+    H, W = impulses.shape[-2:]
     ink = x.detach().to(impulses.dtype).sum(1, keepdim=True)
     yy = torch.arange(H, dtype=ink.dtype, device=ink.device).view(1, 1, H, 1).expand_as(ink)
     xx = torch.arange(W, dtype=ink.dtype, device=ink.device).view(1, 1, 1, W).expand_as(ink)
@@ -192,8 +193,7 @@ def peak_target(target: Tensor, threshold: float, height: float, radius: float,
       reconstruction's much larger push on h_loc (×300 in training: peaks at 24–25 and test count
       accuracy 0.91; with ×1 and ×10 they stalled at 16–18, under the threshold plus noise)."""
     hm = target.detach()
-    pooled = F.max_pool2d(F.pad(hm, (1, 1, 1, 1), value=float("-inf")), 3, stride=1)
-    impulses = ((hm >= pooled) & (hm > threshold)).to(hm.dtype)
+    impulses = counted_peaks(hm, threshold).to(hm.dtype)
     if x is not None and half > 0:
         impulses = ink_anchors(impulses, x, half)
     H, W = hm.shape[-2:]

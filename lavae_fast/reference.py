@@ -162,6 +162,13 @@ def gumbel_topk_relaxed(logits, n, tau: float, max_objects: int, gumbel):
 # ---------------------------------------------------------------------------------------------
 
 
+def counted_peaks(h, threshold: float):
+    """The points ``count_objects`` counts, as a mask: h [B,1,H,W] → bool [B,1,H,W], true where
+    h ≥ max-pool₃ₓ₃(h) (−∞ outside the canvas, i.e. max_pool2d's own padding) and h > threshold."""
+    pooled = F.max_pool2d(h, kernel_size=3, stride=1, padding=1)
+    return (h >= pooled) & (h > threshold)
+
+
 def count_objects(h_loc, threshold: float, max_objects: int):
     """Reference of ``lavae_fast.ops.count_objects`` (SPEC §2, §9.3). No gradient.
 
@@ -173,9 +180,7 @@ def count_objects(h_loc, threshold: float, max_objects: int):
         h = h[:, None]
     if h.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=h.device)
-    pooled = F.max_pool2d(h, kernel_size=3, stride=1, padding=1)
-    peaks = (h >= pooled) & (h > threshold)
-    return peaks.flatten(1).sum(1).clamp(max=max_objects).long()
+    return counted_peaks(h, threshold).flatten(1).sum(1).clamp(max=max_objects).long()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ paper's schedule; see :mod:`lavae_fast.schedules`):
   (multi-MNIST) or 5e-4 (multi-dSprites), decayed exponentially ×100 over the horizon;
 * τ from 0.5 to 0.02, exponentially;
 * warm-up: an auxiliary VAE (:mod:`lavae_fast.aux_vae`) trained alongside on its own ELBO (its own
-  parameter group, lr 1e-3); its per-location KL map is the source of h_loc's target, scheduled weight 1
-  for 30% of the horizon, then linearly → 0 over the next 30% (the aux VAE is not run after that).
-  The target and its weight are decisions SPEC §5 leaves to us (each measured, see
+  parameter group, lr 1e-3); its per-location KL map is the source of h_loc's target, scheduled
+  weight 1 for 30% of the horizon, then linearly → 0 over the next 30% (the aux VAE is not run
+  after that). The target and its weight are decisions SPEC §5 leaves to us (each measured, see
   :mod:`lavae_fast.aux_vae`): the map is blurred (σ = S/7 px, ``--warmup-blur``) so that it has one
   peak per object, and scaled per batch so that its typical object peak sits at 2·4γ (the raw map
   peaks below the count threshold 4γ); each of its points above 4γ — an object it counts, 98% of
@@ -32,9 +32,9 @@ one is detected on load and replaced by the previous (:mod:`lavae_fast.checkpoin
 Measured (multi-dSprites 48×48, batch 16, width 32, ``--bf16``, 2-core CPU, ``--steps 4000``,
 20 min): with these defaults the counter learns to count during the warm-up and keeps it after
 (test count accuracy 0.91 at step 2000, 0.88 at 3000 and 0.91 at 4000, where 0.25 is the share
-of empty images; 7-object split 0.41–0.49; location accuracy 0.64); earlier targets did not — the raw map over-counts, the blurred map's flat
-tops leave several 3×3 maxima per object (n̂ 6.7 against 1.5), and with weight 1 the cone peaks
-stalled under the threshold (0.34 at best; gradient attribution at step 1000 of such a run: the
+of empty images; 7-object split 0.41–0.49; location accuracy 0.64); earlier targets did not —
+the raw map over-counts, the blurred map's flat tops leave several 3×3 maxima per object (n̂ 6.7
+against 1.5), and with weight 1 the cone peaks stalled under the threshold (0.34 at best; gradient attribution at step 1000 of such a run: the
 reconstruction's push on each image's 5 most-pushed pixels ~300, the warm-up's ~0.6, the location
 KL's ~0.01).
 
