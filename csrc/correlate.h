@@ -31,12 +31,18 @@ struct TileArgs {
   int64_t out_stride;
   int64_t valid;    // number of output columns to store (≤ NX·VL)
   bool accumulate = false;  // add to the values in `out` instead of overwriting them
+  int64_t prefetch = 0;     // prefetching tiles only: distance (elements) ahead along each row
 };
 
 // out[o*out_stride + x] (+)= Σ_{a,r,v} in[a*sa + r*sr + v + x] · w[((a*NR + r)*KW + v)*OB + o].
 // Reads in[... + v + x] for every x < NX·VL, so the input rows must be readable (and should be
 // zero) NX·VL − 1 columns past the last tap.
-template <typename T, int OB, int NX>
+//
+// PF: also prefetch (into L2) the NX vectors `t.prefetch` elements further along each input row.
+// A caller that walks many rows at a large stride (gather's 1×1 correlation reads 64 feature
+// planes 16 KB apart) gets no help from the hardware prefetcher and would otherwise wait on DRAM
+// for every row; spread among the FMAs, these requests keep the memory busy while it computes.
+template <typename T, int OB, int NX, bool PF = false>
 void corr_tile(const TileArgs& t) {
   using V = typename Vec<T>::type;
   constexpr int N = Vec<T>::N;
@@ -60,6 +66,9 @@ void corr_tile(const TileArgs& t) {
   for (int64_t a = 0; a < t.NA; ++a) {
     for (int64_t r = 0; r < t.NR; ++r) {
       const T* row = in + a * t.sa + r * t.sr;
+      if constexpr (PF) {
+        for (int j = 0; j < NX; ++j) __builtin_prefetch(row + t.prefetch + j * N, 0, 2);
+      }
       for (int64_t v = 0; v < t.KW; ++v) {
         V xv[NX];
         for (int j = 0; j < NX; ++j) xv[j] = vload<V>(row + v + j * N);
@@ -87,19 +96,25 @@ constexpr int kMaxOB = 12;
 
 using TileFn = void (*)(const TileArgs&);
 
-template <typename T, int NX, int... OBs>
+template <typename T, int NX, bool PF, int... OBs>
 constexpr auto make_row(std::integer_sequence<int, OBs...>) {
-  return std::array<TileFn, sizeof...(OBs)>{&corr_tile<T, OBs + 1, NX>...};
+  return std::array<TileFn, sizeof...(OBs)>{&corr_tile<T, OBs + 1, NX, PF>...};
 }
 
-// tile_fn<T>(ob, nx): the instantiation for ob in [1, kMaxOB], nx in {1, 2, 4}.
-template <typename T>
-TileFn tile_fn(int ob, int nx) {
-  static const auto r1 = make_row<T, 1>(std::make_integer_sequence<int, kMaxOB>{});
-  static const auto r2 = make_row<T, 2>(std::make_integer_sequence<int, kMaxOB>{});
-  static const auto r4 = make_row<T, 4>(std::make_integer_sequence<int, kMaxOB>{});
+// tile_fn<T>(ob, nx, prefetch): the instantiation for ob in [1, kMaxOB], nx in {1, 2, 4}, with or
+// without the row prefetch (TileArgs::prefetch).
+template <typename T, bool PF>
+TileFn tile_fn_impl(int ob, int nx) {
+  static const auto r1 = make_row<T, 1, PF>(std::make_integer_sequence<int, kMaxOB>{});
+  static const auto r2 = make_row<T, 2, PF>(std::make_integer_sequence<int, kMaxOB>{});
+  static const auto r4 = make_row<T, 4, PF>(std::make_integer_sequence<int, kMaxOB>{});
   TORCH_INTERNAL_ASSERT(ob >= 1 && ob <= kMaxOB && (nx == 1 || nx == 2 || nx == 4));
   return nx == 1 ? r1[ob - 1] : nx == 2 ? r2[ob - 1] : r4[ob - 1];
+}
+
+template <typename T>
+TileFn tile_fn(int ob, int nx, bool prefetch = false) {
+  return prefetch ? tile_fn_impl<T, true>(ob, nx) : tile_fn_impl<T, false>(ob, nx);
 }
 
 // Split `m` output channels into blocks of at most kMaxOB, as even as possible (10 → 10,

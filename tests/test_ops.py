@@ -527,7 +527,10 @@ def gather_case(B, M, K, H, W, seed, maps):
     return h_app, loc, n, index
 
 
-GATHER_SHAPES = [(3, 2, 1, 1, 1), (4, 3, 7, 5, 7), (3, 5, 64, 13, 9), (2, 10, 64, 32, 32), (3, 14, 5, 6, 9)]
+# (2, 13, 37, 19, 23): several column chunks of the backward's tiling plus a partial one and a
+# partial tile, two row groups (the second partial), two blocks of objects.
+GATHER_SHAPES = [(3, 2, 1, 1, 1), (4, 3, 7, 5, 7), (3, 5, 64, 13, 9), (2, 10, 64, 32, 32), (3, 14, 5, 6, 9),
+                 (2, 13, 37, 19, 23)]
 
 
 def _gather_fn(mode, impl=ops):

@@ -343,6 +343,7 @@ int main(int argc, char** argv) {
   test_count(2, 1, 1);
   test_gather(3, 4, 5, 5, 7);
   test_gather(2, 13, 64, 6, 11);
+  test_gather(2, 13, 37, 19, 23);  // several column chunks, partial chunk, tile and row group
   test_gather(3, 4, 0, 5, 7);       // K = 0: no feature planes, grad_loc must still be written
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   if (g_failures == 0) std::printf("ALL OK\n");
