@@ -10,6 +10,10 @@ in SECTIONS, so later work can add e.g. training-step rows with ``pass = "step"`
   reference vs fused, with the targets checked (PASS/FAIL) on ratios measured in the same run;
 * ``scaling``: fused placement forward+backward against canvas size (32² to 256²) and number of
   objects (1 to 32), with the correlation's FLOP rate;
+* ``step``, ``eval``: a whole training step and the importance-sampled evaluation
+  (bench/training_step.py);
+* ``profile``: where the default training step's time goes (torch.profiler, operators grouped
+  into categories; not in the default run, written to the JSON under "profile");
 * ``gpu``: bench/gpu_bench.py's rows when a CUDA device is present (skipped otherwise).
 
 Timing: implementations are called round-robin (one call each per round) so that they share the
@@ -60,6 +64,7 @@ class Context:
         self.reps = 5 if args.quick else args.reps
         self.budget = 3.0 if args.quick else 25.0
         self.targets = []  # (description, passed, detail)
+        self.extra = {}  # further JSON entries (the profile section's breakdown)
         # A float32 matmul timed alongside the placement kernels: the FLOP-rate yardstick.
         self.sgemm_n = 1024
         a, b = torch.randn(self.sgemm_n, self.sgemm_n), torch.randn(self.sgemm_n, self.sgemm_n)
@@ -312,8 +317,14 @@ def section_eval(ctx):
     return run(ctx)
 
 
+def section_profile(ctx):
+    from bench.training_step import section_profile as run
+
+    return run(ctx)
+
+
 SECTIONS = {"ops": section_ops, "scaling": section_scaling, "step": section_step, "eval": section_eval,
-            "gpu": section_gpu}
+            "profile": section_profile, "gpu": section_gpu}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +402,7 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows, "targets": targets}, f, indent=1)
+            json.dump({"environment": env, "rows": rows, "targets": targets, **ctx.extra}, f, indent=1)
         print(f"# wrote {args.json}")
     return rows, targets
 

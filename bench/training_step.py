@@ -268,10 +268,117 @@ def section_eval(ctx):
     return rows
 
 
+
+# Profile of the default step: where its time goes. torch.profiler misleads here: with it on, the
+# fused ops run several times slower than without (its records keep tensors alive, the heap grows
+# and fresh pages fault in inside whichever op allocates), so each operator call is timed instead
+# by a TorchDispatchMode around it (wall clock, below autograd: forward and backward kernels are
+# separate operators; nested calls inside an operator are not counted twice). Categories match
+# operator names, first match wins.
+PROFILE_CATEGORIES = [
+    ("placement + log-likelihood (fused)", ("lavae_fast.place_loglik",)),
+    ("Gumbel top-M sampling (fused)", ("lavae_fast.gumbel_topk",)),
+    ("appearance gather (fused)", ("lavae_fast.gather_appearance",)),
+    ("counting (fused)", ("lavae_fast.count_objects",)),
+    ("Leaky ReLU + batch norm (fused)", ("lavae_fast.lrelu_batch_norm", "batch_norm", "leaky_relu")),
+    ("convolutions", ("conv",)),
+    ("linear layers", ("addmm", "aten.mm", "aten.bmm", "linear")),
+    ("optimizer (Adamax)", ("_foreach",)),
+    ("elementwise (incl. autograd's gradient sums)", ("aten.add", "aten.mul", "aten.sub", "aten.div")),
+    ("layout copies", ("aten.copy_", "aten.clone", "aten._to_copy")),
+    ("allocation, zero fill", ("aten.empty", "aten.zero_", "aten.fill_", "aten.zeros")),
+]
+
+
+def profile_categories(names_ms: dict) -> dict:
+    """{category: ms} from {operator name: ms}; unmatched operators go to "other operators"."""
+    out = {c: 0.0 for c, _ in PROFILE_CATEGORIES}
+    out["other operators"] = 0.0
+    for name, ms in names_ms.items():
+        for cat, keys in PROFILE_CATEGORIES:
+            if any(k in name for k in keys):
+                out[cat] += ms
+                break
+        else:
+            out["other operators"] += ms
+    return out
+
+
+class _OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
+    """Wall time and calls per operator (``str(func)``, e.g. ``aten.convolution_backward.default``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ms, self.calls = {}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        dt = (time.perf_counter() - t0) * 1e3
+        name = str(func)
+        self.ms[name] = self.ms.get(name, 0.0) + dt
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return out
+
+
+def section_profile(ctx):
+    """The default training step (B = 64, 64×64, float32, fused ops, channels-last): wall time
+    of forward / backward / optimizer, and the time of its operators grouped into categories, per
+    step. Returns no timing rows (the step section has those); the breakdown goes to the JSON
+    under "profile"."""
+    import torch.utils._python_dispatch  # noqa: F401  (TorchDispatchMode)
+
+    h = w = 64
+    steps = 2 if ctx.quick else 4
+    torch.manual_seed(0)
+    x = _images(B, h, w)
+    s = _Stepper(LAVAE(C, (h, w), S), x, ops="fused", accelerate={})
+    s.warm()
+    s()
+    phases = {"forward": [], "backward": [], "optimizer": []}
+    for _ in range(steps):
+        noise = draw_noise(0, s.step_no, s.ids, num_pixels=h * w, max_objects=s.model.max_objects,
+                           latent_size=s.model.latent_size)
+        t0 = time.perf_counter()
+        out = s.model(s.x, noise=noise, tau=0.5, force_n_prob=0.5)
+        t1 = time.perf_counter()
+        s.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        t2 = time.perf_counter()
+        s.opt.step()
+        t3 = time.perf_counter()
+        s.step_no += 1
+        for k, t in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            phases[k].append(t * 1e3)
+    phase_ms = {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
+    step_ms = sum(phase_ms.values())
+    timer = _OpTimer()
+    t0 = time.perf_counter()
+    with timer:
+        for _ in range(steps):
+            s()
+    timed_step_ms = (time.perf_counter() - t0) * 1e3 / steps
+    names_ms = {k: v / steps for k, v in timer.ms.items()}
+    cats = profile_categories(names_ms)
+    cats["outside operators (Python, autograd engine, timer)"] = max(timed_step_ms - sum(cats.values()), 0.0)
+    print(f"# default step {h}x{w}, B={B}, float32, {torch.get_num_threads()} threads: {step_ms / 1e3:.2f} s "
+          f"(median phases over {steps} steps: " + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in phase_ms.items())
+          + ")")
+    print(f"# operator time by category (timed steps: {timed_step_ms / 1e3:.2f} s per step):")
+    for cat, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:<52} {ms:8.1f} ms  {100 * ms / timed_step_ms:5.1f}%")
+    top = sorted(names_ms.items(), key=lambda kv: -kv[1])[:15]
+    print("# top operators per step (ms, calls):")
+    for name, ms in top:
+        print(f"  {name:<52} {ms:8.1f} ms  {timer.calls[name] // steps:4d}")
+    ctx.extra["profile"] = {"H": h, "W": w, "B": B, "steps": steps, "phase_ms": phase_ms,
+                            "timed_step_ms": timed_step_ms, "category_ms": cats, "top_ms": dict(top)}
+    return []
+
 if __name__ == "__main__":
     import sys
 
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
         _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     else:
-        sys.exit("bench/training_step.py is driven by bench/throughput.py (--only step,eval)")
+        sys.exit("bench/training_step.py is driven by bench/throughput.py (--only step,eval,profile)")

@@ -63,3 +63,51 @@ def test_bench_quick_step_and_eval_sections(tmp_path):
     names = " ".join(t["target"] for t in data["targets"])
     assert "training step" in names and "evaluation" in names
     assert "ceiling" in stdout
+
+
+def _training_step_module():
+    sys.path.insert(0, ROOT)
+    try:
+        from bench import training_step
+    finally:
+        sys.path.remove(ROOT)
+    return training_step
+
+
+def test_profile_categories_sum_and_first_match():
+    ts = _training_step_module()
+    names = {"aten.convolution_backward.default": 5.0, "aten.convolution.default": 2.0,
+             "lavae_fast.gather_appearance_backward.default": 1.5, "lavae_fast.lrelu_batch_norm.default": 0.25,
+             "aten.add.Tensor": 1.0, "aten.add_.Tensor": 0.5, "aten.nonsense.default": 3.0}
+    cats = ts.profile_categories(names)
+    assert cats["convolutions"] == 7.0
+    assert cats["appearance gather (fused)"] == 1.5
+    assert cats["Leaky ReLU + batch norm (fused)"] == 0.25
+    assert cats["elementwise (incl. autograd's gradient sums)"] == 1.5
+    assert cats["other operators"] == 3.0
+    assert abs(sum(cats.values()) - sum(names.values())) < 1e-12
+
+
+def test_op_timer_sees_forward_and_backward_operators():
+    import torch
+
+    ts = _training_step_module()
+    conv = torch.nn.Conv2d(2, 3, 3)
+    x = torch.randn(2, 2, 8, 8, requires_grad=True)
+    timer = ts._OpTimer()
+    with timer:
+        conv(x).sum().backward()
+    assert timer.calls["aten.convolution.default"] == 1
+    assert timer.calls["aten.convolution_backward.default"] == 1
+    assert all(ms >= 0 for ms in timer.ms.values()) and set(timer.ms) == set(timer.calls)
+
+
+@pytest.mark.slow
+def test_bench_quick_profile_section(tmp_path):
+    data, stdout = _run(tmp_path, "--only", "profile")
+    prof = data["profile"]
+    assert set(prof["phase_ms"]) == {"forward", "backward", "optimizer"}
+    cats = prof["category_ms"]
+    assert cats["convolutions"] > 0 and cats["Leaky ReLU + batch norm (fused)"] > 0
+    assert cats["appearance gather (fused)"] > 0
+    assert "operator time by category" in stdout
