@@ -35,6 +35,7 @@ import copy
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import time_interleaved
@@ -304,7 +305,7 @@ def profile_categories(names_ms: dict) -> dict:
     return out
 
 
-class _OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
+class _OpTimer(TorchDispatchMode):
     """Wall time and calls per operator (``str(func)``, e.g. ``aten.convolution_backward.default``)."""
 
     def __init__(self):
@@ -326,8 +327,6 @@ def section_profile(ctx):
     of forward / backward / optimizer, and the time of its operators grouped into categories, per
     step. Returns no timing rows (the step section has those); the breakdown goes to the JSON
     under "profile"."""
-    import torch.utils._python_dispatch  # noqa: F401  (TorchDispatchMode)
-
     h = w = 64
     steps = 2 if ctx.quick else 4
     torch.manual_seed(0)
