@@ -12,7 +12,7 @@ in SECTIONS, so later work can add e.g. training-step rows with ``pass = "step"`
   objects (1 to 32), with the correlation's FLOP rate;
 * ``step``, ``eval``: a whole training step and the importance-sampled evaluation
   (bench/training_step.py);
-* ``profile``: where the default training step's time goes (torch.profiler, operators grouped
+* ``profile``: where the default training step's time goes (each operator call timed, grouped
   into categories; not in the default run, written to the JSON under "profile");
 * ``gpu``: bench/gpu_bench.py's rows when a CUDA device is present (skipped otherwise).
 

@@ -75,15 +75,24 @@ class _Stepper(_Timed):
         self.ids = torch.arange(x.shape[0])
         self.step_no = 0
 
-    def run(self):
+    def run(self, phase_ms=None):
+        """One step; with ``phase_ms`` (a dict of lists), append the wall time (ms) of its forward,
+        backward and optimizer phases."""
         H, W = self.x.shape[-2:]
         noise = draw_noise(0, self.step_no, self.ids, num_pixels=H * W, max_objects=self.model.max_objects,
                            latent_size=self.model.latent_size)
+        t0 = time.perf_counter()
         out = self.model(self.x, noise=noise, tau=0.5, force_n_prob=0.5)
+        t1 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        t2 = time.perf_counter()
         self.opt.step()
+        t3 = time.perf_counter()
         self.step_no += 1
+        if phase_ms is not None:
+            for k, t in zip(("forward", "backward", "optimizer"), (t1 - t0, t2 - t1, t3 - t2)):
+                phase_ms.setdefault(k, []).append(t * 1e3)
         return out.loss.detach()
 
     def __call__(self):
@@ -269,7 +278,6 @@ def section_eval(ctx):
     return rows
 
 
-
 # Profile of the default step: where its time goes. torch.profiler misleads here: with it on, the
 # fused ops run several times slower than without (its records keep tensors alive, the heap grows
 # and fresh pages fault in inside whichever op allocates), so each operator call is timed instead
@@ -334,21 +342,9 @@ def section_profile(ctx):
     s = _Stepper(LAVAE(C, (h, w), S), x, ops="fused", accelerate={})
     s.warm()
     s()
-    phases = {"forward": [], "backward": [], "optimizer": []}
+    phases = {}
     for _ in range(steps):
-        noise = draw_noise(0, s.step_no, s.ids, num_pixels=h * w, max_objects=s.model.max_objects,
-                           latent_size=s.model.latent_size)
-        t0 = time.perf_counter()
-        out = s.model(s.x, noise=noise, tau=0.5, force_n_prob=0.5)
-        t1 = time.perf_counter()
-        s.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        t2 = time.perf_counter()
-        s.opt.step()
-        t3 = time.perf_counter()
-        s.step_no += 1
-        for k, t in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
-            phases[k].append(t * 1e3)
+        s.run(phases)
     phase_ms = {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
     step_ms = sum(phase_ms.values())
     timer = _OpTimer()
@@ -373,6 +369,7 @@ def section_profile(ctx):
     ctx.extra["profile"] = {"H": h, "W": w, "B": B, "steps": steps, "phase_ms": phase_ms,
                             "timed_step_ms": timed_step_ms, "category_ms": cats, "top_ms": dict(top)}
     return []
+
 
 if __name__ == "__main__":
     import sys
