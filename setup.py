@@ -2,9 +2,13 @@
 
 Build with the torch that is already installed:  pip install --no-build-isolation .
 
+The kernels in csrc/kernels/ are compiled once per x86 instruction set (csrc/isa_*.cpp: baseline,
+AVX2, AVX-512) and the variant is chosen at run time from the CPU (csrc/dispatch.cpp), so one build
+serves every x86-64 machine and a wheel built on one runs at full speed on another. Nothing is
+compiled with -march=native.
+
 Environment switches:
-  DEBUG=1              -O0 -g, no -march=native
-  LAVAE_FAST_PORTABLE=1  no -march=native (for wheels that must run on other CPUs)
+  DEBUG=1              -O0 -g
   MAX_JOBS=N           parallel compile jobs (read by torch.utils.cpp_extension / ninja)
   LAVAE_FAST_NO_EXT=1  skip the C++ extension (ops fall back to the PyTorch reference)
 The Triton kernels (kernels/, shipped as lavae_fast.kernels) need no build step.
@@ -23,13 +27,11 @@ def get_extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     debug = os.environ.get("DEBUG") == "1"
-    portable = debug or os.environ.get("LAVAE_FAST_PORTABLE") == "1"
+    if os.environ.get("LAVAE_FAST_PORTABLE") == "1":
+        print("lavae_fast: LAVAE_FAST_PORTABLE=1 is no longer needed: every build is portable")
     cxx = ["-std=c++17", "-fopenmp"]
     cxx += ["-O0", "-g"] if debug else ["-O3", "-ffp-contract=fast"]
-    if not portable:
-        # The extension is compiled on the machine that runs it (pip install .), so let the
-        # compiler use its vector units (AVX2/AVX-512) for the inner loops.
-        cxx.append("-march=native")
+    # Sorted, the ISA variants link in increasing order (isa_0_baseline first): see isa_0_baseline.cpp.
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     print(f"lavae_fast: building lavae_fast._C from {len(sources)} C++ sources with {' '.join(cxx)}")
     ext = CppExtension("lavae_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

@@ -42,6 +42,41 @@ def load_cpu_kernels() -> bool:
     return cpu_kernels_loaded
 
 
+def cpu_capability() -> str | None:
+    """The C++ kernel variant CPU tensors run ("default", "avx2" or "avx512"), or None without ``_C``.
+
+    One build holds every variant; the best one this CPU runs is chosen at the first op call,
+    capped by ``LAVAE_FAST_CPU_CAPABILITY`` (or else ``ATEN_CPU_CAPABILITY``, which caps PyTorch's
+    own kernels the same way).
+    """
+    if not load_cpu_kernels():
+        return None
+    from lavae_fast import _C
+
+    return _C.cpu_capability()
+
+
+def available_cpu_capabilities() -> list[str]:
+    """The C++ kernel variants built in and runnable on this CPU, in increasing order."""
+    if not load_cpu_kernels():
+        return []
+    from lavae_fast import _C
+
+    return list(_C.available_cpu_capabilities())
+
+
+def set_cpu_capability(name: str) -> None:
+    """Switch the C++ kernel variant (tests and benchmarks compare variants in one process).
+
+    Raises ValueError for an unknown variant or one this CPU cannot run, RuntimeError without ``_C``.
+    """
+    if not load_cpu_kernels():
+        raise RuntimeError(f"lavae_fast._C is not loaded ({cpu_kernels_error}); {BUILD_HINT}")
+    from lavae_fast import _C
+
+    _C.set_cpu_capability(name)
+
+
 def load_triton_kernels() -> bool:
     """Import ``lavae_fast.kernels`` (registers the CUDA kernels) when CUDA and Triton are present."""
     global triton_kernels_loaded, triton_kernels_error
@@ -69,6 +104,6 @@ def load_triton_kernels() -> bool:
 
 def describe() -> str:
     """One line saying which implementation serves each device."""
-    cpu = "C++ kernels" if cpu_kernels_loaded else f"reference ({cpu_kernels_error})"
+    cpu = f"C++ kernels ({cpu_capability()})" if cpu_kernels_loaded else f"reference ({cpu_kernels_error})"
     cuda = "Triton kernels" if triton_kernels_loaded else f"reference ({triton_kernels_error})"
     return f"CPU: {cpu}; CUDA: {cuda}"

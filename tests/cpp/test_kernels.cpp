@@ -9,6 +9,7 @@
 // checks them against the Python definitions so the two cannot drift apart.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,6 +19,8 @@
 #include <numeric>
 #include <string>
 #include <vector>
+
+#include "kernel_table.h"  // the kernel variants (csrc/dispatch.cpp): every one this CPU runs is tested
 
 static const char* kSchemas[] = {
     "place_loglik(Tensor x, Tensor sprites, Tensor loc, Tensor n, Tensor? index, float eps)"
@@ -331,20 +334,28 @@ int main(int argc, char** argv) {
     for (const char* s : kSchemas) std::printf("lavae_fast::%s\n", s);
     return 0;
   }
-  at::manual_seed(0);
-  test_place(3, 4, 2, 5, 6, 7);
-  test_place(2, 13, 1, 9, 5, 3);    // S > canvas, 13 objects: two output blocks
-  test_place(2, 3, 1, 3, 1, 1);     // 1×1 canvas
-  test_place(2, 2, 3, 21, 40, 37);  // dSprites sprite, odd width (partial vectors)
-  test_gumbel(4, 37, 5, 0.3);
-  test_gumbel(3, 3, 5, 0.5);        // D < M
-  test_gumbel(3, 70, 4, 0.02);
-  test_count(4, 7, 9);
-  test_count(2, 1, 1);
-  test_gather(3, 4, 5, 5, 7);
-  test_gather(2, 13, 64, 6, 11);
-  test_gather(2, 13, 37, 19, 23);  // several column chunks, partial chunk, tile and row group
-  test_gather(3, 4, 0, 5, 7);       // K = 0: no feature planes, grad_loc must still be written
+  // Every kernel variant this CPU runs (default, avx2, avx512: each compiled with its own vector
+  // width and register tiles), so that the sanitizer build checks the bounds of each.
+  for (const std::string& variant : lavae_fast::available_cpu_capabilities()) {
+    lavae_fast::set_cpu_capability(variant);
+    std::printf("variant %s\n", lavae_fast::cpu_capability().c_str());
+    at::manual_seed(0);
+    const int before = g_failures;
+    test_place(3, 4, 2, 5, 6, 7);
+    test_place(2, 13, 1, 9, 5, 3);    // S > canvas, 13 objects: two output blocks
+    test_place(2, 3, 1, 3, 1, 1);     // 1×1 canvas
+    test_place(2, 2, 3, 21, 40, 37);  // dSprites sprite, odd width (partial vectors)
+    test_gumbel(4, 37, 5, 0.3);
+    test_gumbel(3, 3, 5, 0.5);        // D < M
+    test_gumbel(3, 70, 4, 0.02);
+    test_count(4, 7, 9);
+    test_count(2, 1, 1);
+    test_gather(3, 4, 5, 5, 7);
+    test_gather(2, 13, 64, 6, 11);
+    test_gather(2, 13, 37, 19, 23);  // several column chunks, partial chunk, tile and row group
+    test_gather(3, 4, 0, 5, 7);       // K = 0: no feature planes, grad_loc must still be written
+    std::printf("variant %s: %d failures\n", variant.c_str(), g_failures - before);
+  }
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   if (g_failures == 0) std::printf("ALL OK\n");
   return g_failures == 0 ? 0 : 1;

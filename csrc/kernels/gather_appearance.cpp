@@ -6,13 +6,13 @@
 // is the scatter of g at the index (dense mode: Σ_i loc[b,i,d]·g[b,i,k]). grad_loc, needed in
 // both modes, is computed with the register-blocked tile of correlate.h in one pass over h_app;
 // the dense-mode-only products (forward, dense grad_h_app) are batched GEMMs.
-#include <torch/library.h>
-
 #include <vector>
 
 #include "correlate.h"
 
 namespace lavae_fast {
+namespace LAVAE_ISA {
+namespace gather {
 namespace {
 
 constexpr const char* kFwd = "gather_appearance";
@@ -285,10 +285,6 @@ std::tuple<at::Tensor, at::Tensor> gather_appearance_backward_cpu(const at::Tens
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(lavae_fast, CPU, m) {
-  m.impl("gather_appearance", &gather_appearance_cpu);
-  m.impl("gather_appearance_backward", &gather_appearance_backward_cpu);
-}
-
+}  // namespace gather
+}  // namespace LAVAE_ISA
 }  // namespace lavae_fast

@@ -1,40 +1,46 @@
 // Shared helpers for the CPU kernels: SIMD vector types, vectorisable exp/log, input checks.
 //
-// The hot loops use GCC/Clang vector extensions (`vector_size`) rather than intrinsics: the
-// compiler maps a 64-byte vector onto one AVX-512 register with -march=native, onto two AVX2
-// registers or four SSE registers otherwise, so the same source stays portable while the register
-// blocking (how many accumulators live in registers) is under our control.
+// This file and the kernels are compiled once per instruction set (csrc/isa_*.cpp), each time in
+// its own namespace lavae_fast::LAVAE_ISA, and the op registrations pick one at run time
+// (csrc/dispatch.cpp). The hot loops use GCC/Clang vector extensions (`vector_size`) of the
+// target's native width (64 bytes with AVX-512, 32 with AVX2, 16 otherwise): a wider type than
+// the target has registers for is split by the compiler into pieces, often through memory or one
+// lane at a time (measured: the 64-byte build run on AVX2 was 5-30x slower than PyTorch's own ops).
+// The register blocking (how many accumulators a tile keeps) follows the register count.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include "prelude.h"
 
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#ifndef LAVAE_ISA
+#error "compile the kernels through csrc/isa_*.cpp, which define LAVAE_ISA"
 #endif
 
 namespace lavae_fast {
+namespace LAVAE_ISA {
 
-// One SIMD vector of 64 bytes: 16 floats or 8 doubles.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kVecRegs = 32;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kVecRegs = 16;
+#else
+constexpr int kVecBytes = 16;
+constexpr int kVecRegs = 16;
+#endif
+
+// One SIMD vector of the target's width: 16/8/4 floats, 8/4/2 doubles.
 template <typename T>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  static constexpr int N = 16;
+  typedef float type __attribute__((vector_size(kVecBytes)));
+  static constexpr int N = kVecBytes / 4;
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  static constexpr int N = 8;
+  typedef double type __attribute__((vector_size(kVecBytes)));
+  static constexpr int N = kVecBytes / 8;
 };
 
 // Unaligned load/store: memcpy of a fixed size compiles to a single vector move.
@@ -60,7 +66,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // gradcheck and accuracy checks, not for speed).
 // ---------------------------------------------------------------------------------------------
 
-typedef int32_t VecI32 __attribute__((vector_size(64)));
+typedef int32_t VecI32 __attribute__((vector_size(kVecBytes)));
 
 template <typename V>
 inline V splat(typename std::remove_reference<decltype(V{}[0])>::type v) {
@@ -169,55 +175,71 @@ inline auto hsum(const V& v) -> typename std::remove_reference<decltype(v[0])>::
   return s;
 }
 
-// dst[d] = src[d] · c for d < n, written with non-temporal (streaming) stores where the target
-// supports them: for a large output that is not read back soon, this skips reading every cache
-// line of dst before overwriting it (a third of the memory traffic of a plain store loop).
-// The caller issues store_fence() before the data is used by another thread.
+// One vector stored with a non-temporal (streaming) store where the target has one: for a large
+// output that is not read back soon, this skips reading every cache line of the destination
+// before overwriting it (a third of the memory traffic of a plain store loop). p must be aligned
+// to kVecBytes.
+#if defined(__x86_64__) || defined(_M_X64)
+constexpr bool kHasStreamingStores = true;
+#else
+constexpr bool kHasStreamingStores = false;
+#endif
+
+template <typename T>
+inline void stream_store(T* p, const typename Vec<T>::type& v) {
+  constexpr bool f32 = std::is_same<T, float>::value;
+#if defined(__AVX512F__)
+  if constexpr (f32) _mm512_stream_ps(p, (__m512)v); else _mm512_stream_pd(p, (__m512d)v);
+#elif defined(__AVX__)
+  if constexpr (f32) _mm256_stream_ps(p, (__m256)v); else _mm256_stream_pd(p, (__m256d)v);
+#elif defined(__SSE2__)
+  if constexpr (f32) _mm_stream_ps(p, (__m128)v); else _mm_stream_pd(p, (__m128d)v);
+#else
+  vstore(p, v);
+#endif
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// dst[d] = src[d] · c for d < n, with streaming stores (see stream_store). The caller issues
+// store_fence() before the data is used by another thread.
 template <typename T>
 inline void scale_stream(T* dst, const T* src, T c, int64_t n) {
   typedef typename Vec<T>::type V;
   constexpr int N = Vec<T>::N;
   int64_t d = 0;
-#if defined(__AVX512F__)
-  // Head: plain stores up to a 64-byte boundary.
-  while (d < n && (reinterpret_cast<uintptr_t>(dst + d) & 63) != 0) {
-    dst[d] = src[d] * c;
-    ++d;
-  }
-  if ((reinterpret_cast<uintptr_t>(dst + d) & 63) == 0) {
-    for (; d + N <= n; d += N) {
-      const V v = vload<V>(src + d) * c;
-      if constexpr (std::is_same<T, float>::value)
-        _mm512_stream_ps(dst + d, (__m512)v);
-      else
-        _mm512_stream_pd(dst + d, (__m512d)v);
+  if constexpr (kHasStreamingStores) {
+    // Head: plain stores up to a vector boundary.
+    while (d < n && (reinterpret_cast<uintptr_t>(dst + d) % kVecBytes) != 0) {
+      dst[d] = src[d] * c;
+      ++d;
     }
+    if ((reinterpret_cast<uintptr_t>(dst + d) % kVecBytes) == 0)
+      for (; d + N <= n; d += N) stream_store(dst + d, vload<V>(src + d) * c);
   }
-#endif
   for (; d + N <= n; d += N) vstore(dst + d, vload<V>(src + d) * c);
   for (; d < n; ++d) dst[d] = src[d] * c;
 }
 
-// dst[0..n) = 0 with streaming stores where the target has them (see scale_stream): a large
-// gradient buffer that is zeroed and then written at a few places is otherwise read in full
-// before it is overwritten. Fences itself, so the caller may write into dst right after.
+// dst[0..n) = 0 with streaming stores (see stream_store): a large gradient buffer that is zeroed
+// and then written at a few places is otherwise read in full before it is overwritten. Fences
+// itself, so the caller may write into dst right after.
 template <typename T>
 inline void zero_stream(T* dst, int64_t n) {
+  typedef typename Vec<T>::type V;
+  constexpr int N = Vec<T>::N;
   int64_t d = 0;
-#if defined(__AVX512F__)
-  while (d < n && (reinterpret_cast<uintptr_t>(dst + d) & 63) != 0) dst[d++] = T(0);
-  constexpr int64_t per_line = 64 / static_cast<int64_t>(sizeof(T));
-  const __m512i z = _mm512_setzero_si512();
-  for (; d + per_line <= n; d += per_line) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + d), z);
-  _mm_sfence();
-#endif
+  if constexpr (kHasStreamingStores) {
+    while (d < n && (reinterpret_cast<uintptr_t>(dst + d) % kVecBytes) != 0) dst[d++] = T(0);
+    if ((reinterpret_cast<uintptr_t>(dst + d) % kVecBytes) == 0)
+      for (; d + N <= n; d += N) stream_store(dst + d, V{});
+    store_fence();
+  }
   for (; d < n; ++d) dst[d] = T(0);
-}
-
-inline void store_fence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,4 +335,5 @@ inline at::Tensor checked_index(const at::Tensor& index, const at::Tensor& n, in
   return ic;
 }
 
+}  // namespace LAVAE_ISA
 }  // namespace lavae_fast

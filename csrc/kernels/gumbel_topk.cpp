@@ -8,14 +8,14 @@
 // a suffix sum over the k draws plus one sum over the rest — never "full sum minus the earlier
 // draws", which cancels catastrophically at τ = 0.02. log_q uses b^(i) = softmax(logits) over the
 // same sets, normalised in the same way against each step's own maximum (in double).
-#include <torch/library.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "common.h"
 
 namespace lavae_fast {
+namespace LAVAE_ISA {
+namespace gumbel {
 namespace {
 
 constexpr const char* kFwd = "gumbel_topk_relaxed";
@@ -341,10 +341,6 @@ at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& gra
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(lavae_fast, CPU, m) {
-  m.impl("gumbel_topk_relaxed", &gumbel_topk_relaxed_cpu);
-  m.impl("gumbel_topk_relaxed_backward", &gumbel_topk_relaxed_backward_cpu);
-}
-
+}  // namespace gumbel
+}  // namespace LAVAE_ISA
 }  // namespace lavae_fast

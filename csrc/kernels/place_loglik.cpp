@@ -7,13 +7,13 @@
 // Backward: dL/dΣ = g·(x−λ)/(λ(1−λ))·(1−2ε)·[Σ ≤ 1] (+ grad_canvas), written once into a
 // zero-padded plane Gp; grad_loc (always dense) and dense grad_sprites are correlations of Gp,
 // index-mode grad_sprites is the S×S window of Gp at each index.
-#include <torch/library.h>
-
 #include <vector>
 
 #include "correlate.h"
 
 namespace lavae_fast {
+namespace LAVAE_ISA {
+namespace place {
 namespace {
 
 constexpr const char* kFwd = "place_loglik";
@@ -25,11 +25,12 @@ struct Dims {
 
 // Geometry of the padded planes. Rows: S//2 of zeros above and below. Columns: S//2 of zeros on
 // the left, and on the right enough zeros for the tile loads, which run up to NX·VL − 1 columns
-// past the last tap: the row correlations (grad_loc, dense canvas) read up to column
-// round_up(W, 4·VL) + S − 2, the sprite-gradient correlation up to W + round_up(S, 4·VL) − 2.
+// past the last tap (NX·VL ≤ TC = max_tile_cols): the row correlations (grad_loc, dense canvas)
+// read up to column round_up(W, TC) + S − 2, the sprite-gradient correlation up to
+// W + round_up(S, TC) − 2.
 template <typename T>
 Dims make_dims(const at::Tensor& sprites, int64_t H, int64_t W, bool sprite_corr) {
-  constexpr int N = Vec<T>::N;
+  constexpr int64_t TC = max_tile_cols<T>();
   Dims d;
   d.B = sprites.size(0);
   d.M = sprites.size(1);
@@ -40,8 +41,8 @@ Dims make_dims(const at::Tensor& sprites, int64_t H, int64_t W, bool sprite_corr
   d.W = W;
   d.D = H * W;
   d.Hp = H + 2 * d.s;
-  d.Wq = round_up(W, 4 * N) + d.S - 1;
-  if (sprite_corr) d.Wq = std::max(d.Wq, W + round_up(d.S, 4 * N) - 1);
+  d.Wq = round_up(W, TC) + d.S - 1;
+  if (sprite_corr) d.Wq = std::max(d.Wq, W + round_up(d.S, TC) - 1);
   return d;
 }
 
@@ -508,10 +509,6 @@ std::tuple<at::Tensor, at::Tensor> place_loglik_backward_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(lavae_fast, CPU, m) {
-  m.impl("place_loglik", &place_loglik_cpu);
-  m.impl("place_loglik_backward", &place_loglik_backward_cpu);
-}
-
+}  // namespace place
+}  // namespace LAVAE_ISA
 }  // namespace lavae_fast

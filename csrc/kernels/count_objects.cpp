@@ -5,12 +5,11 @@
 // comes first because almost every pixel fails it, which skips the 8 neighbour reads. NaN follows
 // the reference: max_pool2d propagates a NaN neighbour, and h >= NaN is false, so a point next to
 // a NaN never counts (hence `!(n <= v)` rather than `n > v`).
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include "common.h"
 
 namespace lavae_fast {
+namespace LAVAE_ISA {
+namespace count {
 namespace {
 
 template <typename scalar_t>
@@ -52,7 +51,6 @@ at::Tensor count_objects_cpu(const at::Tensor& h_loc, double threshold, int64_t 
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(lavae_fast, CPU, m) { m.impl("count_objects", &count_objects_cpu); }
-
+}  // namespace count
+}  // namespace LAVAE_ISA
 }  // namespace lavae_fast

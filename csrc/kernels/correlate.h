@@ -8,8 +8,11 @@
 // (Gp: dL/dΣ padded by S//2; Lp: the location maps padded by S//2.) One tile computes OB output
 // channels × NX vectors along a row. Per input position it loads NX vectors once and issues OB·NX
 // fused multiply-adds with broadcast weights, so OB·NX accumulators stay in registers and the loop
-// is bound by FMA throughput rather than by loads. OB·NX is kept between ~8 (enough independent
-// chains to hide FMA latency) and 24 (32 vector registers minus loads).
+// is bound by FMA throughput rather than by loads. OB·NX is kept at ~8 or more (enough
+// independent chains to hide FMA latency) and within the register file: with 32 registers
+// (AVX-512) up to 24 accumulators, with 16 (AVX2, SSE) up to 12 plus the NX loaded vectors and a
+// broadcast weight. A tile that needs more registers than there are spills its accumulators to
+// the stack on every tap.
 #pragma once
 
 #include <array>
@@ -18,6 +21,7 @@
 #include "common.h"
 
 namespace lavae_fast {
+namespace LAVAE_ISA {
 
 // The channel loop has two levels (a, r) so that rows of several padded planes can be walked
 // without building an im2col panel: input row (a, r) starts at in + a*sa + r*sr.
@@ -93,6 +97,15 @@ void corr_tile(const TileArgs& t) {
 }
 
 constexpr int kMaxOB = 12;
+// Vectors along a row in one tile: 1, 2, 4, or (for one or two output channels with 16
+// registers, where 4 would leave too few accumulators to hide the FMA latency) 8.
+constexpr int kMaxNX = kVecRegs >= 32 ? 4 : 8;
+
+// Columns a tile may read past its first output column: callers pad their rows by this much.
+template <typename T>
+constexpr int64_t max_tile_cols() {
+  return kMaxNX * Vec<T>::N;
+}
 
 using TileFn = void (*)(const TileArgs&);
 
@@ -101,15 +114,16 @@ constexpr auto make_row(std::integer_sequence<int, OBs...>) {
   return std::array<TileFn, sizeof...(OBs)>{&corr_tile<T, OBs + 1, NX, PF>...};
 }
 
-// tile_fn<T>(ob, nx, prefetch): the instantiation for ob in [1, kMaxOB], nx in {1, 2, 4}, with or
-// without the row prefetch (TileArgs::prefetch).
+// tile_fn<T>(ob, nx, prefetch): the instantiation for ob in [1, kMaxOB], nx in {1, 2, 4} (and 8
+// for ob <= 2 where kMaxNX is 8), with or without the row prefetch (TileArgs::prefetch).
 template <typename T, bool PF>
 TileFn tile_fn_impl(int ob, int nx) {
   static const auto r1 = make_row<T, 1, PF>(std::make_integer_sequence<int, kMaxOB>{});
   static const auto r2 = make_row<T, 2, PF>(std::make_integer_sequence<int, kMaxOB>{});
   static const auto r4 = make_row<T, 4, PF>(std::make_integer_sequence<int, kMaxOB>{});
-  TORCH_INTERNAL_ASSERT(ob >= 1 && ob <= kMaxOB && (nx == 1 || nx == 2 || nx == 4));
-  return nx == 1 ? r1[ob - 1] : nx == 2 ? r2[ob - 1] : r4[ob - 1];
+  static const auto r8 = make_row<T, 8, PF>(std::make_integer_sequence<int, 2>{});
+  TORCH_INTERNAL_ASSERT(ob >= 1 && ob <= kMaxOB && (nx == 1 || nx == 2 || nx == 4 || (nx == 8 && ob <= 2)));
+  return nx == 1 ? r1[ob - 1] : nx == 2 ? r2[ob - 1] : nx == 4 ? r4[ob - 1] : r8[ob - 1];
 }
 
 template <typename T>
@@ -125,14 +139,20 @@ inline int64_t block_size(int64_t m) {
   return ceil_div(m, nblk);
 }
 
-// Vectors per row in a tile: enough accumulators (OB·NX ≥ 8 where possible) without computing
-// many columns past the row's end (`width` useful columns).
+// Vectors per row in a tile: enough accumulators (OB·NX ≥ 8 where possible) within the register
+// file (see the top of this file), without computing many columns past the row's end (`width`
+// useful columns).
 template <typename T>
 int choose_nx(int64_t ob, int64_t width) {
   constexpr int N = Vec<T>::N;
-  int nx = ob <= 3 ? 4 : 2;
+  int nx;
+  if constexpr (kVecRegs >= 32)
+    nx = ob <= 3 ? 4 : 2;  // ≤ 24 accumulators
+  else
+    nx = ob <= 2 ? (ob == 1 ? 8 : 4) : ob <= 6 ? 2 : 1;  // ≤ 12 accumulators, (OB+1)·NX + 1 ≤ 16 registers
   while (nx > 1 && (nx / 2) * N >= width) nx /= 2;
   return nx;
 }
 
+}  // namespace LAVAE_ISA
 }  // namespace lavae_fast

@@ -17,15 +17,14 @@
 // each parallel block has its own partials, reduced in block order, so the result does not depend
 // on the schedule. The variance comes from sums of d = a − shift_c with shift_c the channel's first
 // value: without the shift Σa²/n − mean² loses everything when |mean| ≫ std.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <numeric>
 #include <vector>
 
 #include "common.h"
 
 namespace lavae_fast {
+namespace LAVAE_ISA {
+namespace norm {
 namespace {
 
 constexpr int64_t kChunkGroups = 8;    // groups summed in the compute type before the float64 flush
@@ -52,8 +51,8 @@ inline void st(uint16_t* p, int64_t i, float v) {
 }
 
 // The same on whole vectors (Vec<A>::N values).
-typedef uint32_t VecU32 __attribute__((vector_size(64)));
-typedef uint16_t VecU16 __attribute__((vector_size(32)));
+typedef uint32_t VecU32 __attribute__((vector_size(kVecBytes)));
+typedef uint16_t VecU16 __attribute__((vector_size(kVecBytes / 2)));
 inline Vec<float>::type vld(const float* p) { return vload<Vec<float>::type>(p); }
 inline Vec<double>::type vld(const double* p) { return vload<Vec<double>::type>(p); }
 inline Vec<float>::type vld(const uint16_t* p) {
@@ -459,10 +458,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrelu_batch_norm_backward_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(lavae_fast, CPU, m) {
-  m.impl("lrelu_batch_norm", &lrelu_batch_norm_cpu);
-  m.impl("lrelu_batch_norm_backward", &lrelu_batch_norm_backward_cpu);
-}
-
+}  // namespace norm
+}  // namespace LAVAE_ISA
 }  // namespace lavae_fast
