@@ -44,9 +44,11 @@ import torch.nn.functional as F  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+    sys.path.append(ROOT)  # for the bench package; which lavae_fast is measured: use_engine
 
-from bench.common import environment, load_average, sgemm_rate, time_interleaved  # noqa: E402
+from bench.common import environment, load_average, sgemm_rate, time_interleaved, use_engine  # noqa: E402
+
+use_engine(ROOT, require_cpu_kernels=__name__ == "__main__")
 from lavae_fast import ops, performance  # noqa: E402
 from lavae_fast import reference as ref  # noqa: E402
 
@@ -183,6 +185,15 @@ def section_ops(ctx):
                             f"({flops / 1e9:.2f} GFLOP: {bound_ms:.1f} ms at the {rate / 1e9:.0f} GFLOP/s sgemm "
                             f"rate timed alongside)", fb <= 2 * bound_ms,
                             f"{fb:.1f} ms = {fb / bound_ms:.2f}x bound (20th percentile {fb20:.1f} ms)"))
+        if any(r["impl"] == "fused-dense" and r["C"] == C for r in rows):
+            # Dense mode (the relaxed samples place the sprites): its own FLOPs are one correlation
+            # forward (the canvas), three forward+backward (canvas, grad_loc, grad_sprites).
+            for pas, k in (("fwd", 1), ("fwd+bwd", 3)):
+                t = _pick(rows, "place_and_loglik", pas, "fused-dense", C)
+                b = k * bound_ms
+                ctx.targets.append((f"place_and_loglik dense {pas} C={C} S={S}: <= 2x its FLOP bound ({k} "
+                                    f"correlation{'s' if k > 1 else ''}: {k * flops / 1e9:.2f} GFLOP, {b:.1f} ms)",
+                                    t <= 2 * b, f"{t:.1f} ms = {t / b:.2f}x bound"))
         r_dense = _ratio(rows, "place_and_loglik", "fwd", C, "reference-dense", "fused")
         r_scatter = _ratio(rows, "place_and_loglik", "fwd", C, "eager-scatter", "fused")
         ctx.targets.append((f"place_and_loglik index fwd C={C}: >= 30x faster than the dense reference",
@@ -349,6 +360,13 @@ def _progress(rows):
               f"[p20 {r['p20_ms']:.2f}, p80 {r['p80_ms']:.2f}, n={r['reps']}]  ({shape}){extra}", flush=True)
 
 
+def _sizes(text):
+    try:
+        return [(int(v), int(v)) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected canvas sides like 48,64, got {text!r}") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: fewer repetitions and cases")
@@ -363,6 +381,14 @@ def main(argv=None):
                    help="the project's allocator setting (lavae_fast.performance.tune_allocator), as the training "
                         "CLI uses it; the step section's eager rows switch it off around their own calls")
     p.add_argument("--step-reps", type=int, default=7, help="rounds of the step section (default 7)")
+    p.add_argument("--step-batch", type=int, default=64, help="batch of the step section (default 64)")
+    p.add_argument("--step-channels", type=int, choices=[1, 3], default=1,
+                   help="1: multi-MNIST shapes (S = 17, default), 3: multi-dSprites (S = 21)")
+    p.add_argument("--step-sizes", type=_sizes, default=None,
+                   help="canvases of the step section, e.g. 48,64 (default 64,32; --quick: 64)")
+    p.add_argument("--step-impls", type=lambda v: [s for s in v.split(",") if s], default=None,
+                   help="step implementations, comma-separated (eager, eager+allocator, default, compile, bf16, "
+                        "bf16+compile; default: all)")
     p.add_argument("--step-budget", type=float, default=300.0, help="seconds per step timing (default 300)")
     args = p.parse_args(argv)
     if args.threads:
@@ -373,12 +399,19 @@ def main(argv=None):
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    step_impls = {"eager", "eager+allocator", "default", "compile", "bf16", "bf16+compile"}
+    if args.step_impls and not set(args.step_impls) <= step_impls:
+        p.error(f"unknown step implementation(s) {sorted(set(args.step_impls) - step_impls)}; choose from "
+                f"{sorted(step_impls)}")
 
     env = environment()
     rate = sgemm_rate(1024 if args.quick else 2048)
     env["sgemm_gflops"] = rate / 1e9
     print(f"# {env['cpu']} ({env['cpu_flags']}), {env['logical_cpus']} logical CPUs, {env['torch_threads']} torch "
           f"threads; torch {env['torch']}, python {env['python']}")
+    caps = ", ".join(f"{k}={v}" for k, v in env["isa_caps"].items()) or "none"
+    print(f"# ISA: torch {env['torch_cpu_capability']}, lavae_fast kernels {env['cpu_kernels']} (caps set: {caps}); "
+          f"bf16 native: {env['bf16_native']}; lavae_fast from {env['lavae_fast']}")
     print(f"# backends: {env['backends']}; THP_MEM_ALLOC_ENABLE={env['thp_alloc']}; allocator tuned: "
           f"{performance.allocator_tuned()}; load average {env['load_average_start']}")
     print(f"# sgemm ({1024 if args.quick else 2048}^2 float32 matmul): {rate / 1e9:.1f} GFLOP/s")

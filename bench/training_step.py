@@ -3,8 +3,10 @@
 Used by ``bench/throughput.py --only step,eval`` (rows with ``pass = "step"`` / ``"eval"``).
 
 Step: forward (negative ELBO with the training recipe's noise and forced-n coin), backward and one
-Adamax update, B = 64, 64×64 and 32×32, C = 1, S = 17 (multi-MNIST's shapes). Implementations, all
-from the same initial weights and timed round-robin in the same run:
+Adamax update; by default B = 64, 64×64 and 32×32, C = 1, S = 17 (multi-MNIST's shapes), or as set
+by ``--step-batch``, ``--step-sizes``, ``--step-channels`` (3: multi-dSprites, S = 21) and
+``--step-impls``. Implementations, all from the same initial weights and timed round-robin in the
+same run:
 
 * ``eager``: the plain PyTorch reference — reference ops, NCHW float32, no compilation, glibc's
   default allocator — in a fresh worker process (``python bench/training_step.py --worker``) that
@@ -18,9 +20,13 @@ from the same initial weights and timed round-robin in the same run:
 * ``compile``: default + ``torch.compile`` of the nets;
 * ``bf16``, ``bf16+compile``: bf16 autocast for the convolutions (optional path).
 
-The float32 ceiling is the step's FLOP count (torch.utils.flop_counter, forward + backward) over
-the sgemm rate measured in the same run; the conv rate of one of the nets' 3×3 convolutions,
-measured in isolation, is printed too (oneDNN's convolutions beat MKL's sgemm on some CPUs).
+Yardsticks, measured in the same run: the float32 ceiling is the step's FLOP count
+(torch.utils.flop_counter, forward + backward) over the sgemm rate; the **conv rate** is what the
+step's own convolutions reach alone: every convolution of one default-path step (the model's layer
+shapes, batch, layout, dtype and threads, with the same input gradients asked for), replayed
+forward + backward without anything else, timed round-robin with the steps (``conv-only`` rows).
+"X% of the conv rate" is conv-only time / step time: a step made of nothing but its convolutions,
+each as fast as it runs alone, would be at 100%.
 
 Eval: ``log_likelihood(x, K=100)`` on 16 test-like images (n̂ = 1–3 per image, set by a hook on
 the location head so that the work matches a trained model's), ``eager`` loop over the K samples
@@ -44,11 +50,12 @@ from lavae_fast.noise import draw_noise
 
 B = 64
 C, S = 1, 17
+SPRITE = {1: 17, 3: 21}
 
 
-def _images(b, h, w, seed=0):
+def _images(b, h, w, seed=0, c=C):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(b, C, h, w, generator=g) < 0.15).float()
+    return (torch.rand(b, c, h, w, generator=g) < 0.15).float()
 
 
 class _Timed:
@@ -103,7 +110,7 @@ class _WorkerStepper(_Timed):
     """The eager reference in a fresh process (see the module docstring): the same model (same
     seed), data and noise; ``__call__`` asks it for one step and waits for it."""
 
-    def __init__(self, h, w):
+    def __init__(self, h, w, b=B, c=C):
         import os
         import subprocess
         import sys
@@ -112,7 +119,8 @@ class _WorkerStepper(_Timed):
         env = dict(os.environ, LAVAE_FAST_TUNE_ALLOCATOR="0", PYTHONPATH=root + os.pathsep + os.environ.get(
             "PYTHONPATH", ""))
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(h), str(w),
-                                      str(torch.get_num_threads())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      str(torch.get_num_threads()), str(b), str(c)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=root)
 
     def __call__(self):
@@ -127,13 +135,13 @@ class _WorkerStepper(_Timed):
         self.proc.wait(timeout=60)
 
 
-def _worker(h, w, threads):
+def _worker(h, w, threads, b=B, c=C):
     """Loop of the eager worker: one training step per 'step' line on stdin."""
     import sys
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    stepper = _Stepper(LAVAE(C, (h, w), S), _images(B, h, w), ops="reference")
+    stepper = _Stepper(LAVAE(c, (h, w), SPRITE[c]), _images(b, h, w, c=c), ops="reference")
     for line in sys.stdin:
         if line.strip() != "step":
             break
@@ -152,77 +160,130 @@ def step_flops(model: LAVAE, x) -> float:
     return float(counter.get_total_flops())
 
 
-def conv_rate(h, w, reps=5) -> float:
-    """FLOP/s of one of the nets' 3×3 convolutions (44 → 44 channels, channels-last, B = 64),
-    forward + backward, in isolation."""
-    conv = torch.nn.Conv2d(44, 44, 3, padding=1).to(memory_format=torch.channels_last)
-    xi = torch.randn(B, 44, h, w).contiguous(memory_format=torch.channels_last).requires_grad_()
-    g = torch.randn(B, 44, h, w).contiguous(memory_format=torch.channels_last)
+class _ConvReplay(_Timed):
+    """Every convolution of one training step of ``stepper``'s model, replayed alone (see the module
+    docstring): the same layer shapes, layout, dtype and input-gradient needs, forward + backward.
+    ``flops``: their FLOP count (forward + backward)."""
 
-    def f():
-        torch.autograd.backward(conv(xi), g)
+    def __init__(self, stepper: _Stepper):
+        model = copy.deepcopy(stepper.model)
+        calls = []
 
-    t = time_interleaved({"conv": f}, reps=reps, warmup=2, budget_s=10)["conv"]["median_ms"] * 1e-3
-    return 3 * 2.0 * B * 44 * 44 * 9 * h * w / t
+        def hook(mod, inp, out):
+            xi = inp[0]
+            fmt = torch.channels_last if xi.dim() == 4 and not xi.is_contiguous() and xi.is_contiguous(
+                memory_format=torch.channels_last) else torch.contiguous_format
+            calls.append((mod, tuple(xi.shape), xi.dtype, fmt, xi.requires_grad, tuple(out.shape)))
+
+        convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        handles = [m.register_forward_hook(hook) for m in convs]
+        H, W = stepper.x.shape[-2:]
+        noise = draw_noise(0, 0, stepper.ids, num_pixels=H * W, max_objects=model.max_objects,
+                           latent_size=model.latent_size)
+        out = model(stepper.x, noise=noise, tau=0.5, force_n_prob=0.5)
+        out.loss.backward()
+        for h in handles:
+            h.remove()
+        tensors = {}  # one input and one output gradient per distinct shape (the step's memory, not more)
+
+        def tensor(shape, dtype, fmt):
+            key = (shape, dtype, fmt)
+            if key not in tensors:
+                tensors[key] = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+            return tensors[key]
+
+        self.items = []
+        for mod, shape, dtype, fmt, needs_grad, out_shape in calls:
+            xi = tensor(shape, dtype, fmt)
+            xi = xi.detach().requires_grad_(needs_grad)
+            self.items.append((mod, xi, tensor(out_shape, dtype, fmt)))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self()
+        self.flops = float(counter.get_total_flops())
+
+    def __call__(self):
+        for mod, xi, g in self.items:
+            torch.autograd.backward(mod(xi), g)
 
 
 def section_step(ctx):
     rows = []
-    sizes = [(64, 64)] if ctx.quick else [(64, 64), (32, 32)]
+    args = ctx.args
+    b = args.step_batch
+    c = args.step_channels
+    s_ = SPRITE[c]
+    sizes = args.step_sizes or ([(64, 64)] if ctx.quick else [(64, 64), (32, 32)])
+    wanted = args.step_impls or (["eager", "default", "compile", "bf16+compile"] if ctx.quick else
+                                 ["eager", "eager+allocator", "default", "compile", "bf16", "bf16+compile"])
     for (h, w) in sizes:
         torch.manual_seed(0)
-        base = LAVAE(C, (h, w), S)
-        x = _images(B, h, w)
-        impls = {
-            "eager": _WorkerStepper(h, w),
-            "eager+allocator": _Stepper(base, x, ops="reference"),
-            "default": _Stepper(base, x, ops="fused", accelerate={}),
-            "compile": _Stepper(base, x, ops="fused", accelerate={"compile": True}),
-            "bf16": _Stepper(base, x, ops="fused", accelerate={"bf16": True}),
-            "bf16+compile": _Stepper(base, x, ops="fused", accelerate={"bf16": True, "compile": True}),
+        base = LAVAE(c, (h, w), s_)
+        x = _images(b, h, w, c=c)
+        make = {
+            "eager": lambda: _WorkerStepper(h, w, b, c),
+            "eager+allocator": lambda: _Stepper(base, x, ops="reference"),
+            "default": lambda: _Stepper(base, x, ops="fused", accelerate={}),
+            "compile": lambda: _Stepper(base, x, ops="fused", accelerate={"compile": True}),
+            "bf16": lambda: _Stepper(base, x, ops="fused", accelerate={"bf16": True}),
+            "bf16+compile": lambda: _Stepper(base, x, ops="fused", accelerate={"bf16": True, "compile": True}),
         }
-        if ctx.quick:
-            for k in ("eager+allocator", "bf16"):
-                impls.pop(k)
-        for name, s in impls.items():  # first steps: compilation, oneDNN primitive creation
-            s.warm()
-            print(f"# step {h}x{w} {name}: first step {s.first_s:.1f} s", flush=True)
-        res = time_interleaved({k: s for k, s in impls.items()}, reps=3 if ctx.quick else ctx.args.step_reps,
-                               warmup=1, budget_s=60 if ctx.quick else ctx.args.step_budget)
+        impls = {k: make[k]() for k in wanted}
+        # The step's own convolutions alone, from a default-path model (float32, channels-last).
+        impls["conv-only"] = _ConvReplay(impls["default"] if "default" in impls else make["default"]())
+        for name, st in impls.items():  # first steps: compilation, oneDNN primitive creation
+            st.warm()
+            print(f"# step {h}x{w} B={b} C={c} {name}: first call {st.first_s:.1f} s", flush=True)
+        res = time_interleaved({k: st for k, st in impls.items()}, reps=3 if ctx.quick else args.step_reps,
+                               warmup=1, budget_s=60 if ctx.quick else args.step_budget)
         flops = step_flops(base, x)
         ceiling_ms = flops / ctx.rate * 1e3
-        crate = conv_rate(h, w)
+        conv = res.pop("conv-only")
+        conv_ms = conv["median_ms"]
+        crate = impls["conv-only"].flops / (conv_ms * 1e-3)
+        rows.append({"op": f"training_step_{h}x{w}", "pass": "step", "impl": "conv-only", "C": c, **conv, "H": h,
+                     "W": w, "B": b, "S": s_, "conv_gflop": impls["conv-only"].flops / 1e9,
+                     "conv_gflops_per_s": crate / 1e9})
         for name, t in res.items():
-            extra = {"images_per_s": B / (t["median_ms"] * 1e-3), "first_step_s": impls[name].first_s,
-                     "H": h, "W": w, "B": B, "S": S, "step_gflop": flops / 1e9,
-                     "ceiling_sgemm_ms": ceiling_ms, "ceiling_conv_ms": flops / crate * 1e3}
+            extra = {"images_per_s": b / (t["median_ms"] * 1e-3), "first_step_s": impls[name].first_s,
+                     "H": h, "W": w, "B": b, "S": s_, "step_gflop": flops / 1e9, "ceiling_sgemm_ms": ceiling_ms,
+                     "conv_only_ms": conv_ms, "frac_conv_rate": conv_ms / t["median_ms"]}
             if "compile" in name:
                 extra["compile_s"] = impls[name].first_s - t["median_ms"] * 1e-3
-            rows.append({"op": f"training_step_{h}x{w}", "pass": "step", "impl": name, "C": C, **t, **extra})
-        eager = res["eager"]["median_ms"]
-        print(f"# step {h}x{w}: {flops / 1e9:.0f} GFLOP -> float32 ceiling {ceiling_ms / 1e3:.2f} s at the sgemm rate "
-              f"({ctx.rate / 1e9:.0f} GFLOP/s), {flops / crate:.2f} s at the isolated conv rate ({crate / 1e9:.0f} GFLOP/s)")
+            rows.append({"op": f"training_step_{h}x{w}", "pass": "step", "impl": name, "C": c, **t, **extra})
+        print(f"# step {h}x{w} B={b} C={c}: {flops / 1e9:.0f} GFLOP -> float32 ceiling {ceiling_ms / 1e3:.2f} s at the "
+              f"sgemm rate ({ctx.rate / 1e9:.0f} GFLOP/s); its convolutions alone: {conv_ms / 1e3:.2f} s "
+              f"[p20 {conv['p20_ms'] / 1e3:.2f}, p80 {conv['p80_ms'] / 1e3:.2f}] = {crate / 1e9:.0f} GFLOP/s "
+              f"(the conv rate)")
+        eager = res["eager"]["median_ms"] if "eager" in res else None
         for name, t in res.items():
             comp = f", compile {impls[name].first_s - t['median_ms'] * 1e-3:.0f} s" if "compile" in name else ""
+            vs = f"{eager / t['median_ms']:.2f}x eager  " if eager else ""
             print(f"training_step {h}x{w} {name:<16} {t['median_ms'] / 1e3:7.2f} s [p20 {t['p20_ms'] / 1e3:.2f}, "
-                  f"p80 {t['p80_ms'] / 1e3:.2f}, n={t['reps']}]  {B / (t['median_ms'] * 1e-3):6.1f} images/s  "
-                  f"{eager / t['median_ms']:.2f}x eager  ({100 * ceiling_ms / t['median_ms']:.0f}% of the sgemm "
-                  f"ceiling){comp}", flush=True)
-        if (h, w) == (64, 64):
+                  f"p80 {t['p80_ms'] / 1e3:.2f}, n={t['reps']}]  {b / (t['median_ms'] * 1e-3):6.1f} images/s  "
+                  f"{vs}({100 * conv_ms / t['median_ms']:.0f}% of the conv rate, {100 * ceiling_ms / t['median_ms']:.0f}"
+                  f"% of the sgemm ceiling){comp}", flush=True)
+        if "default" in res:
+            t = res["default"]["median_ms"]
+            ctx.targets.append((f"training step {h}x{w} B={b} C={c}, default path (float32): >= 80% of the conv rate "
+                                f"(its convolutions alone: {conv_ms / 1e3:.2f} s)", conv_ms / t >= 0.8,
+                                f"{100 * conv_ms / t:.0f}% ({t / 1e3:.2f} s per step)"))
+        if (h, w) == (64, 64) and eager and "default" in res:
             r = eager / res["default"]["median_ms"]
-            ctx.targets.append(("training step 64x64 B=64, default path (float32): >= 2.5x the eager reference",
+            ctx.targets.append((f"training step 64x64 B={b}, default path (float32): >= 2.5x the eager reference",
                                 r >= 2.5, f"{r:.2f}x ({res['default']['median_ms'] / 1e3:.2f} s vs "
                                           f"{eager / 1e3:.2f} s; float32 ceiling {ceiling_ms / 1e3:.2f} s)"))
             best = min((k for k in res if k.startswith("bf16")), key=lambda k: res[k]["median_ms"], default=None)
             if best:
                 r = eager / res[best]["median_ms"]
-                ctx.targets.append((f"training step 64x64 B=64, bf16 path ({best}): >= 5x the eager reference",
+                ctx.targets.append((f"training step 64x64 B={b}, bf16 path ({best}): >= 5x the eager reference",
                                     r >= 5, f"{r:.2f}x ({res[best]['median_ms'] / 1e3:.2f} s)"))
-            comp = [impls[k].first_s for k in impls if "compile" in k]
-            if comp:
-                ctx.targets.append(("compilation (first compiled step) under a minute", max(comp) < 60,
-                                    ", ".join(f"{k}: {impls[k].first_s:.0f} s" for k in impls if "compile" in k)))
-        impls["eager"].close()
+        comp = [impls[k].first_s for k in impls if "compile" in k]
+        if comp:
+            ctx.targets.append(("compilation (first compiled step) under a minute", max(comp) < 60,
+                                ", ".join(f"{k}: {impls[k].first_s:.0f} s" for k in impls if "compile" in k)))
+        if "eager" in impls:
+            impls["eager"].close()
         del impls
     return rows
 
@@ -374,7 +435,7 @@ def section_profile(ctx):
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    if len(sys.argv) == 7 and sys.argv[1] == "--worker":
+        _worker(*(int(a) for a in sys.argv[2:]))
     else:
         sys.exit("bench/training_step.py is driven by bench/throughput.py (--only step,eval,profile)")

@@ -68,6 +68,13 @@ def _run(exe: str, extra_env=None) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-8000:]
     assert "ALL OK" in out and " 0 failures" in out, out[-4000:]
+    # Every kernel variant this CPU runs was exercised (each has its own vector width and tiles).
+    from lavae_fast import _backends
+
+    ran = re.findall(r"^variant (\S+): 0 failures$", out, re.M)
+    assert ran, out[-4000:]
+    if _backends.cpu_kernels_loaded:
+        assert ran == _backends.available_cpu_capabilities(), (ran, out[-2000:])
     return out
 
 
