@@ -326,53 +326,82 @@ def _median_interleaved(fns, rounds=5):
 
 
 def _guard_cases():
+    """name -> (C++ call, fallback call): each op's forward then its backward op, with the same
+    arguments, through the registered C++ kernels and through the reference fallbacks that
+    lavae_fast.ops registers for a build without them."""
+    from lavae_fast import norm
+
+    lib = torch.ops.lavae_fast
     g = torch.Generator().manual_seed(6)
     B, M, H, W, K = 16, 10, 48, 48, 64
     D = H * W
+    eps = 1e-4
+    nm = torch.full((B,), M)
     cases = {}
+
+    def pair(fwd_cpp, bwd_cpp, fwd_ref, bwd_ref, bwd_args):
+        def run(fwd, bwd):
+            out = fwd()
+            bwd(*bwd_args(out))
+        return (lambda: run(fwd_cpp, bwd_cpp), lambda: run(fwd_ref, bwd_ref))
+
     for C, S in ((1, 17), (3, 21)):
-        x, sprites, loc, n, index = place_case(B, M, C, S, H, W, seed=C, dtype=torch.float32)
-        n.fill_(M)
+        x = (torch.rand(B, C, H, W, generator=g) < 0.3).float()
+        sprites = torch.rand(B, M, C, S, S, generator=g)
         index = torch.stack([torch.randperm(D, generator=g)[:M] for _ in range(B)])
-        loc = one_hot_maps(index, n, H, W, torch.float32)
+        for mode in ("index", "dense"):
+            loc = one_hot_maps(index, nm, H, W, torch.float32) if mode == "index" else \
+                torch.rand(B, M, H, W, generator=g) / D
+            idx = index if mode == "index" else None
+            gl = torch.randn(B, generator=g)
+            args = (x, sprites, loc, nm, idx, eps)
 
-        def place(impl, x=x, sprites=sprites, loc=loc, n=n, index=index):
-            s, l = sprites.clone().requires_grad_(True), loc.clone().requires_grad_(True)
-            impl.place_and_loglik(x, s, l, n, index=index).sum().backward()
+            def bwd_args(out, x=x, sprites=sprites, loc=loc, idx=idx, gl=gl):
+                return (gl, None, x, sprites, loc, nm, idx, out[1], eps, True, True)
 
-        cases[f"place_and_loglik index fwd+bwd C={C}"] = place
+            cases[f"place_loglik {mode} C={C}"] = pair(
+                lambda a=args: lib.place_loglik(*a), lib.place_loglik_backward,
+                lambda a=args: ref._fallback_place_loglik(*a), ref._fallback_place_loglik_backward, bwd_args)
+
     logits = torch.randn(B, D, generator=g) * 4
     gumbel = -torch.log(-torch.log(torch.rand(B, D, generator=g)))
-    nm = torch.full((B,), M)
+    gr, gq = torch.randn(B, M, D, generator=g), torch.randn(B, generator=g)
+    cases["gumbel_topk_relaxed"] = pair(
+        lambda: lib.gumbel_topk_relaxed(logits, nm, 0.3, M, gumbel), lib.gumbel_topk_relaxed_backward,
+        lambda: ref._fallback_gumbel_topk_relaxed(logits, nm, 0.3, M, gumbel),
+        ref._fallback_gumbel_topk_relaxed_backward, lambda out: (gr, gq, logits, out[2], out[0], nm, 0.3))
 
-    def gumbel_fn(impl):
-        l = logits.clone().requires_grad_(True)
-        _, r, lq = impl.gumbel_topk_relaxed(l, nm, 0.3, M, gumbel)
-        (r.sum() + lq.sum()).backward()
-
-    cases["gumbel_topk_relaxed fwd+bwd"] = gumbel_fn
     h = torch.randn(B, H, W, generator=g) * 5
-    cases["count_objects"] = lambda impl: impl.count_objects(h, 2.0, M)
+    cases["count_objects"] = (lambda: lib.count_objects(h, 2.0, M), lambda: ref._fallback_count_objects(h, 2.0, M))
+
     h_app = torch.randn(B, K, H, W, generator=g)
-    idx = torch.stack([torch.randperm(D, generator=g)[:M] for _ in range(B)])
-    maps = one_hot_maps(idx, nm, H, W, torch.float32)
+    index = torch.stack([torch.randperm(D, generator=g)[:M] for _ in range(B)])
+    maps = one_hot_maps(index, nm, H, W, torch.float32)
+    go = torch.randn(B, M, K, generator=g)
+    cases["gather_appearance index"] = pair(
+        lambda: lib.gather_appearance(h_app, maps, nm, index), lib.gather_appearance_backward,
+        lambda: ref._fallback_gather_appearance(h_app, maps, nm, index), ref._fallback_gather_appearance_backward,
+        lambda out: (go, h_app, maps, nm, index, True, True))
 
-    def gather_fn(impl):
-        a, l = h_app.clone().requires_grad_(True), maps.clone().requires_grad_(True)
-        impl.gather_appearance(a, l, nm, index=idx).sum().backward()
-
-    cases["gather_appearance fwd+bwd"] = gather_fn
+    y = torch.randn(B, 44, H, W, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(44, generator=g) + 0.5, torch.randn(44, generator=g)
+    gy = torch.randn(B, 44, H, W, generator=g).contiguous(memory_format=torch.channels_last)
+    cases["lrelu_batch_norm"] = pair(
+        lambda: lib.lrelu_batch_norm(y, w, b, 0.01, 1e-5), lib.lrelu_batch_norm_backward,
+        lambda: norm.reference_forward(y, w, b, 0.01, 1e-5), norm.reference_backward,
+        lambda out: (gy, y, w, out[1], out[2], 0.01, True, True, True))
     return cases
 
 
 def test_cpp_ops_are_not_slower_than_the_pytorch_fallback(ext):
     # The issue this guards against: 64-byte vectors compiled for AVX2 ran the placement 4x
-    # slower than the pure-PyTorch fallback. Medians of interleaved rounds; each op must beat the
-    # fallback (the measured margins on this workload are 3x to 100x, so load does not flip it).
+    # slower than the pure-PyTorch fallback. Medians of interleaved rounds; each op (forward, then its
+    # backward op) must beat the fallback that would run without the extension.
     cases = _guard_cases()
     slow = []
-    for name, fn in cases.items():
-        fused, fallback = _median_interleaved([lambda: fn(ops), lambda: fn(ref)])
+    for name, (cpp, fallback_fn) in cases.items():
+        fused, fallback = _median_interleaved([cpp, fallback_fn])
+        print(f"{name}: C++ {fused * 1e3:.2f} ms, fallback {fallback * 1e3:.2f} ms")
         if fused >= fallback:
             slow.append(f"{name}: C++ {fused * 1e3:.2f} ms >= fallback {fallback * 1e3:.2f} ms")
     assert not slow, f"({_backends.cpu_capability()} kernels) " + "; ".join(slow)
