@@ -1,0 +1,405 @@
+"""Never lose a run or a data set (issue 15): the run directory's ownership and policy, interrupts,
+full disks, data identity; and the bad inputs that used to end in a raw traceback.
+
+Full disks are real ones where the machine allows it: a 1-process mount namespace (``unshare -rm``)
+with a small tmpfs, no root needed; those tests skip where user namespaces are unavailable. The
+checkpoint writer's handling of torch's own full-disk error is also tested by injection."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import lavae_fast
+from lavae_fast import data
+from lavae_fast.checkpoint import (CheckpointWriteError, RunDirectoryInUse, load_checkpoint, lock_run_directory,
+                                   previous_path, remove_stale_temporaries, save_checkpoint)
+from lavae_fast.data import storage
+from lavae_fast.data.__main__ import main as data_main
+from lavae_fast.train import main as train_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(lavae_fast.__file__)))
+
+TINY = ["--dataset", "multi-dsprites", "--canvas", "32", "--n-train", "64", "--n-test", "16", "--n-test7", "8",
+        "--batch-size", "4", "--width", "6", "--sprite-width", "36", "--threads", "1", "--no-progress",
+        "--log-every", "1", "--eval-every", "0"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _steps_logged(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f if "loss" in line]
+
+
+def _dead_pid():
+    """A PID that no process has now (a child that has exited and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("run") / "run")
+    assert train_main(TINY + ["--steps", "3", "--ckpt-every", "1", "--out", run]) == 0
+    return run
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lost work: the run directory
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_fresh_run_into_a_finished_run_is_refused_and_overwrite_is_explicit(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path / "run")
+    before = {n: _bytes(os.path.join(run, n)) for n in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl")}
+    with pytest.raises(SystemExit) as e:
+        train_main(TINY + ["--steps", "2", "--out", run])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert {n: _bytes(os.path.join(run, n)) for n in before} == before
+    # --resume together with --overwrite is a contradiction, refused as such
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--steps", "2", "--out", run, "--resume", "--overwrite"])
+    assert "pass one of them" in capsys.readouterr().err
+    # --overwrite: the old run's files go, and the log holds this run's steps only
+    assert train_main(TINY + ["--steps", "2", "--ckpt-every", "1", "--out", run, "--overwrite"]) == 0
+    assert _steps_logged(run) == [1, 2]
+    assert load_checkpoint(run)["step"] == 2 and load_checkpoint(previous_path(os.path.join(run, "checkpoint.pt")))["step"] == 1
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path / "run")
+    before = _bytes(os.path.join(run, "checkpoint.pt"))
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--steps", "2", "--out", run, "--overwrite", "--data", str(tmp_path / "nowhere")])
+    assert "does not exist" in capsys.readouterr().err
+    assert _bytes(os.path.join(run, "checkpoint.pt")) == before
+
+
+def test_a_metrics_log_without_a_checkpoint_is_not_mixed_into_a_new_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 1}\n{"step": 3, "lo')
+    assert train_main(TINY + ["--steps", "1", "--out", str(run)]) == 0
+    assert _steps_logged(str(run)) == [1]
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from lavae_fast.checkpoint import lock_run_directory
+    lock = lock_run_directory(sys.argv[1])
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_run_directory_is_owned_by_one_process_and_sigkill_releases_it(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, run], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as e:
+            train_main(TINY + ["--steps", "1", "--out", run])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "in use by another process" in err and f"pid {holder.pid}" in err
+        assert not os.path.exists(os.path.join(run, "metrics.jsonl"))  # the refused trainer wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the kernel dropped the lock with the killed process
+    assert train_main(TINY + ["--steps", "1", "--out", run]) == 0
+
+
+def test_two_trainers_started_together_one_runs_one_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "lavae_fast.train", *TINY, "--steps", "3", "--out", run]
+    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=240), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    refused = [err for rc, err in results if rc == 2][0]
+    assert "in use by another process" in refused or "already holds a run" in refused
+    assert _steps_logged(run) == [1, 2, 3]  # one run's log, not two interleaved
+
+
+def test_cleanup_spares_a_live_writers_temporary(tmp_path):
+    live = tmp_path / f".tmp-{os.getppid()}-abcd.pt"
+    dead = tmp_path / f".tmp-{_dead_pid()}-abcd.pt"
+    old_style = tmp_path / ".tmp-k3j4l5.pt"
+    for p in (live, dead, old_style):
+        p.write_bytes(b"x")
+    assert sorted(remove_stale_temporaries(str(tmp_path))) == sorted([dead.name, old_style.name])
+    assert live.exists()
+
+
+def test_checkpoint_temporaries_are_named_after_their_writer(tmp_path, monkeypatch):
+    import tempfile
+
+    seen = []
+    real = tempfile.mkstemp
+
+    def spy(*a, **k):
+        fd, path = real(*a, **k)
+        seen.append(os.path.basename(path))
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    save_checkpoint(str(tmp_path / "checkpoint.pt"), {"step": 1, "model": {}})
+    assert seen and seen[0].startswith(f".tmp-{os.getpid()}-") and seen[0].endswith(".pt")
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda run: os.makedirs(os.path.join(run, "checkpoint.pt")), "checkpoint.pt exists and is not a file"),
+    (lambda run: os.makedirs(os.path.join(run, "metrics.jsonl")), "metrics.jsonl exists and is not a file"),
+    (lambda run: open(os.path.join(run, "tb"), "w").close(), "tb exists and is not a directory"),
+])
+def test_output_paths_are_checked_before_any_step(tmp_path, capsys, make, needle):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    make(run)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        train_main(TINY + ["--steps", "1000", "--out", run])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert time.time() - t0 < 10  # refused up front, not after the steps up to the first save
+
+
+@pytest.mark.parametrize("out,needle", [("", "--out is empty"), ("FILE", "exists and is not a directory")])
+def test_out_that_is_a_file_or_empty_is_refused(tmp_path, capsys, out, needle):
+    if out == "FILE":
+        out = str(tmp_path / "file")
+        open(out, "w").close()
+    with pytest.raises(SystemExit) as e:
+        train_main(TINY + ["--steps", "1", "--out", out])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupts
+# ---------------------------------------------------------------------------------------------
+
+
+def _wait_for_step(run, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        path = os.path.join(run, "metrics.jsonl")
+        if os.path.exists(path) and len([1 for line in open(path) if line.endswith("\n")]) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step}")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_128_plus_the_signal(tmp_path, sig, code):
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "lavae_fast.train", *TINY, "--steps", "1000", "--ckpt-every", "500", "--out", run]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, 2, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and f"stopped by {signal.Signals(sig).name}" in err
+    ckpt = load_checkpoint(run)
+    # the checkpoint is at the last step taken (the log's), not at the last --ckpt-every multiple
+    assert ckpt["step"] == _steps_logged(run)[-1] >= 2
+    # and it is the state an uninterrupted run has at that step
+    ref = str(tmp_path / "ref")
+    assert train_main(TINY + ["--steps", "1000", "--stop-at", str(ckpt["step"]), "--out", ref]) == 0
+    want = load_checkpoint(ref)
+    for k in want["model"]:
+        assert torch.equal(ckpt["model"][k], want["model"][k]), k
+
+
+_RANK = textwrap.dedent("""
+    import os, sys
+    import lavae_fast.train as T
+    sys.exit(T.main(sys.argv[1:]))
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_under_distributed_training_every_rank_stops_at_the_same_step(tmp_path):
+    run = str(tmp_path / "run")
+    port = _free_port()
+    args = [*TINY, "--batch-size", "8", "--steps", "1000", "--ckpt-every", "500", "--out", run]
+    procs = []
+    for rank in range(2):
+        env = _env()
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        _wait_for_step(run, 2, procs[0])
+        procs[1].send_signal(signal.SIGTERM)  # only rank 1 is told: a node being preempted
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [143, 143], [e for _, e in outs]
+    assert load_checkpoint(run)["step"] == _steps_logged(run)[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Full disks
+# ---------------------------------------------------------------------------------------------
+
+
+def _in_small_filesystem(size: str, script: str, timeout=240):
+    """Run ``script`` (bash) with a fresh ``size`` tmpfs mounted at $FS, in a private mount namespace."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user/mount namespaces here: {probe.stderr.decode().strip()}")
+    mnt = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lavae_fast_fs_{os.getpid()}")
+    os.makedirs(mnt, exist_ok=True)
+    try:
+        wrapped = f"set -u; mount -t tmpfs -o size={size} none {mnt} && export FS={mnt} && cd $FS && {script}"
+        return subprocess.run(["unshare", "-rm", "bash", "-c", wrapped], env=_env(), capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        os.rmdir(mnt)
+
+
+def test_checkpoint_writer_turns_torchs_full_disk_error_into_a_clear_one_and_keeps_the_previous(tmp_path,
+                                                                                               monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"step": 1, "model": {"w": torch.zeros(3)}})
+    save_checkpoint(path, {"step": 2, "model": {"w": torch.ones(3)}})
+
+    def full(obj, f):  # what torch.save raises when the disk fills under its zip writer
+        f.write(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2240 vs 2154")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointWriteError, match="the disk looks full.*previous checkpoints .* are kept"):
+        save_checkpoint(path, {"step": 3, "model": {"w": torch.full((3,), 2.0)}})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 2 and load_checkpoint(previous_path(path))["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pt", "checkpoint.pt"]
+
+
+def test_training_on_a_full_disk_stops_with_a_message_and_keeps_its_checkpoints(tmp_path):
+    # A checkpoint is ~3.5 MB; with .prev kept, the third save needs room for three: 9 MB holds two.
+    cmd = " ".join([sys.executable, "-m", "lavae_fast.train", *TINY, "--steps", "6", "--ckpt-every", "1",
+                    "--out", "$FS/run"])
+    r = _in_small_filesystem("9m", f"{cmd}; echo rc=$?; {sys.executable} -c \"import sys; "
+                             "from lavae_fast.checkpoint import load_checkpoint as L; "
+                             "print('steps', L(sys.argv[1])['step'], L(sys.argv[2])['step'])\" "
+                             "$FS/run/checkpoint.pt $FS/run/checkpoint.prev.pt; ls -a $FS/run")
+    assert "rc=1" in r.stdout, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "the disk looks full" in r.stderr and "kept" in r.stderr
+    cur, prev = (int(v) for v in r.stdout.split("steps")[1].split()[:2])
+    assert cur == prev + 1 and cur >= 1
+    assert ".tmp-" not in r.stdout  # no partial temporary left
+
+
+def _generate_cmd(out, *extra):
+    return " ".join([sys.executable, "-m", "lavae_fast.data", "generate", "--dataset", "multi-dsprites", "--out",
+                     out, "--canvas", "32", "--n-test7", "0", "--no-progress", *extra])
+
+
+def test_generation_on_a_full_disk_is_a_clear_error_that_leaves_no_partial_set_and_keeps_the_old_one(tmp_path):
+    small = _generate_cmd("$FS/d", "--n-train", "200", "--n-test", "10")
+    big = _generate_cmd("$FS/d", "--n-train", "20000", "--n-test", "10", "--overwrite")
+    fresh = _generate_cmd("$FS/e", "--n-train", "20000", "--n-test", "10")
+    show = f"{sys.executable} -c \"import sys; from lavae_fast.data import MultiObjectDataset as M; print('old set', len(M(sys.argv[1], 'train', verify=True)))\" $FS/d"
+    r = _in_small_filesystem("400k", f"{small} && {big}; echo rc=$?; {fresh}; echo rc=$?; {show}; ls -a $FS $FS/d")
+    assert r.stdout.count("rc=1") == 2, (r.stdout, r.stderr)  # no Bus error (rc 135)
+    assert "Traceback" not in r.stderr and "not enough disk space" in r.stderr
+    assert "old set 200" in r.stdout  # the replaced set is intact and verifies
+    listing = r.stdout.split("old set 200")[1]
+    assert ".tmp-" not in listing and ".new-" not in listing and " e\n" not in listing
+
+
+# ---------------------------------------------------------------------------------------------
+# Lost data: data generate --overwrite
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("sets") / "d4")
+    data.generate("multi-dsprites", root, n_train=24, n_test=8, n_test7=0, seed=4, canvas=(32, 32), progress=False)
+    return root
+
+
+def _snapshot(root):
+    return {n: _bytes(os.path.join(root, n)) for n in sorted(os.listdir(root))}
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--canvas", "8"], "does not fit"),
+    (["--dataset", "multi-mnist-1k", "--mnist-dir", "/nonexistent/mnist"], "mnist"),
+])
+def test_overwrite_with_bad_settings_keeps_the_old_set(small_set, tmp_path, capsys, extra, needle):
+    root = _copy(small_set, tmp_path / "d")
+    before = _snapshot(root)
+    argv = ["generate", "--dataset", "multi-dsprites", "--out", root, "--n-train", "8", "--no-progress",
+            "--overwrite", *extra]
+    assert data_main(argv) == 1
+    assert needle in capsys.readouterr().err.lower()
+    assert _snapshot(root) == before
+
+
+def test_overwrite_swaps_in_the_new_set_and_keeps_a_users_own_files(small_set, tmp_path):
+    root = _copy(small_set, tmp_path / "d")
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    data.generate("multi-dsprites", root, n_train=12, n_test=4, n_test7=0, seed=5, canvas=(32, 32), progress=False,
+                  overwrite=True)
+    assert len(data.MultiObjectDataset(root, "train", verify=True)) == 12
+    assert (tmp_path / "d" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["d"]  # no staging directory left
+
+
+def test_stale_temporary_cleanup_matches_only_the_generators_names(tmp_path):
+    dead = _dead_pid()
+    mine = ["results.tmp-4000000", f"notes.tmp-{dead}", f"train.images.npy.tmp-{os.getppid()}"]
+    stale = [f"train.images.npy.tmp-{dead}", f"meta.json.tmp-{dead}", f"pool_source_indices.npy.tmp-{dead}"]
+    for n in mine + stale:
+        (tmp_path / n).write_bytes(b"x")
+    assert sorted(storage.remove_stale_temporaries(str(tmp_path))) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(mine)
