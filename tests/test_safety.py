@@ -403,3 +403,96 @@ def test_stale_temporary_cleanup_matches_only_the_generators_names(tmp_path):
         (tmp_path / n).write_bytes(b"x")
     assert sorted(storage.remove_stale_temporaries(str(tmp_path))) == sorted(stale)
     assert sorted(os.listdir(tmp_path)) == sorted(mine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Silently wrong: data identity
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_on(root, out, *extra, steps=1):
+    return train_main(TINY + ["--steps", str(steps), "--data", root, "--out", out, *extra])
+
+
+def test_resume_compares_the_data_sets_content_not_its_path(small_set, tmp_path, capsys, monkeypatch):
+    root = _copy(small_set, tmp_path / "d4")
+    run = str(tmp_path / "run")
+    assert _train_on(root, run, steps=3, *["--stop-at", "1"]) == 0
+    # the same set spelled another way (relative, with ./) resumes
+    monkeypatch.chdir(tmp_path)
+    assert _train_on(os.path.join(".", "d4", "..", "d4"), run, "--resume", "--stop-at", "2", steps=3) == 0
+    assert load_checkpoint(run)["step"] == 2
+    # a copy elsewhere (same content) resumes too
+    moved = _copy(root, tmp_path / "elsewhere")
+    assert _train_on(moved, run, "--resume", "--stop-at", "3", steps=3) == 0
+    # the set regenerated in place with another seed is refused
+    data.generate("multi-dsprites", root, n_train=24, n_test=8, n_test7=0, seed=9, canvas=(32, 32), progress=False,
+                  overwrite=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _train_on(root, run, "--resume", steps=3)
+    assert e.value.code == 2
+    assert "--resume on different data" in capsys.readouterr().err
+    assert load_checkpoint(run)["step"] == 3
+
+
+@pytest.mark.parametrize("name", ["train.images.npy", "train.counts.npy"])
+def test_a_flipped_byte_in_the_training_data_is_refused(small_set, tmp_path, capsys, name):
+    root = _copy(small_set, tmp_path / "d")
+    path = os.path.join(root, name)
+    raw = bytearray(_bytes(path))
+    raw[-1] ^= 0x01
+    with open(path, "wb") as f:
+        f.write(raw)
+    with pytest.raises(SystemExit) as e:
+        _train_on(root, str(tmp_path / "run"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert name in err and "SHA-256" in err
+
+
+def test_a_data_set_of_another_name_is_refused(small_set, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--steps", "1", "--data", small_set, "--out", str(tmp_path / "run"),
+                           "--dataset", "multi-mnist-10k"])
+    assert "holds 'multi-dsprites', not --dataset 'multi-mnist-10k'" in capsys.readouterr().err
+
+
+def test_mnist_1k_set_as_mnist_10k_is_refused(tmp_path, capsys):
+    root = str(tmp_path / "mm1k")
+    data.generate("multi-mnist-1k", root, n_train=4, n_test=2, n_test7=0, canvas=(32, 32), progress=False)
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--steps", "1", "--data", root, "--out", str(tmp_path / "run"),
+                           "--dataset", "multi-mnist-10k"])
+    assert "holds 'multi-mnist-1k', not --dataset 'multi-mnist-10k'" in capsys.readouterr().err
+
+
+def test_an_edited_meta_json_is_refused(small_set, tmp_path):
+    root = _copy(small_set, tmp_path / "d")
+    path = os.path.join(root, "meta.json")
+    meta = json.loads(open(path).read())
+    meta["width"] = 28  # the same packed byte count: the shape check alone would load cropped images
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(data.DataFormatError, match="edited"):
+        data.MultiObjectDataset(root, "train")
+
+
+def test_an_empty_training_split_is_refused_with_a_message(tmp_path, capsys):
+    root = str(tmp_path / "empty")
+    assert data_main(["generate", "--dataset", "multi-dsprites", "--out", root, "--n-train", "0", "--n-test", "4",
+                      "--n-test7", "0", "--canvas", "32", "--no-progress"]) == 0
+    with pytest.raises(SystemExit) as e:
+        _train_on(root, str(tmp_path / "run"))
+    assert e.value.code == 2 and "the train split holds no images" in capsys.readouterr().err
+
+
+def test_checksums_are_verified_once_per_process(small_set, tmp_path, monkeypatch):
+    root = _copy(small_set, tmp_path / "d")
+    calls = []
+    real = storage.file_sha256
+    monkeypatch.setattr(storage, "file_sha256", lambda p: calls.append(p) or real(p))
+    data.MultiObjectDataset(root, "train", verify=True)
+    first = len(calls)
+    data.MultiObjectDataset(root, "train", verify=True)
+    assert first == 4 + len(data.read_meta(root)["labels"]) and len(calls) == first
