@@ -496,3 +496,73 @@ def test_checksums_are_verified_once_per_process(small_set, tmp_path, monkeypatc
     first = len(calls)
     data.MultiObjectDataset(root, "train", verify=True)
     assert first == 4 + len(data.read_meta(root)["labels"]) and len(calls) == first
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate and figures: output paths, the run's data, the model's input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_evaluate_makes_its_output_folder_first_and_refuses_a_directory(finished_run, tmp_path, capsys):
+    from lavae_fast.evaluate import main as eval_main
+
+    out = tmp_path / "nodir" / "x" / "eval.json"
+    assert eval_main([finished_run, "--K", "0", "--n-eval", "2", "--splits", "test", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["test"]["images"] == 2
+    with pytest.raises(SystemExit, match="is a directory"):
+        eval_main([finished_run, "--K", "0", "--n-eval", "2", "--splits", "test", "--out", str(tmp_path)])
+
+
+def test_evaluate_refuses_data_of_another_shape(finished_run, tmp_path):
+    from lavae_fast.evaluate import main as eval_main
+
+    other = str(tmp_path / "wide")
+    data.generate("multi-dsprites", other, n_train=2, n_test=2, n_test7=0, canvas=(40, 40), progress=False)
+    with pytest.raises(SystemExit, match=r"3×40×40 \(C×H×W\), the model takes 3×32×32"):
+        eval_main([finished_run, "--K", "0", "--splits", "test", "--data", other])
+    mono = str(tmp_path / "mono")
+    data.generate("multi-mnist-1k", mono, n_train=2, n_test=2, n_test7=0, canvas=(32, 32), progress=False)
+    with pytest.raises(SystemExit, match=r"1×32×32 \(C×H×W\), the model takes 3×32×32"):
+        eval_main([finished_run, "--K", "0", "--splits", "test", "--data", mono])
+
+
+def test_evaluate_refuses_the_runs_data_set_regenerated_since_training(small_set, tmp_path):
+    from lavae_fast.evaluate import main as eval_main
+
+    root = _copy(small_set, tmp_path / "d")
+    run = str(tmp_path / "run")
+    assert _train_on(root, run) == 0
+    data.generate("multi-dsprites", root, n_train=24, n_test=8, n_test7=0, seed=11, canvas=(32, 32), progress=False,
+                  overwrite=True)
+    with pytest.raises(SystemExit, match="has changed since training"):
+        eval_main([run, "--K", "0", "--splits", "test"])
+    assert eval_main([run, "--K", "0", "--splits", "test", "--data", root]) == 0  # asked for explicitly
+
+
+def test_figures_on_a_32x32_run_skip_the_7_object_split_with_a_message(finished_run, tmp_path, capsys):
+    from lavae_fast.figures import main as fig_main
+
+    out = tmp_path / "figs"
+    assert fig_main([finished_run, "--out", str(out), "--num", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped the test7 split" in err and "cannot be placed" in err
+    assert (out / "reconstructions_test.png").exists() and (out / "samples.png").exists()
+    assert not (out / "reconstructions_test7.png").exists()
+
+
+def test_figures_when_the_runs_data_is_gone(small_set, tmp_path):
+    from lavae_fast.figures import main as fig_main
+
+    root = _copy(small_set, tmp_path / "d")
+    run = str(tmp_path / "run")
+    assert _train_on(root, run) == 0
+    shutil.rmtree(root)
+    with pytest.raises(SystemExit, match="data set is gone.*does not exist"):
+        fig_main([run, "--out", str(tmp_path / "f")])
+
+
+def test_figures_refuse_a_lavae_run_as_baseline(finished_run, tmp_path):
+    from lavae_fast.figures import main as fig_main
+
+    with pytest.raises(SystemExit, match="--baseline .* holds a lavae model, not the β-VAE baseline"):
+        fig_main([finished_run, "--baseline", finished_run, "--out", str(tmp_path / "f")])
