@@ -566,3 +566,149 @@ def test_figures_refuse_a_lavae_run_as_baseline(finished_run, tmp_path):
 
     with pytest.raises(SystemExit, match="--baseline .* holds a lavae model, not the β-VAE baseline"):
         fig_main([finished_run, "--baseline", finished_run, "--out", str(tmp_path / "f")])
+
+
+# ---------------------------------------------------------------------------------------------
+# API: silently wrong values and raw tracebacks
+# ---------------------------------------------------------------------------------------------
+
+
+def _lavae(**kw):
+    from lavae_fast.model import LAVAE
+
+    cfg = dict(max_objects=3, latent_size=4, width=4, sprite_width=8)
+    cfg.update(kw)
+    return LAVAE(1, (8, 8), 5, **cfg)
+
+
+def _images(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, 1, 8, 8, generator=g) > 0.6).float()
+
+
+@pytest.mark.parametrize("tau", [1e-40, 1e-7, float("inf"), 0.0])
+def test_a_tau_too_small_to_compute_is_refused(tau):
+    m = _lavae()
+    with pytest.raises(ValueError, match="tau must be > 0 and finite, and at least 1e-06"):
+        m(_images(), tau=tau)
+    out = m(_images(), tau=1e-6)  # the smallest accepted one computes a finite loss and gradient
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("model", ["lavae", "baseline"])
+def test_inference_decoding_and_sampling_leave_batch_norm_statistics_alone(model):
+    from lavae_fast.baseline import BetaVAE
+
+    m = _lavae() if model == "lavae" else BetaVAE(1, (8, 8), latent_channels=2, width=4)
+    m.train()
+    m(_images())  # a training step's forward: the statistics are not all at their initial values
+    before = {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
+    x = _images(4, seed=1)
+    if model == "lavae":
+        lat = m.infer(x)
+        m.decode(lat)
+        m.sample(3, generator=torch.Generator().manual_seed(0))
+    else:
+        m.reconstruct(x)
+        m.sample(3, generator=torch.Generator().manual_seed(0))
+    m.log_likelihood(x, K=2)
+    assert m.training
+    after = {k: v for k, v in m.state_dict().items() if k in before}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"width": 0}, "width must be >= 1"),
+    ({"sprite_width": 0}, "sprite_width must be >= 1"),
+    ({"width": 2.5}, "width must be an int"),
+    ({"max_objects": 10**9}, "max_objects must be >= 1 and <= 1024"),
+    ({"latent_size": True}, "latent_size must be an int"),
+])
+def test_lavae_refuses_absurd_sizes(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _lavae(**kw)
+
+
+@pytest.mark.parametrize("S,match", [(10**6 + 1, "sprite_size must be <= 127"), (-3, "sprite_size must be >= 1"),
+                                     (5.0, "sprite_size must be an int")])
+def test_lavae_refuses_absurd_sprite_sizes(S, match):
+    from lavae_fast.model import LAVAE
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        LAVAE(1, (8, 8), S, width=4, sprite_width=8, latent_size=4)
+
+
+def test_baseline_refuses_absurd_sizes():
+    from lavae_fast.baseline import BetaVAE
+
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        BetaVAE(1, (8, 8), width=0)
+    with pytest.raises(ValueError, match="canvas W must be >= 1"):
+        BetaVAE(1, (8, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("model", ["lavae", "baseline"])
+def test_half_and_double_images_are_cast_to_the_models_float32(dtype, model):
+    from lavae_fast.baseline import BetaVAE
+
+    m = (_lavae() if model == "lavae" else BetaVAE(1, (8, 8), latent_channels=2, width=4)).eval()
+    x = _images()
+    g = torch.Generator().manual_seed(3)
+    ll32 = m.log_likelihood(x, K=2, generator=g)
+    g = torch.Generator().manual_seed(3)
+    ll = m.log_likelihood(x.to(dtype), K=2, generator=g)  # images in {0,1}: the cast is exact
+    assert ll.dtype == torch.float32 and torch.equal(ll, ll32)
+    if model == "lavae":
+        assert torch.equal(m.infer(x.to(dtype)).index, m.infer(x).index)
+    assert torch.isfinite(m(x.to(dtype)).loss)
+
+
+@pytest.mark.parametrize("model", ["lavae", "baseline"])
+@pytest.mark.parametrize("kw,match", [({"chunk": 0}, "chunk must be >= 1"), ({"chunk": -1}, "chunk must be >= 1"),
+                                      ({"K": 2.5}, "K must be an int"), ({"K": 0}, "K must be >= 1")])
+def test_log_likelihood_refuses_bad_k_and_chunk(model, kw, match):
+    from lavae_fast.baseline import BetaVAE
+
+    m = _lavae() if model == "lavae" else BetaVAE(1, (8, 8), latent_channels=2, width=4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        m.log_likelihood(_images(), **kw)
+
+
+def test_decode_takes_int32_indices_and_refuses_out_of_range_ones():
+    from dataclasses import replace
+
+    m = _lavae().eval()
+    lat = m.infer(_images())
+    lat = replace(lat, n=torch.tensor([2, 1]), index=torch.tensor([[3, 60, -1], [5, -1, -1]]))
+    want = m.decode(lat)
+    got = m.decode(replace(lat, n=lat.n.int(), index=lat.index.int()))
+    assert torch.equal(got, want)
+    for index, match in ((torch.tensor([[3, 64, -1], [5, -1, -1]]), r"index must lie in \[-1, 63\]"),
+                         (torch.tensor([[3, -2, -1], [5, -1, -1]]), r"index must lie in \[-1, 63\]"),
+                         (torch.tensor([[3, -1, -1], [5, -1, -1]]), "first n slots need locations"),
+                         (torch.tensor([[3.0, 1, -1], [5, -1, -1]]), "must be an integer tensor")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            m.decode(replace(lat, index=index))
+    with pytest.raises(ValueError, match=r"n must lie in \[0, 3\]"):
+        m.decode(replace(lat, n=torch.tensor([4, 1])))
+
+
+def test_gumbel_topk_refuses_a_max_objects_beyond_its_limit():
+    from lavae_fast import ops
+
+    logits, g = torch.zeros(2, 16), torch.zeros(2, 16)
+    with pytest.raises(ValueError, match="max_objects must be <= 1024"):
+        ops.gumbel_topk_relaxed(logits, torch.tensor([1, 2]), 0.5, 10**9, g)
+    index, relaxed, _ = ops.gumbel_topk_relaxed(logits, torch.tensor([1, 2]), 0.5, ops.MAX_OBJECTS, g)
+    assert relaxed.shape == (2, ops.MAX_OBJECTS, 16)
+
+
+def test_a_negative_learning_rate_in_scientific_notation_reaches_the_validator(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main(TINY + ["--steps", "1", "--out", str(tmp_path / "r"), "--lr", "-1e-3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --lr: must be a positive finite number, got -1e-3" in err and "expected one argument" not in err
+    assert not os.path.exists(tmp_path / "r")
