@@ -300,6 +300,14 @@ def check_data_fits(ckpt: Dict, data, explicit: bool = False) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # nothing half-written: every output file is replaced atomically
+        print("python -m lavae_fast.evaluate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     splits = [s for s in args.splits.split(",") if s]

@@ -185,6 +185,14 @@ def _nonneg_int(s):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # nothing half-written: every output file is replaced atomically
+        print("python -m lavae_fast.figures: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .evaluate import check_data_fits
     from .train import load_split
@@ -212,7 +220,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def save(img, name):
         path = os.path.join(out, name)
-        img.save(path)
+        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}")
+        try:
+            img.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         written.append(path)
 
     # The splits first: a run whose data is gone is an error; a split that cannot exist (7 objects

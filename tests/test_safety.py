@@ -712,3 +712,33 @@ def test_a_negative_learning_rate_in_scientific_notation_reaches_the_validator(t
     err = capsys.readouterr().err
     assert "argument --lr: must be a positive finite number, got -1e-3" in err and "expected one argument" not in err
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_sigterm_during_an_overwrite_keeps_the_old_set_and_leaves_nothing_behind(small_set, tmp_path):
+    root = _copy(small_set, tmp_path / "d")
+    before = _snapshot(root)
+    cmd = [sys.executable, "-m", "lavae_fast.data", "generate", "--dataset", "multi-dsprites", "--out", root,
+           "--n-train", "200000", "--n-test", "10", "--n-test7", "0", "--canvas", "32", "--no-progress",
+           "--overwrite"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = tmp_path / f".d.new-{proc.pid}"
+    deadline = time.time() + 120
+    while not staging.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert staging.exists(), proc.communicate()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err and "terminated (SIGTERM)" in err
+    assert _snapshot(root) == before
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_figures_refuse_an_output_that_is_a_file(finished_run, tmp_path):
+    from lavae_fast.figures import main as fig_main
+
+    f = tmp_path / "f"
+    f.write_text("mine")
+    with pytest.raises(SystemExit, match="exists and is not a directory"):
+        fig_main([finished_run, "--out", str(f)])
+    assert f.read_text() == "mine"
