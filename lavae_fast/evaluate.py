@@ -290,6 +290,10 @@ def check_data_fits(ckpt: Dict, data, explicit: bool = False) -> None:
     if c != cfg["channels"] or (cfg.get("canvas") and tuple(hw) != tuple(cfg["canvas"])):
         raise ValueError(f"the data's images are {c}×{hw[0]}×{hw[1]} (C×H×W), the model takes "
                          f"{cfg['channels']}×{cfg['canvas'][0]}×{cfg['canvas'][1]}: evaluate on a set of its data set")
+    meta = getattr(data, "meta", None) or {}
+    trained_on = ckpt.get("args", {}).get("dataset")
+    if meta.get("dataset") and trained_on and meta["dataset"] != trained_on:
+        raise ValueError(f"the data set is {meta['dataset']!r}, the model was trained on {trained_on!r}")
     fp = ckpt.get("data_fingerprint")
     if fp and not explicit and getattr(data, "meta", None) is not None and "splits" in data.meta:
         from .data.storage import fingerprint

@@ -59,6 +59,7 @@ checkpoint is intact.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -680,7 +681,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _train(parser, args, dist, device, channels, ckpt_path)
     except (CheckpointWriteError, OSError) as exc:
         # A full disk, a vanished directory: the previous checkpoint is intact (atomic writes).
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        msg = str(exc)
+        if not isinstance(exc, CheckpointWriteError) and getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            msg += (f" (the disk holding --out {args.out} is full; its last checkpoint is intact: free some space "
+                    "and continue with --resume)")
+        print(f"{parser.prog}: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:  # before the loop's own handler is installed: no step was taken
         print(f"{parser.prog}: interrupted during start-up, before the first step; nothing to save",

@@ -526,6 +526,21 @@ def test_evaluate_refuses_data_of_another_shape(finished_run, tmp_path):
         eval_main([finished_run, "--K", "0", "--splits", "test", "--data", mono])
 
 
+def test_evaluate_refuses_a_set_of_another_data_set(tmp_path):
+    from lavae_fast.evaluate import main as eval_main
+
+    sets = {}
+    for name in ("multi-mnist-1k", "multi-mnist-10k"):
+        sets[name] = str(tmp_path / name)
+        data.generate(name, sets[name], n_train=4, n_test=2, n_test7=0, canvas=(32, 32), progress=False,
+                      pool_size=20)
+    run = str(tmp_path / "run")
+    assert train_main(TINY + ["--steps", "1", "--dataset", "multi-mnist-10k", "--data", sets["multi-mnist-10k"],
+                              "--out", run]) == 0
+    with pytest.raises(SystemExit, match="the data set is 'multi-mnist-1k', the model was trained on 'multi-mnist-10k'"):
+        eval_main([run, "--K", "0", "--splits", "test", "--data", sets["multi-mnist-1k"]])
+
+
 def test_evaluate_refuses_the_runs_data_set_regenerated_since_training(small_set, tmp_path):
     from lavae_fast.evaluate import main as eval_main
 
