@@ -943,6 +943,8 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
         writer.close()
     metrics_file.close()
     dist.close()
+    if stopped and step + 1 >= end:
+        stopped = 0  # the signal came during the last step: the run is complete, not interrupted
     if stopped:
         if dist.is_main:
             print(f"stopped by {signal.Signals(stopped).name} at step {step + 1} of {end}; checkpoint saved in "
