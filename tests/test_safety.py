@@ -757,3 +757,13 @@ def test_figures_refuse_an_output_that_is_a_file(finished_run, tmp_path):
     with pytest.raises(SystemExit, match="exists and is not a directory"):
         fig_main([finished_run, "--out", str(f)])
     assert f.read_text() == "mine"
+
+
+def test_overwrite_through_a_symlink_keeps_the_link(small_set, tmp_path):
+    root = _copy(small_set, tmp_path / "real")
+    os.symlink(root, tmp_path / "link")
+    data.generate("multi-dsprites", str(tmp_path / "link"), n_train=12, n_test=4, n_test7=0, seed=5,
+                  canvas=(32, 32), progress=False, overwrite=True)
+    assert os.path.islink(tmp_path / "link") and os.path.realpath(tmp_path / "link") == os.path.realpath(root)
+    assert len(data.MultiObjectDataset(root, "train", verify=True)) == 12
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]

@@ -381,8 +381,10 @@ def generate(
             place(probe_rng, PROBE_IMAGES, k, canvas, table.patch, table.boxes, f"{dataset} {split}")
     # A generation that was killed leaves its temporaries (possibly hundreds of MB): drop them.
     storage.remove_stale_temporaries(out_dir)
-    storage.remove_stale_staging(out_dir)
-    target = storage.staging_dir(out_dir) if replacing else out_dir
+    storage.remove_stale_staging(os.path.realpath(out_dir))
+    # Staged beside the real directory (a symlinked --out keeps pointing at the set).
+    real_out = os.path.realpath(out_dir)
+    target = storage.staging_dir(real_out) if replacing else out_dir
     try:
         writer = storage.DatasetWriter(target)
         splits = {}
@@ -399,7 +401,7 @@ def generate(
             raise
         _write_meta(writer, table, dataset, canvas, seed, lo, hi, test7_count, mnist_dir, splits)
         if replacing:
-            storage.swap_in(target, out_dir)
+            storage.swap_in(target, real_out)
     except BaseException as exc:
         if replacing and os.path.isdir(target):
             import shutil
