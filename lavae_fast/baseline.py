@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import LEAK, ConvAct, ResBlock, check_images, gaussian_kl
+from .model import LEAK, ConvAct, ResBlock, _as_dtype, _check_size, _EvalMode, check_images, gaussian_kl
 
 __all__ = ["BetaVAE", "BetaVAEOutput"]
 
@@ -59,8 +59,19 @@ class BetaVAE(nn.Module):
     def __init__(self, channels: int = 1, canvas: Optional[Sequence[int]] = (64, 64), *, latent_channels: int = 16,
                  width: int = 64):
         super().__init__()
+        channels = _check_size("channels", channels)
+        latent_channels = _check_size("latent_channels", latent_channels)
+        width = _check_size("width", width)
+        if canvas is not None:
+            try:
+                canvas = tuple(canvas)
+            except TypeError:
+                raise TypeError(f"canvas must be (H, W) or None, got {canvas!r}") from None
+            if len(canvas) != 2:
+                raise ValueError(f"canvas must be (H, W) with positive sides, got {canvas}")
+            canvas = (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
         self.channels = channels
-        self.canvas = None if canvas is None else tuple(int(c) for c in canvas)
+        self.canvas = canvas
         self.latent_channels = latent_channels
         w = width
         self.enc_in = nn.Sequential(nn.Conv2d(channels, w, 3, stride=2, padding=1), *_act(w))
@@ -92,6 +103,11 @@ class BetaVAE(nn.Module):
     def check_input(self, x: Tensor, name: str = "x") -> None:
         check_images(x, self.channels, self.canvas, name)
 
+    def _input(self, x: Tensor, name: str = "x") -> Tensor:
+        """``x`` checked and cast to the parameters' dtype (float16/bfloat16/float64 images too)."""
+        self.check_input(x, name)
+        return _as_dtype(x, self.dec_out.weight.dtype)
+
     def encode(self, x: Tensor):
         """x [B,C,H,W] → (μ, log σ²), each [B,16,⌈H/8⌉,⌈W/8⌉]."""
         h = self.enc_out(self.enc_b(self.enc_down(self.enc_a(self.enc_in(x)))))
@@ -111,7 +127,7 @@ class BetaVAE(nn.Module):
 
     def forward(self, x: Tensor, *, eps: Optional[Tensor] = None, beta: float = 1.0) -> BetaVAEOutput:
         """x [B,C,H,W] in [0,1]; eps: standard normal noise of the latent's shape (None: global RNG)."""
-        self.check_input(x)
+        x = self._input(x)
         mu, logvar = self.encode(x)
         if eps is None:
             eps = torch.randn_like(mu)
@@ -126,10 +142,11 @@ class BetaVAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """λ [B,C,H,W] decoded from z = μ."""
-        self.check_input(x)
-        mu, _ = self.encode(x)
-        return torch.sigmoid(self.decode_logits(mu, x.shape[-2:]))
+        """λ [B,C,H,W] decoded from z = μ (batch norm in eval mode)."""
+        x = self._input(x)
+        with _EvalMode(self):
+            mu, _ = self.encode(x)
+            return torch.sigmoid(self.decode_logits(mu, x.shape[-2:]))
 
     @torch.no_grad()
     def sample(self, num: int, *, canvas: Optional[Sequence[int]] = None, generator=None) -> Tensor:
@@ -137,19 +154,21 @@ class BetaVAE(nn.Module):
         canvas = canvas or self.canvas
         if canvas is None:
             raise ValueError("this model accepts any canvas: pass canvas=(H, W) to sample")
-        if num < 1:
-            raise ValueError(f"num must be >= 1, got {num}")
+        num = _check_size("num", num)
+        canvas = (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
         dev = next(self.parameters()).device
         z = torch.randn(num, *self.latent_shape(*canvas), generator=generator).to(dev)
-        return torch.sigmoid(self.decode_logits(z, tuple(canvas)))
+        with _EvalMode(self):
+            return torch.sigmoid(self.decode_logits(z, tuple(canvas)))
 
     @torch.no_grad()
     def log_likelihood(self, x: Tensor, K: int = 100, *, chunk: Optional[int] = None, generator=None) -> Tensor:
         """Importance-sampled estimate of log p(x) [B] (nats) with q(z|x) as proposal, K samples,
         batch norm in eval mode; ``chunk`` samples at a time (default: chunk·B ≤ 256)."""
-        self.check_input(x)
-        if K < 1:
-            raise ValueError(f"K must be >= 1, got {K}")
+        x = self._input(x)
+        K = _check_size("K", K)
+        if chunk is not None:
+            chunk = _check_size("chunk", chunk)
         was = self.training
         self.eval()
         try:

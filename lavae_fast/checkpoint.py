@@ -11,7 +11,12 @@ Writes are atomic and keep the previous checkpoint: the new file goes to a tempo
 same directory and is flushed and fsync'ed; then the current ``checkpoint.pt`` is hard-linked to
 ``checkpoint.prev.pt`` and the new file is ``os.replace``d over ``checkpoint.pt``. At every moment
 ``checkpoint.pt`` is a complete file (the old or the new one), and a kill leaves at worst a stale
-temporary file (removed by :func:`remove_stale_temporaries` when the next run starts).
+temporary file ``.tmp-PID-….pt`` (removed by :func:`remove_stale_temporaries` when the next run
+starts, unless process PID is still alive). A write that fails (a full disk) raises
+:class:`CheckpointWriteError` and leaves both checkpoints as they were.
+
+A run directory belongs to one process at a time: :func:`lock_run_directory` (``fcntl.flock`` on
+``DIR/.lock``, released by the kernel on any exit).
 
 Reads are verified (:func:`load_checkpoint`): a file torch cannot read, one that is not a lavae_fast
 checkpoint, one that lacks a required key, or one whose digest differs is refused with a
@@ -22,8 +27,11 @@ checkpoint damaged after it was written costs one checkpoint interval, not the r
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
+import shutil
 import tempfile
 import warnings
 from typing import Any, Dict, Iterable, Tuple
@@ -32,19 +40,32 @@ import numpy as np
 import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_run_checkpoint", "build_model", "state_digest",
-           "previous_path", "remove_stale_temporaries", "CheckpointError", "CHECKPOINT_NAME",
-           "PREVIOUS_NAME", "TRAINING_KEYS"]
+           "previous_path", "remove_stale_temporaries", "CheckpointError", "CheckpointWriteError",
+           "RunDirectoryInUse", "lock_run_directory", "CHECKPOINT_NAME", "PREVIOUS_NAME", "LOCK_NAME",
+           "TRAINING_KEYS"]
 
 FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
+LOCK_NAME = ".lock"
 _TMP_PREFIX = ".tmp-"
+# Temporaries are named .tmp-PID-XXXX.pt so that cleanup can tell a dead writer's file from a live one's.
+_TMP_PID_RE = re.compile(r"^\.tmp-(\d+)-.*\.pt$")
 # What ``--resume`` needs to continue a run exactly (the model's BN statistics are in "model").
 TRAINING_KEYS = ("step", "args", "model_config", "model", "aux", "optimizer")
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, truncated, corrupt or incomplete."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only or vanished directory); the
+    previous checkpoint is untouched."""
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another live process holds the run directory's lock."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,19 +144,46 @@ def _keep_previous(path: str) -> None:
         os.replace(path, prev)
 
 
+def _describe_write_failure(exc: BaseException, directory: str) -> str:
+    why = f"{type(exc).__name__}: {exc}"
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    # torch's zip writer reports a full disk only as "unexpected pos …" from inline_container.cc.
+    if full or "unexpected pos" in str(exc) or (free is not None and free < (64 << 20)):
+        free_txt = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
+        why = f"the disk looks full{free_txt}; {why}"
+    return why
+
+
 def save_checkpoint(path: str, state: Dict[str, Any], keep_previous: bool = True) -> None:
     """Atomically write ``state`` (a dict of tensors / plain data) to ``path`` with its digest;
-    the file it replaces becomes ``previous_path(path)`` when ``keep_previous``."""
+    the file it replaces becomes ``previous_path(path)`` when ``keep_previous``.
+
+    Raises :class:`CheckpointWriteError` when the file cannot be written (e.g. a full disk); the
+    checkpoint that was there and its ``.prev`` are then left as they were."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     payload = {"format": FORMAT, **{k: v for k, v in state.items() if k not in ("format", "sha256")}}
     payload["sha256"] = state_digest(payload)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".pt", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=".pt", dir=directory)
+    except OSError as exc:
+        raise CheckpointWriteError(f"could not create a checkpoint file in {directory}: "
+                                   f"{_describe_write_failure(exc, directory)}") from exc
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path}: {_describe_write_failure(exc, directory)}; the previous "
+                f"checkpoint{'s' if keep_previous else ''} in {directory} {'are' if keep_previous else 'is'} "
+                "kept") from exc
         if keep_previous and os.path.isfile(path):
             _keep_previous(path)
         os.replace(tmp, path)
@@ -146,23 +194,74 @@ def save_checkpoint(path: str, state: Dict[str, Any], keep_previous: bool = True
     _fsync_dir(directory)
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def remove_stale_temporaries(directory: str) -> list:
     """Delete the temporary files that killed writers of :func:`save_checkpoint` left in
-    ``directory`` (names ``.tmp-*.pt``); returns their names. Call it only while no other process
-    is writing checkpoints there."""
+    ``directory`` (names ``.tmp-*.pt``); returns their names. A temporary named after a process
+    that is still alive (``.tmp-PID-….pt``) is left alone: it may be a save in progress."""
     removed = []
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return removed
     for name in names:
-        if name.startswith(_TMP_PREFIX) and name.endswith(".pt"):
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(name)
-            except FileNotFoundError:
-                pass
+        if not (name.startswith(_TMP_PREFIX) and name.endswith(".pt")):
+            continue
+        m = _TMP_PID_RE.match(name)
+        if m and _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            pass
     return removed
+
+
+def lock_run_directory(directory: str):
+    """Take the run directory's lock (``DIR/.lock``, an ``fcntl.flock``): a file object to keep
+    open for as long as the process owns the directory. The kernel releases the lock when the
+    process exits in any way, SIGKILL included, so a killed run never leaves a stale lock.
+
+    Raises :class:`RunDirectoryInUse` (naming the holder's PID) when another process holds it.
+    Where ``fcntl`` does not exist (Windows) it returns None and nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; a second trainer is not detected
+        warnings.warn("fcntl is unavailable: the run directory is not locked against a second trainer",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    path = os.path.join(directory, LOCK_NAME)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            f.close()
+            raise
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunDirectoryInUse(f"run directory {directory} is in use by another process (pid {holder}); "
+                                "two trainers in one --out would overwrite each other's checkpoints and "
+                                "logs: wait for it to finish, stop it, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 # ---------------------------------------------------------------------------------------------

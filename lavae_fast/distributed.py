@@ -29,7 +29,12 @@ What the training loop gets from :func:`setup` (a :class:`DistContext`):
 * rank 0 alone writes the log, TensorBoard, the evaluation and the checkpoints; the logged
   training metrics are averaged over all processes (:meth:`DistContext.reduce_meter`);
 * ``--resume``: rank 0 reads the checkpoint and sends it to the others (no shared file system
-  needed); at every checkpoint the processes check that their parameters are still identical.
+  needed); at every checkpoint the processes check that their parameters are still identical;
+* the run directory: rank 0 checks it and holds its lock (``DIR/.lock``) for the whole run, and
+  tells the others whether to go on;
+* SIGINT / SIGTERM: after every step the processes agree (:meth:`DistContext.agree_on_stop`, an
+  all-reduce of the signal number) whether any of them was asked to stop, so all stop after the
+  same step, and rank 0 writes its checkpoint.
 
 What a distributed step computes is exactly what one process computes when it evaluates each
 rank's share of the batch separately and averages the gradients (tests/test_distributed.py checks
@@ -140,6 +145,17 @@ class DistContext:
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + c[k]
         return {k: sums[k] / counts[k] for k in sums if counts[k]}
+
+    def agree_on_stop(self, signum: int) -> int:
+        """The largest stop request (a signal number, 0 for none) over every process (collective:
+        every process calls it once per step, so all stop after the same step). Costs one
+        all-reduce of a single integer per step in a distributed run, nothing otherwise."""
+        if not self.enabled:
+            return int(signum)
+        t = torch.tensor([int(signum)], dtype=torch.int64,
+                         device=self.device if self.backend == "nccl" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
 
     def barrier(self) -> None:
         if self.enabled:

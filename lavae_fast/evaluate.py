@@ -263,7 +263,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_writable(path: str) -> None:
+    """Raise OSError unless a file can be written at ``path`` (its folder is created)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; name a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    probe = path + ".tmp"
+    with open(probe, "w"):
+        pass
+    os.remove(probe)
+
+
+def check_data_fits(ckpt: Dict, data, explicit: bool = False) -> None:
+    """Raise ValueError unless ``data`` (a split) has the images the checkpoint's model takes, and
+    (unless the data set was named ``explicit``ly) is the set the run was trained on."""
+    cfg = ckpt["model_config"]
+    x0 = None
+    if hasattr(data, "channels"):
+        c, hw = data.channels, (data.height, data.width)
+    elif len(data.counts):
+        x0, _ = data.get_batch([0])
+        c, hw = x0.shape[1], tuple(x0.shape[-2:])
+    else:
+        return
+    if c != cfg["channels"] or (cfg.get("canvas") and tuple(hw) != tuple(cfg["canvas"])):
+        raise ValueError(f"the data's images are {c}×{hw[0]}×{hw[1]} (C×H×W), the model takes "
+                         f"{cfg['channels']}×{cfg['canvas'][0]}×{cfg['canvas'][1]}: evaluate on a set of its data set")
+    meta = getattr(data, "meta", None) or {}
+    trained_on = ckpt.get("args", {}).get("dataset")
+    if meta.get("dataset") and trained_on and meta["dataset"] != trained_on:
+        raise ValueError(f"the data set is {meta['dataset']!r}, the model was trained on {trained_on!r}")
+    fp = ckpt.get("data_fingerprint")
+    if fp and not explicit and getattr(data, "meta", None) is not None and "splits" in data.meta:
+        from .data.storage import fingerprint
+
+        if fingerprint(data.meta) != fp:
+            raise ValueError(f"the run's data set {data.root} has changed since training (regenerated?): its "
+                             "fingerprint differs from the checkpoint's; pass --data to evaluate on it anyway")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # nothing half-written: every output file is replaced atomically
+        print("python -m lavae_fast.evaluate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     splits = [s for s in args.splits.split(",") if s]
@@ -279,6 +327,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import build_model, load_checkpoint
     from .train import load_split
 
+    # Where the results go is checked (and its folder made) before the long work.
+    out = args.out or os.path.join(args.run_dir, "eval.json")
+    try:
+        _check_writable(out)
+    except OSError as exc:
+        raise SystemExit(f"error: --out {out}: {exc}")
     try:
         ckpt = load_checkpoint(args.run_dir)
     except (FileNotFoundError, ValueError) as exc:
@@ -291,14 +345,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_args = dict(ckpt["args"])
     if args.data:
         train_args["data"] = args.data
+    datas = {}
+    for split in splits:
+        try:
+            datas[split] = load_split(train_args, split)
+        except (ValueError, OSError) as exc:  # a missing, damaged or (7 objects on 32×32) impossible split
+            raise SystemExit(f"error: split {split!r}: {exc}")
+        try:
+            check_data_fits(ckpt, datas[split], explicit=bool(args.data))
+        except ValueError as exc:
+            raise SystemExit(f"error: split {split!r}: {exc}")
     results = {}
     t0 = time.time()
     for split in splits:
-        try:
-            data = load_split(train_args, split)
-        except (ValueError, OSError) as exc:  # a missing or damaged data set directory
-            raise SystemExit(f"error: split {split!r}: {exc}")
-        results[split] = evaluate_split(model, data, K=args.K, batch_size=args.batch_size, n_eval=args.n_eval,
+        results[split] = evaluate_split(model, datas[split], K=args.K, batch_size=args.batch_size, n_eval=args.n_eval,
                                         n_bound=args.n_bound, device=args.device, seed=args.seed,
                                         progress=sys.stderr.isatty())
     meta = {"run_dir": os.path.abspath(args.run_dir), "step": ckpt["step"], "model": ckpt["model_config"]["kind"],
@@ -306,7 +366,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "seconds": round(time.time() - t0, 1)}
     print(f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {args.K}")
     print(format_table(results))
-    out = args.out or os.path.join(args.run_dir, "eval.json")
     with open(out + ".tmp", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     os.replace(out + ".tmp", out)

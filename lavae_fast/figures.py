@@ -159,40 +159,111 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a LAVAE run directory written by lavae_fast.train")
     p.add_argument("--baseline", default=None, help="a baseline run directory, for its prior samples")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/figures)")
-    p.add_argument("--num", type=int, default=8, help="images per row")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=_positive_int, default=8, help="images per row")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
     return p
 
 
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # nothing half-written: every output file is replaced atomically
+        print("python -m lavae_fast.figures: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .evaluate import check_data_fits
     from .train import load_split
 
     try:
         model, ckpt = load_run(args.run_dir)
-        baseline = load_run(args.baseline)[0] if args.baseline else None
+        baseline = None
+        if args.baseline:
+            baseline, bckpt = load_run(args.baseline)
+            if bckpt["model_config"]["kind"] != "baseline":
+                raise SystemExit(f"error: --baseline {args.baseline} holds a {bckpt['model_config']['kind']} model, "
+                                 "not the β-VAE baseline (train one with --model baseline)")
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     if ckpt["model_config"]["kind"] != "lavae":
         raise SystemExit(f"error: {args.run_dir} holds a {ckpt['model_config']['kind']} model; figures need LAVAE")
     out = args.out or os.path.join(args.run_dir, "figures")
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"error: --out {out}: {exc}")
     written: List[str] = []
 
     def save(img, name):
         path = os.path.join(out, name)
-        img.save(path)
+        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}")
+        try:
+            img.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         written.append(path)
 
+    # The splits first: a run whose data is gone is an error; a split that cannot exist (7 objects
+    # on 32×32) or holds no image only costs its figures, as in training's evaluation.
+    data = {}
+    for split in ("test", "test7"):
+        try:
+            d = load_split(dict(ckpt["args"]), split)
+            check_data_fits(ckpt, d)
+        except (FileNotFoundError, OSError) as exc:
+            raise SystemExit(f"error: the run's {split} split: {exc}")
+        except ValueError as exc:
+            if args.run_dir and ckpt["args"].get("data") and not os.path.isdir(str(ckpt["args"]["data"])):
+                raise SystemExit(f"error: the run's data set is gone: {exc}")
+            print(f"skipped the {split} split: {exc}", file=sys.stderr)
+            continue
+        if not len(d.counts):
+            print(f"skipped the {split} split: it holds no images", file=sys.stderr)
+            continue
+        data[split] = d
+    if not data:
+        raise SystemExit("error: neither the test nor the test7 split of the run's data can be used")
+
     with torch.no_grad():
-        for split in ("test", "test7"):
-            data = load_split(dict(ckpt["args"]), split)
-            x, _ = data.get_batch(np.arange(min(args.num, len(data))))
+        for split, d in data.items():
+            x, _ = d.get_batch(np.arange(min(args.num, len(d))))
             save(reconstruction_figure(model, x), f"reconstructions_{split}.png")
-        # The 7-object split guarantees several objects per image for the manipulation figures.
-        x7, _ = load_split(dict(ckpt["args"]), "test7").get_batch(np.arange(min(args.num, 4)))
-        lat7 = model.infer(x7)
         save(sample_figure(model, 2 * args.num, baseline=baseline, seed=args.seed, per_row=args.num), "samples.png")
+        # The 7-object split guarantees several objects per image for the manipulation figures;
+        # without it, the test split's images with the most objects stand in.
+        if "test7" in data:
+            x7, _ = data["test7"].get_batch(np.arange(min(args.num, 4, len(data["test7"]))))
+        else:
+            d = data["test"]
+            pick = np.argsort(-np.asarray(d.counts), kind="stable")[: min(args.num, 4)]
+            x7, _ = d.get_batch(np.sort(pick))
+        lat7 = model.infer(x7)
         for name, make in (("swap.png", lambda: swap_figure(model, lat7)),
                            ("traverse_location.png", lambda: location_traversal_figure(model, lat7, steps=args.num)),
                            ("traverse_appearance.png", lambda: appearance_traversal_figure(model, lat7, steps=args.num))):

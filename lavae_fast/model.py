@@ -45,6 +45,14 @@ from .noise import Noise, gumbel_from_uniform
 __all__ = ["LAVAE", "LAVAEOutput", "Latents", "SpeedConfig", "SpriteDecoder", "ResidualNet", "use_fused_norm", "check_images", "gaussian_kl"]
 
 LEAK = 0.01  # Leaky ReLU slope (PyTorch's default; the paper gives none)
+# Below this τ the relaxed sample softmax((logits+g)/τ) is already one-hot to float32 precision,
+# while (logits+g)/τ overflows float32 (inf − inf = NaN in the loss) from τ ≈ 1e-37 on; the
+# schedule's smallest τ is 0.02.
+MIN_TAU = 1e-6
+# A sprite larger than this is not an object of a scene (the paper's are 17 and 21 px): the decoder
+# holds width·S² activations per present object and layer (48·127² floats ≈ 3 MB), so a typo'd
+# size would otherwise try to allocate gigabytes before anything says why.
+MAX_SPRITE_SIZE = 127
 EPS_LAMBDA = 1e-4  # λ = ε + (1−2ε)·min(Σ, 1), SPEC §1
 LOG_2PI = math.log(2 * math.pi)
 
@@ -77,6 +85,38 @@ def check_images(x, channels: int, canvas: Optional[Tuple[int, int]], name: str 
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
         raise ValueError(f"{name} must have values in [0,1] (Bernoulli likelihood), got values in [{lo:g}, {hi:g}]")
+
+
+def _check_size(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """``value`` as an int, or a ValueError/TypeError naming ``name`` and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        hi = "" if maximum is None else f" and <= {maximum}"
+        raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
+    return int(value)
+
+
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Images of another floating dtype (float16, bfloat16, float64) are cast to the model's:
+    values in [0,1] survive the cast (exactly from the half types; float64 rounds to float32)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class _EvalMode:
+    """Batch norm in eval mode for the body of a ``with`` (restored after): inference, decoding
+    and sampling must not change the running statistics of a model that is being trained."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.was = module, module.training
+
+    def __enter__(self):
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module.train(self.was)
+        return False
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -284,16 +324,27 @@ class LAVAE(nn.Module):
         location_mode: str = "straight_through",
     ):
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
-        if sprite_size < 1 or sprite_size % 2 == 0:
+        from .ops import MAX_OBJECTS
+
+        channels = _check_size("channels", channels)
+        sprite_size = _check_size("sprite_size", sprite_size)
+        max_objects = _check_size("max_objects", max_objects, 1, MAX_OBJECTS)
+        latent_size = _check_size("latent_size", latent_size)
+        width = _check_size("width", width)
+        sprite_width = _check_size("sprite_width", sprite_width)
+        if sprite_size % 2 == 0:
             raise ValueError(f"sprite_size must be odd and positive (the centre pixel lands on the location), got {sprite_size}")
-        if max_objects < 1 or latent_size < 1:
-            raise ValueError(f"max_objects and latent_size must be >= 1, got {max_objects}, {latent_size}")
         if canvas is not None:
-            canvas = tuple(int(c) for c in canvas)
-            if len(canvas) != 2 or min(canvas) < 1:
+            try:
+                canvas = tuple(canvas)
+            except TypeError:
+                raise TypeError(f"canvas must be (H, W) or None, got {canvas!r}") from None
+            if len(canvas) != 2:
                 raise ValueError(f"canvas must be (H, W) with positive sides, got {canvas}")
+            canvas = (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
+        if sprite_size > MAX_SPRITE_SIZE:
+            raise ValueError(f"sprite_size must be <= {MAX_SPRITE_SIZE} (lavae_fast.model.MAX_SPRITE_SIZE), "
+                             f"got {sprite_size}")
         self.channels = channels
         self.canvas = canvas
         self.sprite_size = sprite_size
@@ -409,6 +460,11 @@ class LAVAE(nn.Module):
     def check_input(self, x: Tensor, name: str = "x") -> None:
         check_images(x, self.channels, self.canvas, name)
 
+    def _input(self, x: Tensor, name: str = "x") -> Tensor:
+        """``x`` checked and cast to the parameters' dtype (see :func:`_as_dtype`)."""
+        self.check_input(x, name)
+        return _as_dtype(x, self.prior_logits.dtype)
+
     def prior_log_probs(self) -> Tensor:
         """log p(n) for n = 0..M ([M+1], a normalised distribution)."""
         return torch.log_softmax(self.prior_logits, dim=0)
@@ -416,7 +472,7 @@ class LAVAE(nn.Module):
     def encode(self, x: Tensor, *, check: bool = True):
         """x [B,C,H,W] → (h_app [B,2L,H,W], h_loc [B,1,H,W] γ-scaled, n̂ [B] int64)."""
         if check:
-            self.check_input(x)
+            x = self._input(x)
         H, W = x.shape[-2:]
         gamma = self.gamma_for(H, W)
         if self._speed.channels_last:
@@ -483,9 +539,14 @@ class LAVAE(nn.Module):
             force_n_prob: probability of forcing n = 1 per image (training recipe, SPEC §5); the
                 image's coin is ``noise.coin``.
         """
-        self.check_input(x)
-        if not float(tau) > 0:
-            raise ValueError(f"tau must be > 0, got {tau!r}")
+        x = self._input(x)
+        try:
+            tau_v = float(tau)
+        except (TypeError, ValueError):
+            raise TypeError(f"tau must be a number, got {type(tau).__name__}") from None
+        if not (math.isfinite(tau_v) and tau_v >= MIN_TAU):
+            raise ValueError(f"tau must be > 0 and finite, and at least {MIN_TAU:g} (lavae_fast.model.MIN_TAU: "
+                             f"smaller ones overflow float32 and change nothing else), got {tau!r}")
         if not 0.0 <= float(force_n_prob) <= 1.0:
             raise ValueError(f"force_n_prob must lie in [0, 1], got {force_n_prob!r}")
         B, C, H, W = x.shape
@@ -573,10 +634,12 @@ class LAVAE(nn.Module):
     @torch.no_grad()
     def infer(self, x: Tensor) -> Latents:
         """Most probable scene: n̂, the top-n̂ locations of h_loc (sequential argmax without
-        replacement), z_app = μ there."""
-        self.check_input(x)
+        replacement), z_app = μ there. Batch norm runs in eval mode (a model in training mode is
+        left as it was, running statistics included)."""
+        x = self._input(x)
         B, C, H, W = x.shape
-        h_app, h_loc, n_hat = self.encode(x, check=False)
+        with _EvalMode(self):
+            h_app, h_loc, n_hat = self.encode(x, check=False)
         logits = h_loc.flatten(1)
         index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits))
         maps = self._one_hot(index, H * W, h_app.dtype).view(B, self.max_objects, H, W)
@@ -586,17 +649,54 @@ class LAVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: Latents) -> Tensor:
-        """Render a scene: Bernoulli means λ [B,C,H,W] (SPEC §1 composition)."""
-        n, index, z_app = latents.n, latents.index, latents.z_app
+        """Render a scene: Bernoulli means λ [B,C,H,W] (SPEC §1 composition). Batch norm runs in
+        eval mode. ``latents.index`` and ``n`` may be any integer dtype; indices must lie on the
+        canvas (−1 for absent slots, ≥ 0 for the first n)."""
+        n, index, z_app = self._check_latents(latents)
         H, W = latents.canvas
         B, M = index.shape
-        if M != self.max_objects or z_app.shape != (B, M, self.latent_size):
-            raise ValueError(f"latents must have index [B,{self.max_objects}] and z_app [B,{self.max_objects},{self.latent_size}]")
-        sprites = self._decode_present(z_app, n)
+        with _EvalMode(self):
+            sprites = self._decode_present(z_app, n)
         maps = self._one_hot(index, H * W, sprites.dtype).view(B, M, H, W)
         blank = sprites.new_zeros(B, self.channels, H, W)
         _, lam = self._ops.place_and_loglik(blank, sprites, maps, n, index=index, eps=EPS_LAMBDA, return_lambda=True)
         return lam
+
+    def _check_latents(self, latents: Latents):
+        """(n int64 [B], index int64 [B,M], z_app [B,M,L] in the model's dtype) of ``latents``, or a
+        ValueError/TypeError naming the field."""
+        n, index, z_app, canvas = latents.n, latents.index, latents.z_app, latents.canvas
+        for name, t in (("n", n), ("index", index), ("z_app", z_app)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"latents.{name} must be a torch.Tensor, got {type(t).__name__}")
+        for name, t in (("n", n), ("index", index)):
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"latents.{name} must be an integer tensor, got dtype {t.dtype}")
+        if not z_app.is_floating_point():
+            raise TypeError(f"latents.z_app must be a floating-point tensor, got dtype {z_app.dtype}")
+        try:
+            H, W = (int(c) for c in canvas)
+        except (TypeError, ValueError):
+            raise ValueError(f"latents.canvas must be (H, W), got {canvas!r}") from None
+        if H < 1 or W < 1:
+            raise ValueError(f"latents.canvas must have positive sides, got {canvas!r}")
+        M, L = self.max_objects, self.latent_size
+        if index.dim() != 2 or index.shape[1] != M or tuple(z_app.shape) != (index.shape[0], M, L) \
+                or tuple(n.shape) != (index.shape[0],):
+            raise ValueError(f"latents must have n [B], index [B,{M}] and z_app [B,{M},{L}], got "
+                             f"{tuple(n.shape)}, {tuple(index.shape)}, {tuple(z_app.shape)}")
+        n, index = n.long(), index.long()
+        if n.numel() and (int(n.min()) < 0 or int(n.max()) > M):
+            raise ValueError(f"latents.n must lie in [0, {M}], got values in [{int(n.min())}, {int(n.max())}]")
+        if index.numel() and (int(index.min()) < -1 or int(index.max()) >= H * W):
+            raise ValueError(f"latents.index must lie in [-1, {H * W - 1}] (−1 = absent; the canvas has {H}×{W} "
+                             f"locations), got values in [{int(index.min())}, {int(index.max())}]")
+        present = _reference.object_mask(n, M)
+        if bool((present & (index < 0)).any()):
+            raise ValueError("latents.index is −1 (absent) for a slot below n: the first n slots need locations")
+        if not torch.isfinite(z_app).all():
+            raise ValueError("latents.z_app contains NaN or Inf")
+        return n, index, z_app.to(self.prior_logits.dtype)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -613,11 +713,10 @@ class LAVAE(nn.Module):
             canvas = self.canvas
         if canvas is None:
             raise ValueError("this model accepts any canvas: pass canvas=(H, W) to sample")
-        H, W = canvas
+        num = _check_size("num", num)
+        H, W = (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
         D, M = H * W, self.max_objects
         dev = self.prior_logits.device
-        if num < 1:
-            raise ValueError(f"num must be >= 1, got {num}")
         if n is None:
             n = torch.multinomial(self.prior_log_probs().exp().cpu(), num, replacement=True, generator=generator)
         elif isinstance(n, int):
@@ -677,9 +776,10 @@ class LAVAE(nn.Module):
         log (1/K) Σ_k p(x, z_k)/q(z_k|x), with n = n̂, hard location draws (exact log q of the draws
         without replacement) and z_app ~ q. Batch norm runs in eval mode. ``chunk`` samples are
         processed together (default: as many as keep chunk·B ≤ 256 images)."""
-        self.check_input(x)
-        if K < 1:
-            raise ValueError(f"K must be >= 1, got {K}")
+        x = self._input(x)
+        K = _check_size("K", K)
+        if chunk is not None:
+            chunk = _check_size("chunk", chunk)
         was_training = self.training
         self.eval()
         try:

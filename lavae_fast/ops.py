@@ -260,6 +260,10 @@ def _check_canvas(name: str, H: int, W: int):
         _fail(f"{name} must have a canvas of at least one pixel, got H×W = {H}×{W}")
 
 
+# The most slots gumbel_topk_relaxed (and LAVAE) accepts; the paper uses M = 10.
+MAX_OBJECTS = 1024
+
+
 def _check_max_objects(max_objects):
     if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 0:
         _fail(f"max_objects must be a non-negative int, got {max_objects!r}")
@@ -353,6 +357,10 @@ def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int,
     if tuple(gumbel.shape) != (B, D):
         _fail(f"gumbel must have the shape of logits {(B, D)}, got {tuple(gumbel.shape)}")
     _check_max_objects(max_objects)
+    if max_objects > MAX_OBJECTS:
+        # The op returns relaxed [B, M, D]: M = 10**9 asks for B·D·4 GB before any check of n.
+        _fail(f"max_objects must be <= {MAX_OBJECTS} (lavae_fast.ops.MAX_OBJECTS; the relaxed output alone is "
+              f"B·max_objects·D floats), got {max_objects}")
     if not float(tau) > 0:
         _fail(f"tau must be > 0, got {tau!r}")
     _check_same_device(logits=logits, n=n, gumbel=gumbel)

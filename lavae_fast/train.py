@@ -44,15 +44,30 @@ trains with DistributedDataParallel, ``--batch-size`` being the global batch (se
 
 Outputs in ``--out RUN_DIR``: ``checkpoint.pt`` and ``checkpoint.prev.pt``, ``metrics.jsonl`` (one
 line per log interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
+
+Safety of the run directory (:func:`prepare_run_directory`, checked before any long work): one
+process owns it at a time (``RUN_DIR/.lock``, an ``fcntl.flock`` the kernel releases on any exit;
+rank 0 under torchrun); a directory that holds a checkpoint is refused unless ``--resume`` or
+``--overwrite`` says what to do with it; a run file that is a directory is refused up front. The
+checkpoint records the data set's fingerprint (:func:`lavae_fast.data.storage.fingerprint`) and
+``--resume`` compares it, whatever path names the set. SIGINT / SIGTERM stop the run after the
+current step with a checkpoint there, exit code 128 + the signal (130 / 143). A checkpoint that
+cannot be written (a full disk) ends the run with exit code 1 and a message; the previous
+checkpoint is intact.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import re
+import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Dict, Optional, Sequence
 
@@ -60,7 +75,8 @@ import numpy as np
 import torch
 
 from . import distributed, performance, schedules
-from .checkpoint import (CHECKPOINT_NAME, TRAINING_KEYS, CheckpointError, build_model, load_run_checkpoint,
+from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEYS, CheckpointError, CheckpointWriteError,
+                         RunDirectoryInUse, build_model, load_run_checkpoint, lock_run_directory,
                          remove_stale_temporaries, save_checkpoint)
 from .noise import draw_noise, draw_normal, data_indices
 
@@ -75,8 +91,9 @@ DATASETS = {
 LR = 1e-3
 
 # Arguments that define the run; a resumed run must agree on them (the rest — logging cadence,
-# device, threads — may change between sessions).
-RUN_DEFINING = ["model", "dataset", "data", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
+# device, threads — may change between sessions). The data set directory is compared by content
+# (its fingerprint, stored in the checkpoint), not by the path that names it.
+RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
                 "width", "sprite_width", "location_mode", "warmup_scale", "warmup_peak", "warmup_blur", "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
 
 
@@ -126,10 +143,13 @@ def load_split(args: Dict, split: str):
     root = args.get("data")
     if root:
         from .data import MultiObjectDataset
+        from .data.storage import fingerprint, read_meta
 
-        key = ("dir", os.path.abspath(root), split)
+        # Keyed by content, so a set regenerated in place is read again; every file's SHA-256 is
+        # checked once per process (a flipped byte would otherwise train without a word).
+        key = ("dir", os.path.realpath(root), fingerprint(read_meta(root)), split)
         if key not in _SPLIT_CACHE:
-            _SPLIT_CACHE[key] = MultiObjectDataset(root, split)
+            _SPLIT_CACHE[key] = MultiObjectDataset(root, split, verify=True)
         return _SPLIT_CACHE[key]
     try:
         from .data import generate_arrays
@@ -214,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batch; under torchrun each of the N processes takes batch-size/N images")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True, help="run directory (owned by one trainer at a time)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds a checkpoint, deleting that run's "
+                        "checkpoints, metrics.jsonl, args.json and tb/ (without it such a directory is refused)")
     p.add_argument("--ops", choices=["fused", "reference"], default="fused")
     p.add_argument("--location-mode", choices=["straight_through", "relaxed"], default="straight_through")
     p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
@@ -274,7 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "nets and the aux VAE; refused on the CPU, where SyncBatchNorm does not run")
     p.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="torchrun runs: process-group backend (auto: nccl for --device cuda, gloo on the CPU)")
+    _accept_negative_numbers(p)
     return p
+
+
+def _accept_negative_numbers(p: argparse.ArgumentParser) -> None:
+    """Let ``--lr -1e-3`` reach the option's validator (which refuses it with its own message):
+    argparse takes only ``-N`` and ``-N.N`` for numbers, and would read ``-1e-3`` as an unknown
+    flag. No option of ours looks like a number, so widening the pattern is safe."""
+    if hasattr(p, "_negative_number_matcher"):
+        p._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$",
+                                                re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,6 +539,110 @@ def truncate_metrics(path: str, step: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The run directory, interrupts
+# ---------------------------------------------------------------------------------------------
+
+# Exit codes of main(): 0 done (or --stop-at reached), 1 an error after start-up (a full disk),
+# 2 a usage error (argparse's), 128 + the signal's number after SIGINT (130) or SIGTERM (143),
+# once the checkpoint of the step reached is written.
+EXIT_ERROR = 1
+RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, "metrics.jsonl", "args.json")
+
+
+class RunDirectoryError(ValueError):
+    """The run directory cannot be used as asked (names the path and what to do)."""
+
+
+def prepare_run_directory(out: str, resume: bool, overwrite: bool):
+    """Check ``out`` before any long work, take its lock and apply the resume/overwrite policy.
+
+    Returns the open lock file (keep it until the run ends; see
+    :func:`lavae_fast.checkpoint.lock_run_directory`). Raises :class:`RunDirectoryError` or
+    :class:`~lavae_fast.checkpoint.RunDirectoryInUse` naming the problem: an empty ``--out``, a path
+    that is a file, a run file that is a directory (the first save would fail), a checkpoint from
+    an earlier run without ``--resume`` or ``--overwrite``."""
+    if not out or not out.strip():
+        raise RunDirectoryError("--out is empty: name the run directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunDirectoryError(f"--out {out} exists and is not a directory")
+    if resume and overwrite:
+        raise RunDirectoryError("--resume continues the run in --out, --overwrite discards it: pass one of them")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise RunDirectoryError(f"--out {out}: cannot create the run directory ({exc})") from None
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise RunDirectoryError(f"{path} exists and is not a file: training would fail at its first save or "
+                                    "log line; remove it or choose another --out")
+    tb = os.path.join(out, "tb")
+    if os.path.lexists(tb) and not os.path.isdir(tb):
+        raise RunDirectoryError(f"{tb} exists and is not a directory (TensorBoard writes there); remove it")
+    try:
+        lock = lock_run_directory(out)
+    except OSError as exc:
+        raise RunDirectoryError(f"--out {out}: cannot take the run directory's lock ({exc})") from None
+    try:
+        has_ckpt = [n for n in (CHECKPOINT_NAME, PREVIOUS_NAME) if os.path.isfile(os.path.join(out, n))]
+        if has_ckpt and not resume and not overwrite:
+            raise RunDirectoryError(
+                f"--out {out} already holds a run ({', '.join(has_ckpt)}): pass --resume to continue it, "
+                "--overwrite to discard it and start again, or choose another --out")
+        # The lock is ours: any temporary left in the directory belongs to a dead writer.
+        remove_stale_temporaries(out)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock
+
+
+def discard_run(out: str) -> None:
+    """``--overwrite``: delete the earlier run's files (called once the new run has its data and
+    model, so that a failed start-up does not cost the old run)."""
+    for name in RUN_FILES:
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    if os.path.isdir(os.path.join(out, "tb")):
+        shutil.rmtree(os.path.join(out, "tb"))
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (what a cluster sends before preemption) ask the loop to stop after the
+    step in progress, save a checkpoint there and exit with 128 + the signal's number. A second
+    signal while stopping is noted and ignored (SIGKILL still ends the process; the checkpoint
+    write is atomic either way). Installed only in the main thread, where Python delivers
+    signals."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum:
+            print(f"\n{name} again: already stopping, a checkpoint is being written", file=sys.stderr)
+            return
+        self.signum = int(signum)
+        print(f"\n{name} received: stopping after the current step and saving a checkpoint", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
 # Main loop
 # ---------------------------------------------------------------------------------------------
 
@@ -528,17 +665,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except distributed.DistributedSetupError as exc:
         parser.error(str(exc))
     device = dist.device
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+    # ---- the run directory: checked and locked by rank 0 before any long work; every rank
+    # learns the verdict, so that none is left waiting for the others.
+    lock, problem = None, None
     if dist.is_main:
-        remove_stale_temporaries(args.out)  # left by a run killed while writing a checkpoint
+        try:
+            lock = prepare_run_directory(args.out, args.resume, args.overwrite)
+        except (RunDirectoryError, RunDirectoryInUse, OSError) as exc:
+            problem = str(exc)
+    problem = dist.broadcast(problem)
+    if problem:
+        parser.error(problem)
+    try:
+        return _train(parser, args, dist, device, channels, ckpt_path)
+    except (CheckpointWriteError, OSError) as exc:
+        # A full disk, a vanished directory: the previous checkpoint is intact (atomic writes).
+        msg = str(exc)
+        if not isinstance(exc, CheckpointWriteError) and getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            msg += (f" (the disk holding --out {args.out} is full; its last checkpoint is intact: free some space "
+                    "and continue with --resume)")
+        print(f"{parser.prog}: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:  # before the loop's own handler is installed: no step was taken
+        print(f"{parser.prog}: interrupted during start-up, before the first step; nothing to save",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if lock is not None:
+            lock.close()
 
+
+def _train(parser, args, dist, device, channels, ckpt_path) -> int:
     # ---- data
     try:
         train_data = load_split(vars(args), "train")
     except (ValueError, OSError) as exc:  # a missing/damaged --data directory, an impossible --canvas
         parser.error(f"training data ({'--data ' + args.data if args.data else '--dataset/--canvas'}): {exc}")
     N = len(train_data.counts)
+    if N == 0:
+        parser.error(f"training data ({'--data ' + args.data if args.data else '--n-train'}): the train split "
+                     "holds no images")
+    data_fingerprint = None
+    if args.data:
+        from .data.storage import fingerprint
+
+        stored = train_data.meta.get("dataset")
+        if stored != args.dataset:
+            parser.error(f"--data {args.data} holds {stored!r}, not --dataset {args.dataset!r}")
+        data_fingerprint = fingerprint(train_data.meta)
     x0, _ = train_data.get_batch([0])
     if x0.shape[1] != channels or list(x0.shape[-2:]) != list(args.canvas):
         if args.data:
@@ -554,8 +729,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # on 32×32) is reported before training rather than at the first evaluation.
         for split in ("test", "test7"):
             try:
-                load_split(vars(args), split)
-                eval_splits.append(split)
+                if len(load_split(vars(args), split).counts):
+                    eval_splits.append(split)
+                else:
+                    print(f"periodic evaluation skips the {split} split: it holds no images", file=sys.stderr)
             except (ValueError, OSError) as exc:
                 print(f"periodic evaluation skips the {split} split: {exc}", file=sys.stderr)
 
@@ -601,6 +778,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if diff:
                 parser.error("--resume with different run settings: " + ", ".join(
                     f"{k}={vars(args)[k]!r} (checkpoint: {old[k]!r})" for k in diff))
+            if "data_fingerprint" in ckpt:
+                if ckpt["data_fingerprint"] != data_fingerprint:
+                    was = "in-memory data" if ckpt["data_fingerprint"] is None else f"data set {old.get('data')!r}"
+                    now = "in-memory data" if data_fingerprint is None else f"--data {args.data}"
+                    parser.error(f"--resume on different data: the run was trained on {was} (fingerprint "
+                                 f"{str(ckpt['data_fingerprint'])[:12]}), {now} has fingerprint "
+                                 f"{str(data_fingerprint)[:12]} (regenerated or another set); resume on the "
+                                 "original data set or start a new run")
+            elif bool(old.get("data")) != bool(args.data) or (
+                    args.data and os.path.realpath(old["data"]) != os.path.realpath(args.data)):
+                # A checkpoint from before fingerprints: the directory itself must be the same.
+                parser.error(f"--resume with a different --data: {args.data!r} (checkpoint: {old.get('data')!r})")
             model.load_state_dict(ckpt["model"])
             if aux is not None and ckpt.get("aux") is not None:
                 aux.load_state_dict(ckpt["aux"])
@@ -609,10 +798,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if dist.is_main:
                 print(f"resumed from {used} at step {start}", file=sys.stderr)
     if dist.is_main:
+        if args.overwrite:
+            discard_run(args.out)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        if args.resume:  # log lines written after the checkpoint by the interrupted session are redone now
-            truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+        # Log lines written after the checkpoint (or, with no checkpoint, by a run killed before
+        # its first one) are redone now: they must not stay mixed with this session's.
+        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
     net, aux_net = dist.wrap(model), dist.wrap(aux)
     if dist.world_size == 1:  # LAVAE compiles its nets itself; the others are compiled whole
         net = model if args.model == "lavae" else _compiled(model, args)
@@ -622,6 +814,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         save_checkpoint(ckpt_path, {
             "step": step, "args": vars(args), "model_config": cfg, "model": model.state_dict(),
             "aux": None if aux is None else aux.state_dict(), "optimizer": opt.state_dict(),
+            "data_fingerprint": data_fingerprint,
         })
 
     writer = None
@@ -646,90 +839,101 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_last = time.time()
     model.train()
     step = start
-    for step in range(start, end):
-        lrs = set_learning_rates(opt, args, step)
-        # The global batch of the step, of which this process takes the slice [lo, hi).
-        lo, hi = dist.shard(args.batch_size)
-        idx = data_indices(args.seed, step, args.batch_size, N)[lo:hi]
-        x, counts = train_data.get_batch(idx.numpy())
-        x = x.to(device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ids = torch.arange(step * args.batch_size + lo, step * args.batch_size + hi)
-        probe = args.probe_gradients and (step + 1) % args.log_every == 0
-        loss, out, log = training_loss(model, aux, x, counts, ids, step, args, forward=net, aux_forward=aux_net,
-                                       probe=probe)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss at step {step}")
-        meter.add(**log)
-        done = step + 1
+    stop = StopSignals()
+    stopped = 0
+    with stop:
+        for step in range(start, end):
+            lrs = set_learning_rates(opt, args, step)
+            # The global batch of the step, of which this process takes the slice [lo, hi).
+            lo, hi = dist.shard(args.batch_size)
+            idx = data_indices(args.seed, step, args.batch_size, N)[lo:hi]
+            x, counts = train_data.get_batch(idx.numpy())
+            x = x.to(device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            ids = torch.arange(step * args.batch_size + lo, step * args.batch_size + hi)
+            probe = args.probe_gradients and (step + 1) % args.log_every == 0
+            loss, out, log = training_loss(model, aux, x, counts, ids, step, args, forward=net, aux_forward=aux_net,
+                                           probe=probe)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            meter.add(**log)
+            done = step + 1
 
-        if args.model == "lavae" and (done % args.log_every == 0 or done == end):
-            from .evaluate import location_accuracy, peak_distances
+            if args.model == "lavae" and (done % args.log_every == 0 or done == end):
+                from .evaluate import location_accuracy, peak_distances
 
-            centres = np.asarray(train_data.centres)[idx.numpy()]
-            rows, cols = top_locations(out.h_loc, out.n_hat, model.max_objects)
-            m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
-            d = peak_distances(out.h_loc, centres, counts)
-            meter.add(loc_acc=m / t if t else None, peak_dist_median=float(np.median(d)) if len(d) else None)
+                centres = np.asarray(train_data.centres)[idx.numpy()]
+                rows, cols = top_locations(out.h_loc, out.n_hat, model.max_objects)
+                m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
+                d = peak_distances(out.h_loc, centres, counts)
+                meter.add(loc_acc=m / t if t else None, peak_dist_median=float(np.median(d)) if len(d) else None)
 
-        if done % args.log_every == 0 or done == end:
-            now = time.time()
-            means = dist.reduce_meter(meter.sums, meter.counts)  # over every process
-            means.update({f"lr_{k}": v for k, v in lrs.items()})
-            means["sec_per_step"] = (now - t_last) / max(1, meter.counts.get("loss", 1))
-            if args.model == "lavae":
-                means["threshold"] = 4 * gamma
-            t_last = now
-            meter = _Meter()
-            rec = {"step": done, **{k: round(v, 6) for k, v in means.items()}}
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
-            if writer is not None:
-                for k, v in means.items():
-                    writer.add_scalar(f"train/{k}", v, done)
-            if pbar is not None:
-                post = {"loss": f"{means.get('loss', float('nan')):.1f}"}
-                if "count_acc" in means:
-                    post["acc"] = f"{means['count_acc']:.2f}"
-                    post["hmax"] = f"{means.get('hloc_max_obj', float('nan')):.1f}/{4 * gamma:.1f}"
-                pbar.set_postfix(post, refresh=False)
-
-        if writer is not None and args.image_every and (done % args.image_every == 0 or done == end):
-            with torch.no_grad():
+            if done % args.log_every == 0 or done == end:
+                now = time.time()
+                means = dist.reduce_meter(meter.sums, meter.counts)  # over every process
+                means.update({f"lr_{k}": v for k, v in lrs.items()})
+                means["sec_per_step"] = (now - t_last) / max(1, meter.counts.get("loss", 1))
                 if args.model == "lavae":
-                    grid = image_grid(x, out.lam, out.rows, out.cols, out.n)
-                else:
-                    grid = image_grid(x, out.lam)
-            writer.add_image("train/input_over_reconstruction", grid, done)
-
-        if args.eval_every and dist.is_main and (done % args.eval_every == 0 or done == end):
-            from .evaluate import evaluate_split
-
-            ev = {}
-            for split in eval_splits:
-                r = evaluate_split(model, load_split(vars(args), split), K=0, n_eval=args.eval_size,
-                                   batch_size=32, device=device, seed=args.seed)
-                ev[split] = r
+                    means["threshold"] = 4 * gamma
+                t_last = now
+                meter = _Meter()
+                rec = {"step": done, **{k: round(v, 6) for k, v in means.items()}}
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
                 if writer is not None:
-                    for k, v in r.items():
-                        if isinstance(v, dict):
-                            v = v["mean"]
-                        if isinstance(v, (int, float)) and k not in ("images", "bound_images", "K"):
-                            writer.add_scalar(f"eval_{split}/{k}", v, done)
-            model.train()
-            metrics_file.write(json.dumps({"step": done, "eval": ev}) + "\n")
-            metrics_file.flush()
+                    for k, v in means.items():
+                        writer.add_scalar(f"train/{k}", v, done)
+                if pbar is not None:
+                    post = {"loss": f"{means.get('loss', float('nan')):.1f}"}
+                    if "count_acc" in means:
+                        post["acc"] = f"{means['count_acc']:.2f}"
+                        post["hmax"] = f"{means.get('hloc_max_obj', float('nan')):.1f}/{4 * gamma:.1f}"
+                    pbar.set_postfix(post, refresh=False)
 
-        if done % args.ckpt_every == 0 or done == end:
-            dist.assert_in_sync(model=model, aux=aux)  # collective: every process checks
-            if dist.is_main:
-                save(done)
-        if pbar is not None:
-            pbar.update(1)
+            if writer is not None and args.image_every and (done % args.image_every == 0 or done == end):
+                with torch.no_grad():
+                    if args.model == "lavae":
+                        grid = image_grid(x, out.lam, out.rows, out.cols, out.n)
+                    else:
+                        grid = image_grid(x, out.lam)
+                writer.add_image("train/input_over_reconstruction", grid, done)
+
+            if args.eval_every and dist.is_main and (done % args.eval_every == 0 or done == end):
+                from .evaluate import evaluate_split
+
+                ev = {}
+                for split in eval_splits:
+                    r = evaluate_split(model, load_split(vars(args), split), K=0, n_eval=args.eval_size,
+                                       batch_size=32, device=device, seed=args.seed)
+                    ev[split] = r
+                    if writer is not None:
+                        for k, v in r.items():
+                            if isinstance(v, dict):
+                                v = v["mean"]
+                            if isinstance(v, (int, float)) and k not in ("images", "bound_images", "K"):
+                                writer.add_scalar(f"eval_{split}/{k}", v, done)
+                model.train()
+                metrics_file.write(json.dumps({"step": done, "eval": ev}) + "\n")
+                metrics_file.flush()
+
+            if done % args.ckpt_every == 0 or done == end:
+                dist.assert_in_sync(model=model, aux=aux)  # collective: every process checks
+                if dist.is_main:
+                    save(done)
+            if pbar is not None:
+                pbar.update(1)
+            # Every process stops at the same step: the signal may have reached only some of them.
+            stopped = dist.agree_on_stop(stop.signum)
+            if stopped:
+                if not (done % args.ckpt_every == 0 or done == end):
+                    dist.assert_in_sync(model=model, aux=aux)
+                    if dist.is_main:
+                        save(done)
+                break
 
     if start >= end:
         print(f"nothing to do: checkpoint is at step {start}, target {end}", file=sys.stderr)
@@ -739,6 +943,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         writer.close()
     metrics_file.close()
     dist.close()
+    if stopped and step + 1 >= end:
+        stopped = 0  # the signal came during the last step: the run is complete, not interrupted
+    if stopped:
+        if dist.is_main:
+            print(f"stopped by {signal.Signals(stopped).name} at step {step + 1} of {end}; checkpoint saved in "
+                  f"{ckpt_path}; continue with --resume (exit code {128 + stopped})", file=sys.stderr)
+        return 128 + stopped
     return 0
 
 

@@ -373,8 +373,12 @@ def test_loader_rejects_missing_and_corrupt_files(stored, tmp_path):
 
 
 def test_interrupted_write_leaves_no_readable_data_set(tmp_path, monkeypatch):
+    # Changed with issue 15: an interrupted --overwrite used to delete the old set first; now the
+    # new set is written beside it and the old one is left whole, and a fresh directory is left
+    # without a partial set.
     root = str(tmp_path / "x")
     data.generate("multi-dsprites", root, n_train=10, n_test=4, n_test7=2, progress=False)
+    before = {n: open(os.path.join(root, n), "rb").read() for n in os.listdir(root)}
     from lavae_fast.data import generator as gen
 
     def boom(*args, **kwargs):
@@ -382,10 +386,15 @@ def test_interrupted_write_leaves_no_readable_data_set(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gen, "_render_chunk", boom)
     with pytest.raises(KeyboardInterrupt):
-        data.generate("multi-dsprites", root, n_train=10, n_test=4, n_test7=2, progress=False, overwrite=True)
-    with pytest.raises(data.DataFormatError, match="no meta.json"):
-        data.MultiObjectDataset(root, "train")
-    assert not [f for f in os.listdir(root) if ".tmp-" in f]
+        data.generate("multi-dsprites", root, n_train=10, n_test=4, n_test7=2, progress=False, overwrite=True,
+                      seed=3)
+    assert {n: open(os.path.join(root, n), "rb").read() for n in os.listdir(root)} == before
+    assert len(data.MultiObjectDataset(root, "train", verify=True)) == 10
+    assert os.listdir(tmp_path) == ["x"]  # no staging directory left beside it
+    fresh = str(tmp_path / "y")
+    with pytest.raises(KeyboardInterrupt):
+        data.generate("multi-dsprites", fresh, n_train=10, n_test=4, n_test7=2, progress=False)
+    assert not os.path.exists(fresh) or not os.listdir(fresh)
 
 
 def test_cli_generate_stats_grid(tmp_path, capsys):

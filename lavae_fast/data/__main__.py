@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 import numpy as np
@@ -189,9 +191,28 @@ def _cmd_grid(a) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that the writer's cleanup runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
+    old = None
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(parser, a)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run(parser, a) -> int:
     try:
         return {"generate": _cmd_generate, "stats": _cmd_stats, "grid": _cmd_grid}[a.command](a)
     except (PlacementError, DataFormatError, MnistNotFoundError, MnistFormatError, FileExistsError,
@@ -199,9 +220,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Expected failures (bad configuration, missing or corrupt files): a message, not a traceback.
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Nothing half-written is left: the writer removes its temporaries (and an incomplete
+        # replacement) on the way out, and an existing set is untouched.
+        term = isinstance(e, _Terminated)
+        print(f"{parser.prog}: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing was left half-written",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if term else signal.SIGINT)
 
 
 if __name__ == "__main__":

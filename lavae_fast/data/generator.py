@@ -344,6 +344,10 @@ def generate(
 
     Every file is written under a temporary name and renamed into place; ``meta.json`` is written
     last, and the loader refuses a directory without it, so an interrupted run is never read.
+    Every setting (the sprites, each split's placement) is checked before anything is written.
+    With ``overwrite`` an existing set is replaced only by a complete new one: the new set is
+    written beside it (:func:`storage.staging_dir`) and swapped in last (:func:`storage.swap_in`);
+    an interruption or an error (a full disk) leaves the old set as it was.
     Returns the directory.
     """
     from . import storage
@@ -356,9 +360,17 @@ def generate(
     lo, hi = _check_counts(counts, None)
     test7_count = _check_int("test7_count", test7_count, 0)
     out_dir = os.fspath(out_dir)
-    writer = storage.DatasetWriter(out_dir, overwrite=overwrite)
+    if not out_dir:
+        raise ValueError("out_dir: empty path")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"out_dir: {out_dir} exists and is not a directory")
+    replacing = os.path.exists(os.path.join(out_dir, storage.META))
+    if replacing and not overwrite:
+        raise FileExistsError(f"out_dir: {out_dir} already holds a data set ({storage.META}); pass --overwrite "
+                              "(overwrite=True) to replace it")
+    # Every setting is checked before anything is written (an existing set is replaced only by a
+    # complete new one): the sprites (a missing MNIST), then each split's placement.
     table = sprite_table(dataset, seed, mnist_dir, pool_size)
-    # Check every split's configuration before spending time on any of them.
     areas = (table.boxes[:, 2] - table.boxes[:, 0]) * (table.boxes[:, 3] - table.boxes[:, 1])
     probe_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(_POOL_KEY + 1,))))
     for split, n, k in (("train", n_train, hi), ("test", n_test, hi), ("test7", n_test7, test7_count)):
@@ -367,17 +379,42 @@ def generate(
             # A trial placement of the split's largest count: a crowded configuration fails here,
             # in well under a second, rather than after the other splits were generated.
             place(probe_rng, PROBE_IMAGES, k, canvas, table.patch, table.boxes, f"{dataset} {split}")
-    splits = {}
+    # A generation that was killed leaves its temporaries (possibly hundreds of MB): drop them.
+    storage.remove_stale_temporaries(out_dir)
+    storage.remove_stale_staging(os.path.realpath(out_dir))
+    # Staged beside the real directory (a symlinked --out keeps pointing at the set).
+    real_out = os.path.realpath(out_dir)
+    target = storage.staging_dir(real_out) if replacing else out_dir
     try:
-        for split, n, (a, b) in (("train", n_train, (lo, hi)), ("test", n_test, (lo, hi)),
-                                 ("test7", n_test7, (test7_count, test7_count))):
-            sink = writer.split_sink(split)
-            _generate(dataset, n, seed, canvas, (a, b), None, split, mnist_dir, pool_size, workers, progress,
-                      table, pack=True, sink=sink)
-            splits[split] = writer.finish_split(split, min_objects=a, max_objects=b)
-    except BaseException:
-        writer.abort()
+        writer = storage.DatasetWriter(target)
+        splits = {}
+        try:
+            for split, n, (a, b) in (("train", n_train, (lo, hi)), ("test", n_test, (lo, hi)),
+                                     ("test7", n_test7, (test7_count, test7_count))):
+                sink = writer.split_sink(split)
+                _generate(dataset, n, seed, canvas, (a, b), None, split, mnist_dir, pool_size, workers, progress,
+                          table, pack=True, sink=sink)
+                splits[split] = writer.finish_split(split, min_objects=a, max_objects=b)
+        except BaseException:
+            # A fresh directory is left without a partial set; a staged one is removed below.
+            writer.discard() if not replacing else writer.abort()
+            raise
+        _write_meta(writer, table, dataset, canvas, seed, lo, hi, test7_count, mnist_dir, splits)
+        if replacing:
+            storage.swap_in(target, real_out)
+    except BaseException as exc:
+        if replacing and os.path.isdir(target):
+            import shutil
+
+            shutil.rmtree(target, ignore_errors=True)  # ours alone, and incomplete: the old set stays
+        if replacing and isinstance(exc, OSError) and "disk space" in str(exc):
+            raise OSError(exc.errno, f"{exc} (the old set in {out_dir} is kept until the new one is complete, "
+                                     "so replacing it needs room for both; it is unchanged)") from exc
         raise
+    return out_dir
+
+
+def _write_meta(writer, table, dataset, canvas, seed, lo, hi, test7_count, mnist_dir, splits) -> None:
     info = {k: v for k, v in table.info.items() if k != "pool_source_indices"}
     meta = {
         "dataset": dataset,
@@ -402,4 +439,3 @@ def generate(
         writer.write_array("pool_source_indices", np.asarray(table.info["pool_source_indices"], np.int64))
         meta["pool_source_indices_file"] = "pool_source_indices.npy"
     writer.write_meta(meta)
-    return out_dir

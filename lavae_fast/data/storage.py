@@ -12,24 +12,36 @@ Layout of ``DIR`` (one directory per data set)::
     {split}.{label}.npy       int32 [N, K] per-object labels, −1 padded
     pool_source_indices.npy   multi-MNIST only: the MNIST training indices of the digit pool
 
-All ``.npy`` files can be memory-mapped. Each is written under a temporary name and renamed with
-``os.replace``; ``meta.json`` is written last and removed first when a directory is regenerated,
-so an interrupted run leaves a directory the loader refuses rather than half-written files it
-would read.
+All ``.npy`` files can be memory-mapped. Each is written under a temporary name
+(``NAME.tmp-PID``) and renamed with ``os.replace``; ``meta.json`` is written last, so an
+interrupted run leaves a directory the loader refuses rather than half-written files it would
+read. Regenerating over an existing set (``overwrite``) writes the new set into a directory beside
+it and swaps the two only when the new one is complete (:func:`lavae_fast.data.generate`).
+
+``meta.json`` carries ``meta_sha256``, a digest of its own content, so an edited meta.json (a
+different width, say, which would crop the packed images) is refused; sets written before it
+existed load without that check. :func:`fingerprint` identifies a set by its contents (the
+files' SHA-256), whatever path it is reached by.
+
+Disk space for the memory-mapped images is reserved up front (``posix_fallocate``), so a full
+disk is an ``OSError`` naming the file, not a SIGBUS from a write into a mapping past its end.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 __all__ = ["FORMAT", "DataFormatError", "DatasetWriter", "read_meta", "load_split", "file_sha256",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "fingerprint", "meta_digest", "is_generator_file", "staging_dir",
+           "swap_in", "remove_stale_staging"]
 
 FORMAT = "lavae_fast.data/1"
 META = "meta.json"
@@ -53,10 +65,20 @@ def _tmp_name(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}"
 
 
-_TMP_RE = re.compile(r"\.tmp-(\d+)$")
+# The names the generator writes (see the module docstring); temporaries are these plus .tmp-PID.
+# Cleanup matches only these, never a user's own "results.tmp-4000000".
+_DATA_FILE_RE = re.compile(r"^(?:(?:train|test|test7)\.[a-z_]+\.npy|pool_source_indices\.npy|meta\.json)$")
+_TMP_RE = re.compile(r"^((?:train|test|test7)\.[a-z_]+\.npy|pool_source_indices\.npy|meta\.json)\.tmp-(\d+)$")
+
+
+def is_generator_file(name: str) -> bool:
+    """True for the names the data set writer creates (its files and their temporaries)."""
+    return bool(_DATA_FILE_RE.match(name) or _TMP_RE.match(name))
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,34 +89,173 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(out_dir: str) -> List[str]:
-    """Delete the temporary files (``NAME.tmp-PID``) that a killed writer left in ``out_dir``;
-    files of a writer that is still running are left alone. Returns the names removed."""
+    """Delete the temporary files (``NAME.tmp-PID``, NAME one the writer writes) that a killed
+    writer left in ``out_dir``; files of a writer that is still running, and any file whose name
+    the writer would not have chosen, are left alone. Returns the names removed."""
     removed = []
     if not os.path.isdir(out_dir):
         return removed
     for name in os.listdir(out_dir):
-        m = _TMP_RE.search(name)
-        if m and not _pid_alive(int(m.group(1))):
+        m = _TMP_RE.match(name)
+        if m and not _pid_alive(int(m.group(2))):
             try:
                 os.remove(os.path.join(out_dir, name))
                 removed.append(name)
-            except FileNotFoundError:
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
                 pass
     return removed
+
+
+def _full_disk_hint(exc: OSError, path: str) -> str:
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        try:
+            free = f" ({shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        return f"not enough disk space for {path}{free}: {exc.strerror or exc}; free some space or choose another --out"
+    return f"could not write {path}: {exc}"
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise OSError(exc.errno, _full_disk_hint(exc, path)) from exc
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _reserve(path: str, shown: str) -> None:
+    """Allocate the disk blocks of a (sparse) file now. A memory-mapped write into a block the
+    disk cannot supply is a SIGBUS that kills the process; an allocation that fails here is an
+    OSError the caller reports."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: no reservation, a full disk may still SIGBUS
+        return
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return  # the file system cannot reserve; nothing more we can do
+        raise OSError(exc.errno, _full_disk_hint(exc, shown)) from exc
+    finally:
+        os.close(fd)
+
+
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of a meta.json's content without its own ``meta_sha256`` entry (canonical JSON)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def fingerprint(meta: dict) -> str:
+    """The identity of a data set's contents: a digest of its shape-defining fields and of every
+    stored file's SHA-256 (not of its path, nor of where the generator found MNIST)."""
+    ident = {k: meta.get(k) for k in ("format", "dataset", "channels", "height", "width", "labels")}
+    ident["files"] = {split: {k: f.get("sha256") for k, f in sorted(info.get("files", {}).items())}
+                      for split, info in sorted(meta.get("splits", {}).items())}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Replacing a data set: the new one is written beside the old one and swapped in last.
+
+
+def staging_dir(out_dir: str) -> str:
+    """Where a replacement for the set in ``out_dir`` is written: a hidden sibling directory (same
+    file system, so the final swap is a rename)."""
+    out_dir = os.path.abspath(out_dir)
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.new-{os.getpid()}")
+
+
+def _rename_exchange(a: str, b: str) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is
+    not available (another OS, an old glibc, a file system without it)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _discard_old(old: str, out_dir: str) -> None:
+    """Move the entries of a replaced set's directory that the generator did not write (a user's
+    own files) into ``out_dir``; delete the rest and the directory."""
+    for name in os.listdir(old):
+        src = os.path.join(old, name)
+        if is_generator_file(name):
+            if os.path.isfile(src) or os.path.islink(src):
+                os.remove(src)
+        elif not os.path.lexists(os.path.join(out_dir, name)):
+            os.rename(src, os.path.join(out_dir, name))
+    try:
+        os.rmdir(old)
+    except OSError:  # something we would not delete is left: say where it is
+        import warnings
+
+        warnings.warn(f"kept {old}: it holds files that are not part of the data set", RuntimeWarning, stacklevel=3)
+
+
+def swap_in(staged: str, out_dir: str) -> None:
+    """Make the complete set in ``staged`` the set of ``out_dir``, then remove the old one.
+
+    On Linux the two directories are exchanged in one atomic step, so at every moment ``out_dir``
+    holds a complete set (the old or the new). Elsewhere it takes two renames, and a kill between
+    them leaves the old set in ``.NAME.old-PID`` beside ``out_dir`` (never deleted automatically
+    unless ``out_dir`` holds a complete set again)."""
+    if _rename_exchange(staged, out_dir):
+        old = staged
+    else:
+        old = os.path.join(os.path.dirname(os.path.abspath(out_dir)),
+                           f".{os.path.basename(os.path.abspath(out_dir))}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+        os.rename(staged, out_dir)
+    _discard_old(old, out_dir)
+
+
+_STAGING_RE = re.compile(r"^\.(.+)\.(new|old)-(\d+)$")
+
+
+def remove_stale_staging(out_dir: str) -> List[str]:
+    """Remove the staging directories (``.NAME.new-PID`` / ``.NAME.old-PID``) that a killed
+    replacement of ``out_dir`` left beside it: only the generator's own files in them are deleted
+    (a user's files are moved into ``out_dir``), and an ``.old`` one only while ``out_dir`` holds a
+    complete set. Returns the directories removed."""
+    out_dir = os.path.abspath(out_dir)
+    parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = _STAGING_RE.match(name)
+        if not m or m.group(1) != base or _pid_alive(int(m.group(3))):
+            continue
+        path = os.path.join(parent, name)
+        if not os.path.isdir(path):
+            continue
+        if m.group(2) == "old" and not os.path.isfile(os.path.join(out_dir, META)):
+            continue  # possibly the only copy of a set: leave it to the user
+        _discard_old(path, out_dir) if os.path.isdir(out_dir) else None
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
 
 
 class DatasetWriter:
@@ -115,6 +276,7 @@ class DatasetWriter:
             raise NotADirectoryError(f"out_dir: {out_dir} exists and is not a directory")
         # A generation that was killed leaves its temporaries (possibly hundreds of MB): drop them.
         remove_stale_temporaries(out_dir)
+        self._created = not os.path.exists(out_dir)
         self._open: Dict[str, Tuple[dict, str]] = {}
         self._files: Dict[str, dict] = {}
 
@@ -129,7 +291,15 @@ class DatasetWriter:
             os.makedirs(self.dir, exist_ok=True)
             path = self._path(f"{split}.images.npy")
             tmp = _tmp_name(path)
-            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *image_shape))
+            try:
+                images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *image_shape))
+                _reserve(tmp, path)
+            except OSError as exc:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                if "disk space" in str(exc):
+                    raise
+                raise OSError(exc.errno, _full_disk_hint(exc, path)) from exc
             res = {
                 "images": images,
                 "counts": np.zeros(n, np.int64),
@@ -168,8 +338,12 @@ class DatasetWriter:
         images.flush()
         n = images.shape[0]
         del images
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as exc:
+            os.remove(tmp)
+            raise OSError(exc.errno, _full_disk_hint(exc, self._path(f"{split}.images.npy"))) from exc
         os.replace(tmp, self._path(f"{split}.images.npy"))
         files = {"images": self._record("images", f"{split}.images.npy")}
         for key, arr in res.items():
@@ -194,16 +368,36 @@ class DatasetWriter:
                 os.remove(tmp)
         self._open.clear()
 
+    def discard(self) -> None:
+        """Remove everything this writer wrote (an incomplete set is not left behind)."""
+        self.abort()
+        for name in list(self._files) + [META]:
+            path = self._path(name)
+            if os.path.isfile(path):
+                os.remove(path)
+        self._files.clear()
+        if self._created:
+            try:
+                os.rmdir(self.dir)
+            except OSError:
+                pass
+
     def write_meta(self, meta: dict) -> None:
         os.makedirs(self.dir, exist_ok=True)
         meta = dict(meta, format=FORMAT, bitpacked=True, bitorder="big")
+        meta["meta_sha256"] = meta_digest(meta)
         path = self._path(META)
         tmp = _tmp_name(path)
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                json.dump(meta, f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise OSError(exc.errno, _full_disk_hint(exc, path)) from exc
         os.replace(tmp, path)
 
 
@@ -233,7 +427,13 @@ def read_meta(root: str) -> dict:
     for key in ("dataset", "channels", "height", "width", "labels", "splits"):
         if key not in meta:
             raise DataFormatError(f"{path}: missing key {key!r}; regenerate the data set")
+    if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):
+        raise DataFormatError(f"{path} was edited after generation (its content does not match its meta_sha256): "
+                              "the sizes it states may not be those of the stored arrays; regenerate the data set")
     return meta
+
+
+_VERIFIED: set = set()
 
 
 def _load_file(root: str, entry: dict, mmap: bool, verify: bool) -> np.ndarray:
@@ -248,8 +448,15 @@ def _load_file(root: str, entry: dict, mmap: bool, verify: bool) -> np.ndarray:
     actual = os.path.getsize(path)
     if actual != size:
         raise DataFormatError(f"{path} has {actual} bytes, {META} says {size}: truncated or replaced; regenerate")
-    if verify and "sha256" in entry and file_sha256(path) != entry["sha256"]:
-        raise DataFormatError(f"{path}: SHA-256 differs from {META}: the file is corrupt; regenerate the data set")
+    if verify and "sha256" in entry:
+        st = os.stat(path)
+        # Once per process: a file already verified and not replaced since (same inode, size and
+        # mtime) is not read again.
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, entry["sha256"])
+        if key not in _VERIFIED:
+            if file_sha256(path) != entry["sha256"]:
+                raise DataFormatError(f"{path}: SHA-256 differs from {META}: the file is corrupt; regenerate the data set")
+            _VERIFIED.add(key)
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
