@@ -392,15 +392,17 @@ class _OpTimer(TorchDispatchMode):
 
 
 def section_profile(ctx):
-    """The default training step (B = 64, 64×64, float32, fused ops, channels-last): wall time
+    """The default training step (B = 64, 64×64, C = 1 unless --step-batch/--step-sizes/
+    --step-channels say otherwise; float32, fused ops, channels-last): wall time
     of forward / backward / optimizer, and the time of its operators grouped into categories, per
     step. Returns no timing rows (the step section has those); the breakdown goes to the JSON
     under "profile"."""
-    h = w = 64
+    h, w = (ctx.args.step_sizes or [(64, 64)])[0]
+    b, c = ctx.args.step_batch, ctx.args.step_channels
     steps = 2 if ctx.quick else 4
     torch.manual_seed(0)
-    x = _images(B, h, w)
-    s = _Stepper(LAVAE(C, (h, w), S), x, ops="fused", accelerate={})
+    x = _images(b, h, w, c=c)
+    s = _Stepper(LAVAE(c, (h, w), SPRITE[c]), x, ops="fused", accelerate={})
     s.warm()
     s()
     phases = {}
@@ -417,7 +419,7 @@ def section_profile(ctx):
     names_ms = {k: v / steps for k, v in timer.ms.items()}
     cats = profile_categories(names_ms)
     cats["outside operators (Python, autograd engine, timer)"] = max(timed_step_ms - sum(cats.values()), 0.0)
-    print(f"# default step {h}x{w}, B={B}, float32, {torch.get_num_threads()} threads: {step_ms / 1e3:.2f} s "
+    print(f"# default step {h}x{w}, B={b}, C={c}, float32, {torch.get_num_threads()} threads: {step_ms / 1e3:.2f} s "
           f"(median phases over {steps} steps: " + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in phase_ms.items())
           + ")")
     print(f"# operator time by category (timed steps: {timed_step_ms / 1e3:.2f} s per step):")
@@ -427,7 +429,7 @@ def section_profile(ctx):
     print("# top operators per step (ms, calls):")
     for name, ms in top:
         print(f"  {name:<52} {ms:8.1f} ms  {timer.calls[name] // steps:4d}")
-    ctx.extra["profile"] = {"H": h, "W": w, "B": B, "steps": steps, "phase_ms": phase_ms,
+    ctx.extra["profile"] = {"H": h, "W": w, "B": b, "C": c, "steps": steps, "phase_ms": phase_ms,
                             "timed_step_ms": timed_step_ms, "category_ms": cats, "top_ms": dict(top)}
     return []
 
