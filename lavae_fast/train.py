@@ -639,14 +639,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # The run keeps the precision it was trained in, whatever this machine would choose: a
             # resumed run continues the same computation (an explicit --bf16 on/off that differs is
             # refused, as other run settings are).
-            recorded = recorded_precision(old)
-            if args.bf16 != "auto" and args.model == "lavae" and args.precision != recorded:
-                parser.error(f"--resume with --bf16 {args.bf16}, but the run was trained in {recorded} "
-                             f"(checkpoint); leave --bf16 out (or use auto) to continue it in {recorded}")
-            if recorded != args.precision:
-                args.precision = recorded
-                accelerate(model, args)
-            args.precision_reason = "recorded in the checkpoint: --resume keeps it, without detecting the machine again"
+            if args.model == "lavae":
+                recorded = recorded_precision(old)
+                if args.bf16 != "auto" and args.precision != recorded:
+                    parser.error(f"--resume with --bf16 {args.bf16}, but the run was trained in {recorded} "
+                                 f"(checkpoint); leave --bf16 out (or use auto) to continue it in {recorded}")
+                if recorded != args.precision:
+                    args.precision = recorded
+                    accelerate(model, args)
+                args.precision_reason = ("recorded in the checkpoint: --resume keeps it, without detecting the "
+                                         "machine again")
             model.load_state_dict(ckpt["model"])
             if aux is not None and ckpt.get("aux") is not None:
                 aux.load_state_dict(ckpt["aux"])
