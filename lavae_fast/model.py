@@ -398,9 +398,12 @@ class LAVAE(nn.Module):
             ``_decode_present`` (how many objects are decoded depends on the data) — see
             tests/test_speed.py. Compilation: 10–30 s at the first step (and again in eval mode);
             it buys ~2% on CPU, where the convolutions are oneDNN calls either way.
-        bf16: run the convolutions under bf16 autocast (AVX-512 BF16 / AMX on recent CPUs, any
-            CUDA GPU); batch-norm statistics, the heads' outputs and every engine op stay float32.
-            Optional, off by default; its loss curve is tested against float32.
+        bf16: run the convolutions under bf16 autocast; batch-norm statistics, the heads' outputs
+            and every engine op stay float32. Off by default here; a speed-up only where the device
+            computes bf16 natively (a CPU with AVX-512 BF16 or AMX, a CUDA GPU that supports it):
+            elsewhere (an AVX2-only CPU) it is emulated, ~9× slower. Ask the machine with
+            :func:`lavae_fast.performance.bf16_native`, as the training CLI's ``--bf16 auto`` (its
+            default) does. Its loss curve is tested against float32 where bf16 is native.
         compile_mode: passed to ``torch.compile`` (None = the default mode).
         """
         self._speed = SpeedConfig(channels_last=channels_last, fused_norm=fused_norm, compile=compile, bf16=bf16,

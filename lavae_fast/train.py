@@ -42,6 +42,12 @@ Several processes or machines: ``torchrun --standalone --nproc_per_node=N -m lav
 trains with DistributedDataParallel, ``--batch-size`` being the global batch (see
 :mod:`lavae_fast.distributed`).
 
+Precision: ``--bf16 auto`` (the default) trains LAVAE's convolutions in bf16 where the device computes
+bf16 natively (:func:`lavae_fast.performance.bf16_native`: a CPU with AVX-512 BF16 or AMX, a CUDA GPU
+that supports it) and in float32 elsewhere, where bf16 would be emulated and slower; ``--bf16 on`` /
+``--bf16 off`` force it. The choice and its reason are printed and recorded (``precision``,
+``precision_reason`` in ``args.json`` and the checkpoint's args); ``--resume`` keeps the recorded one.
+
 Outputs in ``--out RUN_DIR``: ``checkpoint.pt`` and ``checkpoint.prev.pt``, ``metrics.jsonl`` (one
 line per log interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
 
@@ -69,7 +75,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -286,8 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each Leaky ReLU + batch norm as one fused op (lavae_fast.norm; default: on)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the convolutional nets (20-40 s of compilation at the first step)")
-    speed.add_argument("--bf16", action="store_true",
-                       help="bf16 autocast for the convolutions (optional; float32 is the default)")
+    speed.add_argument("--bf16", nargs="?", choices=["auto", "on", "off"], const="on", default="auto",
+                       help="bf16 autocast for LAVAE's convolutions. auto (default): bf16 where the device computes "
+                            "it natively (a CPU with avx512_bf16 or amx_bf16, a CUDA GPU that supports it), float32 "
+                            "elsewhere; on (or a bare --bf16): always (where bf16 is emulated, e.g. an AVX2-only CPU, "
+                            f"~{performance.BF16_EMULATED_SLOWDOWN}x slower); off: float32. The choice is printed and "
+                            "recorded in args.json and the checkpoint; --resume keeps the recorded one")
+    speed.add_argument("--no-bf16", dest="bf16", action="store_const", const="off", help="same as --bf16 off")
     speed.add_argument("--tune-allocator", action=argparse.BooleanOptionalAction, default=True,
                        help="keep freed activations in the process instead of unmapping them (glibc; see "
                             "lavae_fast.performance)")
@@ -315,6 +326,28 @@ def _accept_negative_numbers(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def choose_precision(request: str, native: bool, why: str, model: str = "lavae") -> Tuple[str, str]:
+    """``--bf16`` auto|on|off → ("bf16" or "float32", the reason to print), given whether the device
+    computes bf16 natively and why (:func:`lavae_fast.performance.bf16_native`)."""
+    if model != "lavae":
+        return "float32", f"--model {model} has no bf16 path"
+    if request == "on":
+        return "bf16", "--bf16 on"
+    if request == "off":
+        return "float32", "--bf16 off"
+    if request != "auto":
+        raise ValueError(f"--bf16 must be auto, on or off, got {request!r}")
+    return ("bf16" if native else "float32"), f"--bf16 auto: {why}"
+
+
+def recorded_precision(run_args: Dict) -> str:
+    """The precision a checkpoint's run trained in. Runs from before ``--bf16 auto`` recorded only
+    the flag (a bool; False when absent)."""
+    if run_args.get("precision") in ("bf16", "float32"):
+        return run_args["precision"]
+    return "bf16" if run_args.get("bf16") is True else "float32"
+
+
 def model_config(args, channels: int) -> Dict:
     canvas = list(_parse_canvas(args.canvas))
     if args.model == "baseline":
@@ -336,7 +369,7 @@ def accelerate(module, args) -> None:
 
     if isinstance(module, LAVAE):
         module.accelerate(channels_last=args.channels_last, fused_norm=args.fused_norm, compile=args.compile,
-                          bf16=args.bf16)
+                          bf16=args.precision == "bf16")
         return
     if args.channels_last:
         module.to(memory_format=torch.channels_last)
@@ -749,6 +782,8 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
         model = distributed.convert_sync_batchnorm(model)
         if aux is not None:
             aux = distributed.convert_sync_batchnorm(aux)
+    bf16_native, bf16_why = performance.bf16_native(device)
+    args.precision, args.precision_reason = choose_precision(args.bf16, bf16_native, bf16_why, args.model)
     accelerate(model, args)
     if aux is not None:
         accelerate(aux, args)
@@ -790,6 +825,19 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
                     args.data and os.path.realpath(old["data"]) != os.path.realpath(args.data)):
                 # A checkpoint from before fingerprints: the directory itself must be the same.
                 parser.error(f"--resume with a different --data: {args.data!r} (checkpoint: {old.get('data')!r})")
+            # The run keeps the precision it was trained in, whatever this machine would choose: a
+            # resumed run continues the same computation (an explicit --bf16 on/off that differs is
+            # refused, as other run settings are).
+            if args.model == "lavae":
+                recorded = recorded_precision(old)
+                if args.bf16 != "auto" and args.precision != recorded:
+                    parser.error(f"--resume with --bf16 {args.bf16}, but the run was trained in {recorded} "
+                                 f"(checkpoint); leave --bf16 out (or use auto) to continue it in {recorded}")
+                if recorded != args.precision:
+                    args.precision = recorded
+                    accelerate(model, args)
+                args.precision_reason = ("recorded in the checkpoint: --resume keeps it, without detecting the "
+                                         "machine again")
             model.load_state_dict(ckpt["model"])
             if aux is not None and ckpt.get("aux") is not None:
                 aux.load_state_dict(ckpt["aux"])
@@ -800,6 +848,11 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
     if dist.is_main:
         if args.overwrite:
             discard_run(args.out)
+        print(f"precision: {args.precision} ({args.precision_reason})", file=sys.stderr)
+        if args.precision == "bf16" and not bf16_native:
+            print(f"warning: training in bf16 where it is emulated ({bf16_why}); expect steps ~"
+                  f"{performance.BF16_EMULATED_SLOWDOWN}x slower than with native bf16, and slower than "
+                  f"float32 (--bf16 off)", file=sys.stderr)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
         # Log lines written after the checkpoint (or, with no checkpoint, by a run killed before

@@ -14,6 +14,8 @@ from lavae_fast.model import LAVAE
 from lavae_fast.noise import draw_noise
 from lavae_fast.train import main as train_main
 
+from _tolerance import assert_step_matches_reference, compare_models
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -53,17 +55,16 @@ def test_tiny_canvases_and_sprites_larger_than_the_canvas_train(canvas, S, ops_n
 
 
 def test_fused_and_reference_models_agree_on_an_odd_canvas():
+    """Values and every gradient within flash-attention's rule (tests/_tolerance.py): a fixed rtol
+    held on AVX-512 and failed where oneDNN runs AVX2 convolutions."""
     torch.manual_seed(1)
-    a = _model((3, 5), 9, ops="fused")
-    b = _model((3, 5), 9, ops="reference")
-    b.load_state_dict(a.state_dict())
     x = (torch.rand(2, 1, 3, 5) < 0.5).float()
-    nz = _noise(a, 2, 15, seed=3)
-    oa, ob = a(x, noise=nz, tau=0.2, force_n_prob=1.0), b(x, noise=nz, tau=0.2, force_n_prob=1.0)
-    torch.testing.assert_close(oa.neg_elbo, ob.neg_elbo, rtol=1e-5, atol=1e-4)
-    oa.loss.backward(), ob.loss.backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5, msg=n)
+    fused = _model((3, 5), 9, ops="fused")
+    nz = _noise(fused, 2, 15, seed=3)
+    steps = compare_models(lambda: fused, lambda: _model((3, 5), 9, ops="reference"), x, nz, tau=0.2,
+                           force_n_prob=1.0)
+    assert steps[0]["discrete"][0].tolist() == [1, 1]  # forced n = 1: sprites are placed and differentiated
+    assert_step_matches_reference(*steps)
 
 
 def test_n_zero_everywhere_is_legal():

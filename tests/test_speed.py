@@ -4,7 +4,8 @@
   as the eager reference (reference ops, NCHW) for a fixed seed, within float32 tolerance;
 * ``torch.compile``: the nets and the sprite decoder compile as whole graphs, the engine ops trace
   into a graph without breaks, and the only graph breaks of a forward are the named ones;
-* bf16 autocast: its loss curve over a few hundred training steps tracks float32's;
+* bf16 autocast: its loss curve over a few hundred training steps tracks float32's (where bf16 is
+  native, :func:`lavae_fast.performance.bf16_native`; skipped elsewhere, where it would be emulated);
 * the allocator setting is reversible, and accelerated models copy, pickle and load checkpoints.
 """
 
@@ -18,6 +19,8 @@ import torch
 
 from lavae_fast import LAVAE, ops, performance
 from lavae_fast.noise import draw_noise
+
+from _tolerance import assert_step_matches_reference, compare_models
 
 H = W = 20
 C, S = 3, 7
@@ -74,23 +77,39 @@ def assert_same_step(fast, ref, x, tol):
         assert err <= tol * scale, f"gradient of {k}: max error {err:.3g} vs largest gradient {scale:.3g}"
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
-def test_default_path_step_matches_eager_reference(dtype, tol):
-    ref = with_objects(tiny(ops="reference")).to(dtype)
-    fast = with_objects(tiny()).to(dtype).accelerate()
+def test_default_path_step_matches_eager_reference_in_float64():
+    """In float64 rounding is out of the way: the fast path computes the reference's numbers."""
+    ref = with_objects(tiny(ops="reference")).double()
+    fast = with_objects(tiny()).double().accelerate()
     assert fast.speed_config.channels_last and fast.app_net[0][0].weight.is_contiguous(
         memory_format=torch.channels_last)
-    assert_same_step(fast, ref, batch().to(dtype), tol)
+    assert_same_step(fast, ref, batch().double(), 1e-9)
+
+
+def _float32_step_matches_reference(fast, x):
+    """The float32 fast path against the eager reference by flash-attention's rule
+    (tests/_tolerance.py): its error against the reference in float64 at most ~2× the float32
+    reference's own."""
+    noise = draw_noise(0, 0, torch.arange(x.shape[0]), num_pixels=H * W, max_objects=fast.max_objects,
+                       latent_size=fast.latent_size)
+    steps = compare_models(lambda: fast, lambda: with_objects(tiny(ops="reference")), x, noise, tau=0.5,
+                           force_n_prob=0.3)
+    assert steps[1]["discrete"][0].sum() > 0, "the comparison must place objects"
+    assert len([k for k in steps[1] if k.startswith("grad:")]) == len(list(fast.parameters()))
+    assert_step_matches_reference(*steps)
+
+
+def test_default_path_step_matches_eager_reference():
+    fast = with_objects(tiny()).accelerate()
+    assert fast.speed_config.channels_last and fast.speed_config.fused_norm
+    _float32_step_matches_reference(fast, batch())
 
 
 def test_compiled_step_matches_eager_reference():
-    ref = with_objects(tiny(ops="reference"))
     fast = with_objects(tiny()).accelerate(compile=True)
-    assert_same_step(fast, ref, batch(), 1e-3)
+    _float32_step_matches_reference(fast, batch())
     # Another batch, with another number of present objects: the dynamic decoder graph serves it.
-    out_f, _ = step_grads(fast, batch(seed=1))
-    out_r, _ = step_grads(ref, batch(seed=1))
-    torch.testing.assert_close(out_f.neg_elbo, out_r.neg_elbo, rtol=1e-3, atol=1e-3)
+    _float32_step_matches_reference(fast, batch(seed=1))
 
 
 def test_graph_breaks_are_only_the_named_ones():
@@ -163,6 +182,12 @@ def _train_curve(model, data, steps, seed=0):
     return torch.tensor(losses)
 
 
+_BF16_NATIVE, _BF16_WHY = performance.bf16_native("cpu")
+
+
+# 200 steps of emulated bf16 took most of the suite's 16m43s on an AVX2-only CI machine (9× the time
+# on AVX-512 BF16): the bf16 path is checked where it is meant to run, as `--bf16 auto` chooses.
+@pytest.mark.skipif(not _BF16_NATIVE, reason=f"bf16 is not native here ({_BF16_WHY}); --bf16 auto trains in float32")
 def test_bf16_loss_curve_tracks_float32_over_training():
     """The optional bf16 path is kept only if a few hundred steps of training follow float32."""
     from lavae_fast.data import generate_arrays
