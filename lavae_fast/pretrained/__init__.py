@@ -99,15 +99,17 @@ def _check_canvas(canvas) -> Tuple[int, int]:
     return int(h), int(w)
 
 
-def load_pretrained(name_or_path: Union[str, os.PathLike], kind: str, *,
+def load_pretrained(name_or_path: Union[str, os.PathLike], kind: Optional[str], *,
                     canvas: Union[None, int, Sequence[int]] = None, device="cpu") -> Tuple[Any, Dict[str, Any]]:
     """(model in eval mode, its verified checkpoint dict) for :meth:`LAVAE.from_pretrained` and
-    :meth:`BetaVAE.from_pretrained`; see there. ``kind``: "lavae" or "baseline"."""
-    path = resolve(name_or_path, kind)
+    :meth:`BetaVAE.from_pretrained`; see there. ``kind``: "lavae" or "baseline" (a checkpoint of the
+    other is refused), or None for whichever a path holds (a name then means a LAVAE)."""
+    path = resolve(name_or_path, kind or "lavae")
     state = load_checkpoint(path)  # FileNotFoundError / CheckpointError (a ValueError) with the file named
     cfg = state.get("model_config")
     if not isinstance(cfg, dict) or cfg.get("kind") not in KINDS:
         raise CheckpointError(f"{path} does not say which model it holds (no model_config with a known kind)")
+    kind = kind or cfg["kind"]
     if cfg["kind"] != kind:
         other = {"lavae": "LAVAE", "baseline": "BetaVAE"}[cfg["kind"]]
         raise CheckpointError(f"{path} holds a {KINDS[cfg['kind']]} checkpoint, not a {KINDS[kind]} one: "
