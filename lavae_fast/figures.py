@@ -415,7 +415,8 @@ def training_curves_figure(records: Sequence[Dict], *, dataset: Optional[str] = 
                 bound.plot(*zip(*b), style, color=colour, label=f"evaluation {what}, {split}")
     acc.set(xlabel="training step", ylabel="count accuracy (share of images)", ylim=(-0.02, 1.02),
             title="Count accuracy")
-    bound.set(xlabel="training step", ylabel="nats per image (lower is better)", title="Bound: −ELBO / −log p(x) ≤")
+    bound.set(xlabel="training step", ylabel="nats per image (lower is better)",
+              title="Bound: −ELBO / −log p(x) ≤")
     ys = [y for line in bound.get_lines() for y in line.get_ydata()]
     if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
         bound.set_yscale("log")  # early steps can be orders of magnitude above the end
@@ -433,7 +434,8 @@ def training_curves_figure(records: Sequence[Dict], *, dataset: Optional[str] = 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lavae_fast.figures", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", metavar="RUN_OR_NAME",
-                   help="a LAVAE run directory written by lavae_fast.train, a checkpoint file, or a shipped model's name")
+                   help="a LAVAE run directory written by lavae_fast.train, a checkpoint file, "
+                        "or a shipped model's name")
     p.add_argument("--baseline", default=None, metavar="RUN_OR_NAME",
                    help="a β-VAE baseline run directory, checkpoint or name, for its prior samples (Fig. 2)")
     p.add_argument("--out", default=None,

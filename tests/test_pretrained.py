@@ -136,6 +136,7 @@ def test_export_round_trip(run, tmp_path):
     loaded = LAVAE.from_pretrained(str(out))
     _same_weights(loaded, model)
     assert _all_eval(loaded)
+    assert out.stat().st_mode & 0o777 == 0o644  # package data: readable by every user
     # No optimiser state: the shipped file is smaller than the run's checkpoint.
     assert out.stat().st_size < (d / CHECKPOINT_NAME).stat().st_size
 

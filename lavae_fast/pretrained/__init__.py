@@ -11,9 +11,10 @@ only, so a file carrying other pickled objects is refused before any of its code
 SHA-256 digest is verified.
 
 A shipped model is package data in this folder: one file per (model kind, name), listed in
-:data:`REGISTRY`, written by :func:`export` (:mod:`lavae_fast.pretrained.shipping`) (``python -m lavae_fast.pretrained export RUN_DIR --name
-multi-dsprites``). It is a checkpoint in the same format as a run's, without the optimiser and the
-warm-up VAE, plus ``provenance`` (the training command, commits, data settings, measured metrics).
+:data:`REGISTRY`, written by :func:`export` (:mod:`lavae_fast.pretrained.shipping`; on the command
+line ``python -m lavae_fast.pretrained export RUN_DIR --name multi-dsprites``). It is a checkpoint
+in the same format as a run's, without the optimiser and the warm-up VAE, plus ``provenance`` (the
+training command, commits, data settings, measured metrics).
 A name whose file is not in this version of the package is refused with :class:`NotShipped`.
 """
 

@@ -130,4 +130,7 @@ def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, m
     model = {k: v.detach().cpu().clone() for k, v in state["model"].items()}
     shipped = {**{k: state.get(k) for k in SHIPPED_KEYS}, "model": model, "provenance": provenance}
     save_checkpoint(out, shipped, keep_previous=False)
+    # save_checkpoint's temporary file is private (0600); package data must be readable by every user
+    # of an installation made by another (root's pip install, a wheel built from this tree).
+    os.chmod(out, 0o644)
     return out
