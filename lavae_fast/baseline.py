@@ -89,6 +89,16 @@ class BetaVAE(nn.Module):
         self.dec_b = nn.Sequential(ResBlock(w), ResBlock(w))
         self.dec_out = nn.Conv2d(w, channels, 3, padding=1)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, canvas=None, device="cpu") -> "BetaVAE":
+        """A trained β-VAE baseline in eval mode: the baseline trained on a shipped model's data set
+        by name ("multi-dsprites", "multi-mnist-10k"), a run directory or a checkpoint file;
+        ``canvas`` as in :meth:`lavae_fast.LAVAE.from_pretrained` (same checks and errors; a LAVAE
+        checkpoint is refused)."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(name_or_path, "baseline", canvas=canvas, device=device)[0]
+
     @staticmethod
     def _sizes(H: int, W: int):
         sizes = [(H, W)]

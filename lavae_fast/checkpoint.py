@@ -18,7 +18,8 @@ starts, unless process PID is still alive). A write that fails (a full disk) rai
 A run directory belongs to one process at a time: :func:`lock_run_directory` (``fcntl.flock`` on
 ``DIR/.lock``, released by the kernel on any exit).
 
-Reads are verified (:func:`load_checkpoint`): a file torch cannot read, one that is not a lavae_fast
+Reads are verified (:func:`load_checkpoint`): a file torch cannot read (or could only read by
+running the arbitrary code a pickle may carry: loading is ``weights_only``), one that is not a lavae_fast
 checkpoint, one that lacks a required key, or one whose digest differs is refused with a
 :class:`CheckpointError` naming the file and the reason. Given a run directory, the loader falls
 back to ``checkpoint.prev.pt`` with a warning when ``checkpoint.pt`` is refused (or absent), so a
@@ -30,6 +31,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -274,10 +276,20 @@ def _read_verified(path: str, map_location, required: Iterable[str]) -> Dict[str
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         # Verify on the CPU: the digest reads every byte, and moving to the target device is cheap.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated, not a torch file, or a damaged zip/pickle
+        # weights_only: a checkpoint holds tensors and plain data only, so the restricted unpickler
+        # reads every good one, and a file that smuggles other objects (code run at load time) is
+        # refused before anything in it executes — run directories and model files come from others.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, a damaged zip/pickle, or a forbidden object
+        # The restricted unpickler reports garbage and forbidden objects alike as UnpicklingError,
+        # with a page of advice on loading the file anyway; the line naming a global tells them apart.
+        why = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln), None)
+        if isinstance(exc, pickle.UnpicklingError) and why:
+            raise CheckpointError(f"refused checkpoint {path}: it holds objects other than tensors and plain "
+                                  f"data (not loaded, nothing in it was executed): {why}") from exc
+        detail = "damaged pickle data (or not a torch file)" if isinstance(exc, pickle.UnpicklingError) else exc
         raise CheckpointError(f"could not read checkpoint {path} (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from exc
+                              f"{type(exc).__name__}: {detail}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise CheckpointError(f"{path} is not a lavae_fast checkpoint (format {FORMAT})")
     missing = [k for k in required if k not in state]

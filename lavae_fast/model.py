@@ -362,6 +362,27 @@ class LAVAE(nn.Module):
         self._speed = SpeedConfig()
         self._compiled = {}  # name -> torch.compile'd callable (rebuilt on demand, never saved)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, canvas: Union[None, int, Sequence[int]] = None,
+                        device="cpu") -> "LAVAE":
+        """A trained LAVAE in eval mode.
+
+        ``name_or_path``: a shipped model's name ("multi-dsprites", "multi-mnist-10k"; see
+        ``python -m lavae_fast.pretrained list``), a run directory written by ``lavae_fast.train``,
+        or a checkpoint file. ``canvas``: (H, W) or N to run the model on another canvas size (it is
+        fully convolutional); default: the canvas it was trained on.
+
+        Only tensors and plain data are read (no arbitrary pickled objects) and the checkpoint's
+        digest is verified. Raises ValueError for an unknown name,
+        :class:`lavae_fast.pretrained.NotShipped` (a FileNotFoundError) for a name not shipped in
+        this version, FileNotFoundError for a missing path, and
+        :class:`lavae_fast.checkpoint.CheckpointError` (a ValueError) for a damaged file or a
+        checkpoint of the β-VAE baseline.
+        """
+        from .pretrained import load_pretrained
+
+        return load_pretrained(name_or_path, "lavae", canvas=canvas, device=device)[0]
+
     # -- configuration ---------------------------------------------------------------------
 
     def set_ops(self, ops: str) -> None:

@@ -1,0 +1,136 @@
+"""Turn a run (directory or checkpoint file) into a shippable model file with its provenance.
+
+The file is a checkpoint in the run's own format (written by
+:func:`lavae_fast.checkpoint.save_checkpoint`: atomic, with its SHA-256) holding only
+:data:`lavae_fast.pretrained.SHIPPED_KEYS` — no optimiser, no warm-up VAE — plus ``provenance``:
+
+* ``command``: the training command, rebuilt from the run's recorded arguments;
+* ``train_commit``: the commit that trained it when given (``--train-commit``; runs do not record it),
+  ``export_commit``: the commit of the code that exported it (``git describe``-style, ``-dirty``
+  when the work tree had changes);
+* ``data``: the data settings (data set, canvas, split sizes, seed, directory, fingerprint);
+* ``metrics``: the measured results, read from the run's ``eval.json`` (``python -m
+  lavae_fast.evaluate RUN_DIR``), or None when exported with ``--no-metrics``;
+* ``step``, ``source`` (the checkpoint file and its digest), versions of lavae_fast and torch, time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..checkpoint import load_run_checkpoint, save_checkpoint
+from . import KINDS, REGISTRY, SHIPPED_KEYS, names
+
+__all__ = ["export", "training_command", "git_commit"]
+
+DATA_KEYS = ("dataset", "data", "canvas", "n_train", "n_test", "n_test7", "data_seed")
+
+
+def training_command(args: Dict[str, Any]) -> str:
+    """``python -m lavae_fast.train …`` with every recorded argument that differs from the
+    trainer's default, spelled as its own option (so the command is what was run, up to defaults)."""
+    import argparse
+    import shlex
+
+    from ..train import build_parser
+
+    parts = ["python", "-m", "lavae_fast.train"]
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest not in args or action.dest == "help":
+            continue
+        value, default = args[action.dest], action.default
+        if isinstance(value, (list, tuple)):  # the canvas: recorded as [H, W], spelled HxW
+            if isinstance(default, (list, tuple)) and tuple(value) == tuple(default):
+                continue
+            value = "x".join(str(v) for v in value)
+        elif value == default and not action.required:
+            continue
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            parts.append(f"--{'' if value else 'no-'}{action.dest.replace('_', '-')}")
+        elif action.nargs == 0:  # store_true / store_false: the flag alone says it
+            parts.append(flag)
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def git_commit(path: str) -> Optional[str]:
+    """The commit checked out where ``path`` lives (+ "-dirty" for local changes), or None outside git."""
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", path, *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        head = run("rev-parse", "HEAD")
+        return head + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, metrics: Optional[str] = None,
+           no_metrics: bool = False, train_commit: Optional[str] = None, note: Optional[str] = None,
+           overwrite: bool = False) -> str:
+    """Write the model of ``run`` (a run directory or checkpoint file) as a shippable file; returns
+    its path.
+
+    Destination: ``out``, or with ``name`` the registry's file for (the run's model kind, name) in
+    this package folder. ``metrics``: a JSON file of measured results (default: the run's
+    ``eval.json``); without one the export is refused unless ``no_metrics`` — a shipped model says
+    how well it counts. An existing destination is replaced only with ``overwrite``.
+    """
+    if (name is None) == (out is None):
+        raise ValueError("give exactly one of name (a registered model name) and out (a file path)")
+    state, used = load_run_checkpoint(run)  # verified, weights_only, falls back to .prev with a warning
+    kind = state["model_config"]["kind"]
+    if name is not None:
+        if (kind, name) not in REGISTRY:
+            raise ValueError(f"unknown name {name!r} for a {KINDS[kind]}: registered names are "
+                             f"{', '.join(repr(n) for n in names(kind))} (add one to lavae_fast.pretrained.REGISTRY)")
+        from . import model_file
+
+        out = model_file(kind, name)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+
+    run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
+    if metrics is None and not no_metrics:
+        metrics = os.path.join(run_dir, "eval.json")
+        if not os.path.isfile(metrics):
+            raise FileNotFoundError(f"no measured metrics for {run}: run `python -m lavae_fast.evaluate {run_dir}` "
+                                    "first (it writes eval.json), pass --metrics FILE, or --no-metrics")
+    measured = None
+    if metrics is not None and not no_metrics:
+        with open(metrics) as f:
+            measured = json.load(f)
+
+    from .. import __version__
+
+    args = dict(state["args"])
+    provenance = {
+        "name": name,
+        "command": training_command(args),
+        "train_commit": train_commit,
+        "export_commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
+        "data": {**{k: args.get(k) for k in DATA_KEYS}, "fingerprint": state.get("data_fingerprint")},
+        "metrics": measured,
+        "metrics_file": None if measured is None else os.path.abspath(metrics),
+        "step": int(state["step"]),
+        "source": {"file": os.path.abspath(used), "sha256": state.get("sha256")},
+        "lavae_fast_version": __version__,
+        "torch_version": str(torch.__version__),  # a str subclass weights_only would refuse
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "note": note,
+    }
+    # clone(): a view of a bigger buffer would otherwise save the whole buffer.
+    model = {k: v.detach().cpu().clone() for k, v in state["model"].items()}
+    shipped = {**{k: state.get(k) for k in SHIPPED_KEYS}, "model": model, "provenance": provenance}
+    save_checkpoint(out, shipped, keep_previous=False)
+    # save_checkpoint's temporary file is private (0600); package data must be readable by every user
+    # of an installation made by another (root's pip install, a wheel built from this tree).
+    os.chmod(out, 0o644)
+    return out

@@ -1,0 +1,235 @@
+"""from_pretrained (by run directory, checkpoint file and name), the export round trip, and the
+refusals: unknown name, a name not shipped, missing or damaged files, the other model's checkpoint,
+and a pickle that carries code (refused without running it)."""
+
+import json
+import pytest
+import torch
+
+from lavae_fast import BetaVAE, LAVAE, pretrained
+from lavae_fast.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from lavae_fast.pretrained import NotShipped
+from lavae_fast.pretrained import export
+from lavae_fast.pretrained.__main__ import main as cli
+
+CANVAS = (24, 24)
+
+
+def _lavae():
+    m = LAVAE(channels=1, canvas=CANVAS, sprite_size=5, width=8, sprite_width=40)
+    with torch.no_grad():  # weights that differ from a fresh model's, so loading is visible
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        for b in m.buffers():
+            if b.is_floating_point():
+                b.add_(0.1)
+    return m
+
+
+def _train_args(run, model="lavae"):
+    from lavae_fast.train import build_parser
+
+    return vars(build_parser().parse_args(["--model", model, "--dataset", "multi-mnist-1k", "--canvas", "24",
+                                           "--steps", "7", "--width", "8", "--out", str(run)]))
+
+
+def _write_run(run, model, kind):
+    cfg = {"kind": kind, "channels": 1, "canvas": CANVAS}
+    if kind == "lavae":
+        cfg.update(sprite_size=5, width=8, sprite_width=40)
+    else:
+        cfg.update(width=8)
+    opt = torch.optim.Adamax(model.parameters())
+    model(torch.rand(2, 1, *CANVAS).round()).loss.backward()
+    opt.step()
+    model.eval()
+    save_checkpoint(str(run / CHECKPOINT_NAME), {
+        "step": 7, "args": _train_args(run, kind), "model_config": cfg, "model": model.state_dict(), "aux": None,
+        "optimizer": opt.state_dict(), "data_fingerprint": "f" * 64})
+    return model
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run directory holding a tiny LAVAE's checkpoint (with its optimiser), and the model."""
+    d = tmp_path / "run"
+    return d, _write_run(d, _lavae(), "lavae")
+
+
+@pytest.fixture
+def baseline_run(tmp_path):
+    d = tmp_path / "baseline_run"
+    return d, _write_run(d, BetaVAE(channels=1, canvas=CANVAS, width=8), "baseline")
+
+
+@pytest.fixture
+def package_dir(tmp_path, monkeypatch):
+    """The package's model folder, redirected to an empty directory (so the test does not depend
+    on which models this version ships, and export writes nothing into the source tree)."""
+    d = tmp_path / "package"
+    d.mkdir()
+    monkeypatch.setattr(pretrained, "HERE", str(d))
+    return d
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+def _all_eval(m):
+    return not any(mod.training for mod in m.modules())
+
+
+@pytest.mark.parametrize("by", ["directory", "file"])
+def test_loads_a_run_by_directory_and_by_checkpoint_file(run, by):
+    d, model = run
+    loaded = LAVAE.from_pretrained(str(d) if by == "directory" else str(d / CHECKPOINT_NAME))
+    assert type(loaded) is LAVAE and _all_eval(loaded)
+    _same_weights(loaded, model)
+    x = torch.rand(3, 1, *CANVAS).round()
+    torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x))
+
+
+def test_baseline_loads_in_eval_mode(baseline_run):
+    d, model = baseline_run
+    loaded = BetaVAE.from_pretrained(d)
+    assert type(loaded) is BetaVAE and _all_eval(loaded)
+    _same_weights(loaded, model)
+
+
+def test_other_canvas(run, baseline_run):
+    m = LAVAE.from_pretrained(run[0], canvas=(20, 28))
+    assert m.canvas == (20, 28)
+    assert m.reconstruct(torch.rand(2, 1, 20, 28).round()).shape == (2, 1, 20, 28)
+    assert m.sample(2).shape == (2, 1, 20, 28)
+    with pytest.raises(ValueError):  # the trained canvas is no longer the one it takes
+        m.reconstruct(torch.rand(2, 1, *CANVAS))
+    _same_weights(m, run[1])
+    b = BetaVAE.from_pretrained(baseline_run[0], canvas=40)
+    assert b.sample(2).shape == (2, 1, 40, 40)
+    for bad in ((0, 5), (5,), "big", 2.5):
+        with pytest.raises(ValueError, match="canvas"):
+            LAVAE.from_pretrained(run[0], canvas=bad)
+
+
+def test_export_round_trip(run, tmp_path):
+    d, model = run
+    results = {"meta": {"K": 5}, "results": {"test": {"count_acc": 0.25}}}
+    (d / "eval.json").write_text(json.dumps(results))
+    out = tmp_path / "shipped.pt"
+    assert export(str(d), out=str(out), train_commit="abc123") == str(out)
+    state = load_checkpoint(str(out))  # verified: the digest of the new file is right
+    assert "optimizer" not in state and "aux" not in state
+    assert state["step"] == 7 and state["model_config"]["kind"] == "lavae"
+    prov = state["provenance"]
+    assert prov["metrics"] == results and prov["train_commit"] == "abc123"
+    assert prov["command"].startswith("python -m lavae_fast.train ")
+    # Every setting that differs from the trainer's default, in the trainer's own spelling.
+    for part in ("--dataset multi-mnist-1k", "--canvas 24x24", "--steps 7", "--width 8", f"--out {d}"):
+        assert part in prov["command"]
+    assert "--batch-size" not in prov["command"]  # left at its default
+    assert prov["data"]["dataset"] == "multi-mnist-1k" and prov["data"]["fingerprint"] == "f" * 64
+    assert prov["source"]["file"] == str(d / CHECKPOINT_NAME)
+    loaded = LAVAE.from_pretrained(str(out))
+    _same_weights(loaded, model)
+    assert _all_eval(loaded)
+    assert out.stat().st_mode & 0o777 == 0o644  # package data: readable by every user
+    # No optimiser state: the shipped file is smaller than the run's checkpoint.
+    assert out.stat().st_size < (d / CHECKPOINT_NAME).stat().st_size
+
+
+def test_export_needs_metrics_and_does_not_overwrite(run, tmp_path):
+    d, _ = run
+    out = tmp_path / "m.pt"
+    with pytest.raises(FileNotFoundError, match="lavae_fast.evaluate"):
+        export(str(d), out=str(out))
+    assert not out.exists()
+    export(str(d), out=str(out), no_metrics=True)
+    assert load_checkpoint(str(out))["provenance"]["metrics"] is None
+    with pytest.raises(FileExistsError):
+        export(str(d), out=str(out), no_metrics=True)
+    export(str(d), out=str(out), no_metrics=True, overwrite=True)
+
+
+def test_export_by_name_then_load_by_name(run, baseline_run, package_dir, capsys):
+    d, model = run
+    with pytest.raises(NotShipped, match="not shipped in lavae_fast"):
+        LAVAE.from_pretrained("multi-dsprites")
+    assert cli(["export", str(d), "--name", "multi-dsprites", "--no-metrics"]) == 0
+    assert (package_dir / pretrained.REGISTRY[("lavae", "multi-dsprites")]).is_file()
+    _same_weights(LAVAE.from_pretrained("multi-dsprites"), model)
+    # The name picks the file of the asking model's kind: no baseline was exported.
+    with pytest.raises(NotShipped, match="not shipped"):
+        BetaVAE.from_pretrained("multi-dsprites")
+    assert cli(["export", str(baseline_run[0]), "--name", "multi-dsprites", "--no-metrics"]) == 0
+    _same_weights(BetaVAE.from_pretrained("multi-dsprites"), baseline_run[1])
+    assert pretrained.shipped() == [("baseline", "multi-dsprites"), ("lavae", "multi-dsprites")]
+    capsys.readouterr()
+    assert cli(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "multi-dsprites" in listing and "multi-mnist-10k" in listing and "not shipped" in listing
+    with pytest.raises(SystemExit, match="unknown name 'cifar'"):
+        cli(["export", str(d), "--name", "cifar", "--no-metrics"])
+
+
+def test_unknown_name_and_missing_path(package_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown pretrained model name 'multi-cifar'.*multi-dsprites"):
+        LAVAE.from_pretrained("multi-cifar")
+    with pytest.raises(NotShipped, match="not shipped"):
+        LAVAE.from_pretrained("multi-mnist-10k")
+    with pytest.raises(FileNotFoundError, match="no run directory or checkpoint"):
+        LAVAE.from_pretrained(str(tmp_path / "nowhere" / "checkpoint.pt"))
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        LAVAE.from_pretrained(str(empty))
+
+
+def test_damaged_files_are_refused(run, tmp_path):
+    d, _ = run
+    good = (d / CHECKPOINT_NAME).read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF  # a flipped byte inside the tensor data
+    truncated = good[: len(good) // 2]
+    for name, data in (("flipped.pt", bytes(flipped)), ("truncated.pt", truncated), ("text.pt", b"not a model")):
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(CheckpointError, match=name):
+            LAVAE.from_pretrained(str(p))
+
+
+def test_the_other_models_checkpoint_is_refused(run, baseline_run):
+    with pytest.raises(CheckpointError, match="baseline.*BetaVAE.from_pretrained"):
+        LAVAE.from_pretrained(baseline_run[0])
+    with pytest.raises(CheckpointError, match="LAVAE.*LAVAE.from_pretrained"):
+        BetaVAE.from_pretrained(run[0])
+
+
+class _Payload:
+    """Unpickling this runs open(marker, "w"): the code a hostile file could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_with_code_is_not_executed(run, tmp_path):
+    d, model = run
+    marker = tmp_path / "executed"
+    state = {"format": 1, "step": 1, "args": {}, "model": model.state_dict(), "payload": _Payload(str(marker)),
+             "model_config": {"kind": "lavae", "channels": 1, "canvas": CANVAS}}
+    evil = tmp_path / "evil.pt"
+    torch.save(state, str(evil))
+    with pytest.raises(CheckpointError, match="objects other than tensors.*nothing in it was executed"):
+        LAVAE.from_pretrained(str(evil))
+    assert not marker.exists()
+    # The file really carries code: an unrestricted load runs it (so the refusal above is what kept
+    # the marker from being written).
+    loaded = torch.load(str(evil), weights_only=False)  # noqa: S614 — on purpose, to prove the payload
+    loaded["payload"].close()
+    assert marker.exists()
