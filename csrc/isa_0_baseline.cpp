@@ -5,6 +5,7 @@
 #include "kernels/prelude.h"
 
 #define LAVAE_ISA baseline
+#define LAVAE_ISA_LEVEL 0
 #define LAVAE_ISA_NAME "default"
 #include "kernels/all.inc"
 #include "kernels/table.inc"

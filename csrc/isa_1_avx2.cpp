@@ -8,6 +8,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,sse4.2")
 #define LAVAE_ISA avx2
+#define LAVAE_ISA_LEVEL 1
 #define LAVAE_ISA_NAME "avx2"
 #include "kernels/all.inc"
 #pragma GCC pop_options

@@ -7,6 +7,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,sse4.2,avx512f,avx512cd,avx512bw,avx512dq,avx512vl")
 #define LAVAE_ISA avx512
+#define LAVAE_ISA_LEVEL 2
 #define LAVAE_ISA_NAME "avx512"
 #include "kernels/all.inc"
 #pragma GCC pop_options

@@ -283,6 +283,7 @@ def test_wide_instructions_only_inside_their_variant(ext):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     current, bad, seen = None, [], {"avx2": 0, "avx512": 0}
+    tile_fma = {"avx2": set(), "avx512": set()}  # register widths of the FMAs in the correlation tiles
     for line in proc.stdout.splitlines():
         head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if head:
@@ -302,10 +303,14 @@ def test_wide_instructions_only_inside_their_variant(ext):
             bad.append((current, insn))
         elif "%ymm" in insn and in2:
             seen["avx2"] += 1
+        if insn.startswith("vfmadd") and "::corr_tile<float" in current and (in2 or in512):
+            tile_fma["avx512" if in512 else "avx2"].update(re.findall(r"%([xyz])mm", insn))
     assert not bad, f"{len(bad)} wide instructions outside their variant, e.g. {bad[:5]}"
-    # The variants really use their width (a build that silently fell back would pass the above).
-    if os.uname().machine == "x86_64" and "avx512" in _available():
-        assert seen["avx512"] > 1000 and seen["avx2"] > 1000, seen
+    # The variants really compute at their width: the hot tile's FMAs are on ymm (AVX2) and zmm
+    # (AVX-512) registers. (A build whose vector width came from __AVX2__/__AVX512F__, which GCC does
+    # not define after `#pragma GCC target` in C++, ran every variant on 16-byte xmm vectors.)
+    assert tile_fma == {"avx2": {"y"}, "avx512": {"z"}}, tile_fma
+    assert seen["avx512"] > 1000 and seen["avx2"] > 1000, seen
 
 
 # ---------------------------------------------------------------------------------------------

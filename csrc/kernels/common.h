@@ -11,17 +11,20 @@
 
 #include "prelude.h"
 
-#ifndef LAVAE_ISA
-#error "compile the kernels through csrc/isa_*.cpp, which define LAVAE_ISA"
+#if !defined(LAVAE_ISA) || !defined(LAVAE_ISA_LEVEL)
+#error "compile the kernels through csrc/isa_*.cpp, which define LAVAE_ISA and LAVAE_ISA_LEVEL"
 #endif
+// LAVAE_ISA_LEVEL: 0 the baseline, 1 AVX2 + FMA, 2 AVX-512. The wrappers set it: in C++, GCC does
+// not update the predefined macros (__AVX2__, __AVX512F__) after `#pragma GCC target`, so the
+// kernels cannot ask them which instruction set they are compiled for.
 
 namespace lavae_fast {
 namespace LAVAE_ISA {
 
-#if defined(__AVX512F__)
+#if LAVAE_ISA_LEVEL >= 2
 constexpr int kVecBytes = 64;
 constexpr int kVecRegs = 32;
-#elif defined(__AVX__)
+#elif LAVAE_ISA_LEVEL == 1
 constexpr int kVecBytes = 32;
 constexpr int kVecRegs = 16;
 #else
@@ -188,9 +191,9 @@ constexpr bool kHasStreamingStores = false;
 template <typename T>
 inline void stream_store(T* p, const typename Vec<T>::type& v) {
   constexpr bool f32 = std::is_same<T, float>::value;
-#if defined(__AVX512F__)
+#if LAVAE_ISA_LEVEL >= 2
   if constexpr (f32) _mm512_stream_ps(p, (__m512)v); else _mm512_stream_pd(p, (__m512d)v);
-#elif defined(__AVX__)
+#elif LAVAE_ISA_LEVEL == 1
   if constexpr (f32) _mm256_stream_ps(p, (__m256)v); else _mm256_stream_pd(p, (__m256d)v);
 #elif defined(__SSE2__)
   if constexpr (f32) _mm_stream_ps(p, (__m128)v); else _mm_stream_pd(p, (__m128d)v);
