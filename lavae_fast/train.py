@@ -491,7 +491,7 @@ def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.
             loss = loss + aux_out.loss + warm
             tmax = target.flatten(1).max(1).values.cpu()
             has = counts > 0
-            log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), target_scale=scale,
+            log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), warmup_term=warm.item(), target_scale=scale,
                        target_count_acc=(model._ops.count_objects(target, 4 * gamma, model.max_objects).cpu()
                                          == counts).float().mean().item(),
                        target_max_obj=tmax[has].mean().item() if has.any() else None,
@@ -888,7 +888,12 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
                     for k, v in means.items():
                         writer.add_scalar(f"train/{k}", v, done)
                 if pbar is not None:
-                    post = {"loss": f"{means.get('loss', float('nan')):.1f}"}
+                    # "loss" in the log is the −ELBO alone (nats per image); the bar says so, and that
+                    # it is the mean over the last --log-every steps, and shows the weighted warm-up
+                    # term beside it (the optimised loss adds it and the aux VAE's own ELBO).
+                    post = {f"-elbo(avg {args.log_every} steps)": f"{means.get('loss', float('nan')):.1f}"}
+                    if "warmup_term" in means:
+                        post["warm"] = f"{means['warmup_term']:.1f}"
                     if "count_acc" in means:
                         post["acc"] = f"{means['count_acc']:.2f}"
                         post["hmax"] = f"{means.get('hloc_max_obj', float('nan')):.1f}/{4 * gamma:.1f}"
