@@ -310,7 +310,16 @@ class LAVAE(nn.Module):
         sprite_width: channels of the sprite decoder's residual blocks (includes the L z_app ones).
         ops: "fused" (lavae_fast.ops) or "reference" (lavae_fast.reference).
         location_mode: "straight_through" (default) or "relaxed" (SPEC §3).
+        loc_kl: the location term log q in training (SPEC §3; see :attr:`LOC_KL_CHOICES`):
+            "straight_through" (default) the exact log q of the hard draws plus the relaxed
+            sample's straight-through gradient; "relaxed" log q at the relaxed sample,
+            Σ_i ⟨r_i, log b^(i)⟩; "hard" the exact log q of the hard draws with only its own
+            (score-function-free) gradient. Evaluation always uses the exact log q of hard draws.
     """
+
+    # Measured (bench in the issue note; 32×32 multi-dSprites, relaxed mode, see forward): the
+    # choice is recorded there; the default stays today's term until a side-by-side run decides.
+    LOC_KL_CHOICES = ("straight_through", "relaxed", "hard")
 
     def __init__(
         self,
@@ -324,6 +333,7 @@ class LAVAE(nn.Module):
         sprite_width: int = 48,
         ops: str = "fused",
         location_mode: str = "straight_through",
+        loc_kl: str = "straight_through",
     ):
         super().__init__()
         from .ops import MAX_OBJECTS
@@ -354,6 +364,7 @@ class LAVAE(nn.Module):
         self.latent_size = latent_size
         self.set_ops(ops)
         self.set_location_mode(location_mode)
+        self.set_loc_kl(loc_kl)
 
         self.app_net = ResidualNet(channels, width)
         self.app_head = nn.Conv2d(width, 2 * latent_size, 3, padding=1)
@@ -391,6 +402,12 @@ class LAVAE(nn.Module):
         if mode not in ("straight_through", "relaxed"):
             raise ValueError(f"location_mode must be 'straight_through' or 'relaxed', got {mode!r}")
         self.location_mode = mode
+
+    def set_loc_kl(self, loc_kl: str) -> None:
+        """Pick the location term log q used in training (see the class docstring, SPEC §3)."""
+        if loc_kl not in self.LOC_KL_CHOICES:
+            raise ValueError(f"loc_kl must be one of {', '.join(map(repr, self.LOC_KL_CHOICES))}, got {loc_kl!r}")
+        self.loc_kl = loc_kl
 
     def accelerate(self, *, channels_last: bool = True, fused_norm: bool = True, compile: bool = False,
                    bf16: bool = False, compile_mode: Optional[str] = None) -> "LAVAE":
@@ -596,15 +613,24 @@ class LAVAE(nn.Module):
 
         kl_app = (gaussian_kl(mu, logvar) * present.to(mu.dtype)).sum(1)
         kl_n = -self.prior_log_probs()[n]
-        # log q of the locations with the straight-through map, Σ_i ⟨z_i^ST, log b^(i)⟩ (SPEC §3).
+        # loc_kl="straight_through" (default): log q of the locations with the straight-through map,
+        # Σ_i ⟨z_i^ST, log b^(i)⟩ (SPEC §3).
         # Value: ⟨onehot_i, log b^(i)⟩ = log b^(i)[index_i], i.e. the op's exact log_q. Gradient:
         # through log b^(i) (the op's log_q already carries it: onehot − b^(i)) plus ⟨∂r_i, log b^(i)⟩
         # through the relaxed sample. On the allowed set log b^(i) = h − logsumexp_allowed(h), and
         # Σ_d ∂r_i[d] = 0 because r_i sums to 1 there, so the normaliser drops out; off the allowed
         # set r_i ≡ 0 and so does ∂r_i. Hence ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩, which is the gradient of
         # ⟨r_i − r_i.detach(), h.detach()⟩ — a term whose value is 0. Absent slots have r_i = 0.
-        st_term = ((relaxed - relaxed.detach()) * logits.detach()[:, None, :]).sum((1, 2))
-        log_q_loc = log_q + st_term
+        if self.loc_kl == "straight_through":
+            st_term = ((relaxed - relaxed.detach()) * logits.detach()[:, None, :]).sum((1, 2))
+            log_q_loc = log_q + st_term
+        elif self.loc_kl == "hard":
+            # Exact log q of the hard draws; gradient onehot_i − b^(i) only. Its mean over the draws
+            # is 0 (E_q[∂ log q] = 0): the KL's true gradient is all in the score-function term,
+            # which is left out, so this term only adds zero-mean noise to h_loc's gradient.
+            log_q_loc = log_q
+        else:
+            log_q_loc = self.relaxed_log_q(logits, relaxed, index)
         log_p_loc = -self._log_falling(D, n, M, logits.dtype)
         kl_loc = log_q_loc - log_p_loc
         recon = -loglik
@@ -617,6 +643,22 @@ class LAVAE(nn.Module):
             n_hat=n_hat, n=n, forced=forced, index=index, rows=rows, cols=cols, z_app=z_app,
             mu=mu * pf, logvar=logvar * pf, lam=lam, sprites=sprites, h_loc=h_loc, gamma=self.gamma_for(H, W),
         )
+
+    @staticmethod
+    def relaxed_log_q(logits: Tensor, relaxed: Tensor, index: Tensor) -> Tensor:
+        """log q at the relaxed sample, Σ_i ⟨r_i, log b^(i)⟩ [B] (SPEC §3, ``loc_kl="relaxed"``).
+
+        b^(i) = softmax(logits) over the locations not drawn (hard draws ``index``) before step i,
+        the same set r_i lives on. Its gradient is ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩ (the normaliser
+        drops out, Σ∂r_i = 0) plus r_i − b^(i) through log b^(i): the straight-through term's,
+        with r_i in place of the one-hot. As τ → 0, r_i → onehot_i and the value → the exact log q.
+        """
+        B, M, D = relaxed.shape
+        hard = F.one_hot(index.clamp(min=0), D).to(logits.dtype) * (index >= 0).to(logits.dtype)[..., None]
+        before = (hard.cumsum(1) - hard) > 0  # [B,M,D] drawn at a step < i
+        log_b = torch.log_softmax(logits[:, None, :].masked_fill(before, float("-inf")), dim=-1)
+        # r_i is exactly 0 (value and gradient) where log b^(i) = −∞: use 0 there, not −∞·0 = NaN.
+        return (relaxed * log_b.masked_fill(before, 0.0)).sum((1, 2))
 
     def _check_noise(self, noise: Noise, B: int, D: int) -> None:
         """User-supplied noise is user data: shapes, and one finiteness check (one device sync,

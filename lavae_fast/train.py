@@ -94,7 +94,7 @@ LR = 1e-3
 # device, threads — may change between sessions). The data set directory is compared by content
 # (its fingerprint, stored in the checkpoint), not by the path that names it.
 RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
-                "width", "sprite_width", "location_mode", "warmup_scale", "warmup_peak", "warmup_blur", "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
+                "width", "sprite_width", "location_mode", "loc_kl", "warmup_scale", "warmup_peak", "warmup_blur", "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints, metrics.jsonl, args.json and tb/ (without it such a directory is refused)")
     p.add_argument("--ops", choices=["fused", "reference"], default="fused")
     p.add_argument("--location-mode", choices=["straight_through", "relaxed"], default="straight_through")
+    p.add_argument("--loc-kl", choices=["straight_through", "relaxed", "hard"], default="straight_through",
+                   help="location term log q in training (SPEC §3): exact log q of the hard draws plus the "
+                        "straight-through gradient (default), log q at the relaxed sample, or the exact log q "
+                        "with its own gradient only (see lavae_fast.model.LAVAE)")
     p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
     p.add_argument("--sprite-width", type=_positive_int, default=48)
     p.add_argument("--lr", type=_positive_float, default=LR)
@@ -321,7 +325,8 @@ def model_config(args, channels: int) -> Dict:
         return {"kind": "baseline", "channels": channels, "canvas": canvas}
     _, S, _ = DATASETS[args.dataset]
     return {"kind": "lavae", "channels": channels, "canvas": canvas, "sprite_size": S, "width": args.width,
-            "sprite_width": args.sprite_width, "ops": args.ops, "location_mode": args.location_mode}
+            "sprite_width": args.sprite_width, "ops": args.ops, "location_mode": args.location_mode,
+            "loc_kl": args.loc_kl}
 
 
 def _compiled(module, args):
