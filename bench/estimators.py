@@ -46,6 +46,14 @@ Measured (default run, 4000 draws, 1 thread, bench/results/estimators_cpu_t1.jso
   gradient agrees with a score-function estimate to 1.6%). Likely cause: step 2's relaxed sample
   is masked by the *hard* first draw, so the surrogate jumps where the first two draws swap
   order, and a pathwise gradient cannot see a jump.
+
+A second table measures the location KL term the same way: each ``--loc-kl`` option's per-draw
+gradient of log q(z_loc) (:meth:`lavae_fast.model.LAVAE.location_log_q`) against the exact
+gradient of E_q[log q] (log p is constant in h). Measured: ``straight_through`` and ``relaxed``
+agree to within the Monte Carlo error for one object (relerr 0.08–0.29, mc 0.06–0.37) and are
+aligned but ~0.35 off for two (the jump again); ``hard`` has mean zero (relerr ≈ 1): it carries
+none of the KL's gradient. Per draw the KL term's gradient is O(1) (≤ 64 at τ = 0.02), against
+10³–10⁶ for the reconstruction's straight-through estimate at ε = 1e-4.
 """
 
 from __future__ import annotations
@@ -277,6 +285,68 @@ def compare(G: Tensor, exact: Tensor) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# The location KL term: the options of LAVAE.location_log_q against E_q[log q] by enumeration
+# ---------------------------------------------------------------------------------------------
+
+
+def exact_log_q_expectation(h: Tensor, n: int) -> Tensor:
+    """E_{z~q}[log q(z)] (minus the entropy of n ordered draws without replacement) for logits h
+    [D], differentiable; log p(z) is a constant, so this carries the whole gradient of the KL."""
+    h = h.double()
+    log_b1 = torch.log_softmax(h, 0)
+    if n == 1:
+        return (log_b1.exp() * log_b1).sum()
+    if n != 2:
+        raise ValueError(f"exact enumeration is implemented for one or two objects, got {n}")
+    D = h.shape[0]
+    eye = torch.eye(D, dtype=torch.bool)
+    log_b2 = torch.log_softmax(h[None, :].expand(D, D).masked_fill(eye, float("-inf")), 1).masked_fill(eye, 0.0)
+    log_p = (log_b1[:, None] + log_b2).masked_fill(eye, float("-inf"))
+    return (log_p.exp() * log_p.masked_fill(eye, 0.0)).sum()
+
+
+def loc_kl_gradients(case: Case, gumbel: Tensor, tau: float, loc_kl: str) -> Tensor:
+    """Each draw's gradient on h_loc of the training term log q(z_loc) of ``loc_kl`` [K, D], built
+    by :meth:`lavae_fast.model.LAVAE.location_log_q`, as the model builds it."""
+    from lavae_fast.model import LAVAE
+
+    K = gumbel.shape[0]
+    h_rows = case.h[None].expand(K, -1).clone().requires_grad_(True)
+    n = torch.full((K,), case.n, dtype=torch.long)
+    index, relaxed, log_q = ops.gumbel_topk_relaxed(h_rows, n, float(tau), case.n, gumbel)
+    (g,) = torch.autograd.grad(LAVAE.location_log_q(h_rows, relaxed, index, log_q, loc_kl).sum(), h_rows)
+    return g
+
+
+def run_loc_kl(cases=("one", "two"), taus=TAUS, draws: int = 4000, seed: int = 0):
+    """Rows (case, loc_kl, tau, :func:`compare`'s stats) for the location KL term's gradient."""
+    from lavae_fast.model import LAVAE
+
+    rows = []
+    for name in cases:
+        case = make_case(name, seed)
+        gumbel = draw_gumbel(draws, case.D, seed + 1)
+        h = case.h.double().requires_grad_(True)
+        (exact,) = torch.autograd.grad(exact_log_q_expectation(h, case.n), h)
+        for loc_kl in LAVAE.LOC_KL_CHOICES:
+            for tau in taus:
+                stats = compare(loc_kl_gradients(case, gumbel, tau, loc_kl), exact)
+                rows.append({"case": name, "loc_kl": loc_kl, "tau": tau, "draws": draws, **stats})
+    return rows
+
+
+def format_kl_table(rows) -> str:
+    head = (f"{'case':<10} {'loc_kl':<16} {'tau':>5} {'|g*|max':>8} {'cos':>6} {'relerr':>8} {'mc':>7} "
+            f"{'cos1':>6} {'med':>9} {'max':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['case']:<10} {r['loc_kl']:<16} {r['tau']:>5.2f} {r['exact_max']:>8.3g} {r['cos']:>+6.2f} "
+                     f"{r['relerr']:>8.3g} {r['mc']:>7.2g} {r['cos1_median']:>+6.2f} {r['draw_max_median']:>9.3g} "
+                     f"{r['draw_max_max']:>9.3g}")
+    return "\n".join(lines)
+
+
 def run(cases=CASES, modes=MODES, taus=TAUS, epsilons=EPSILONS, draws: int = 4000, seed: int = 0):
     """Every row of the grid: list of dicts (case, mode, eps, tau, K and :func:`compare`'s stats)."""
     rows = []
@@ -335,6 +405,10 @@ def main(argv=None) -> int:
         c = make_case(name, args.seed)
         print(f"# {name}: {c.n} object(s), {c.H}x{c.W}, sprite {c.sprites.shape[-1]} px; {c.note}")
     print(format_table(rows))
+    kl_cases = [c for c in cases if c != "saturated"]  # the KL term does not see the sprites
+    kl_rows = run_loc_kl(kl_cases, taus, draws, args.seed)
+    print("# location KL term: each --loc-kl option's gradient of log q(z_loc) vs the exact gradient of E_q[log q]")
+    print(format_kl_table(kl_rows))
     print(f"# {time.time() - t0:.1f} s, {torch.get_num_threads()} thread(s)")
     if args.json:
         sys.path.insert(0, ROOT) if ROOT not in sys.path else None
@@ -343,7 +417,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"environment": environment(), "cases": [make_case(c, args.seed).describe() for c in cases],
-                       "rows": rows}, f, indent=1)
+                       "rows": rows, "loc_kl_rows": kl_rows}, f, indent=1)
         print(f"# wrote {args.json}")
     return 0
 

@@ -613,24 +613,15 @@ class LAVAE(nn.Module):
 
         kl_app = (gaussian_kl(mu, logvar) * present.to(mu.dtype)).sum(1)
         kl_n = -self.prior_log_probs()[n]
-        # loc_kl="straight_through" (default): log q of the locations with the straight-through map,
-        # Σ_i ⟨z_i^ST, log b^(i)⟩ (SPEC §3).
+        # The location term (loc_kl, see location_log_q). The default, "straight_through": log q of
+        # the locations with the straight-through map, Σ_i ⟨z_i^ST, log b^(i)⟩ (SPEC §3).
         # Value: ⟨onehot_i, log b^(i)⟩ = log b^(i)[index_i], i.e. the op's exact log_q. Gradient:
         # through log b^(i) (the op's log_q already carries it: onehot − b^(i)) plus ⟨∂r_i, log b^(i)⟩
         # through the relaxed sample. On the allowed set log b^(i) = h − logsumexp_allowed(h), and
         # Σ_d ∂r_i[d] = 0 because r_i sums to 1 there, so the normaliser drops out; off the allowed
         # set r_i ≡ 0 and so does ∂r_i. Hence ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩, which is the gradient of
         # ⟨r_i − r_i.detach(), h.detach()⟩ — a term whose value is 0. Absent slots have r_i = 0.
-        if self.loc_kl == "straight_through":
-            st_term = ((relaxed - relaxed.detach()) * logits.detach()[:, None, :]).sum((1, 2))
-            log_q_loc = log_q + st_term
-        elif self.loc_kl == "hard":
-            # Exact log q of the hard draws; gradient onehot_i − b^(i) only. Its mean over the draws
-            # is 0 (E_q[∂ log q] = 0): the KL's true gradient is all in the score-function term,
-            # which is left out, so this term only adds zero-mean noise to h_loc's gradient.
-            log_q_loc = log_q
-        else:
-            log_q_loc = self.relaxed_log_q(logits, relaxed, index)
+        log_q_loc = self.location_log_q(logits, relaxed, index, log_q, self.loc_kl)
         log_p_loc = -self._log_falling(D, n, M, logits.dtype)
         kl_loc = log_q_loc - log_p_loc
         recon = -loglik
@@ -643,6 +634,22 @@ class LAVAE(nn.Module):
             n_hat=n_hat, n=n, forced=forced, index=index, rows=rows, cols=cols, z_app=z_app,
             mu=mu * pf, logvar=logvar * pf, lam=lam, sprites=sprites, h_loc=h_loc, gamma=self.gamma_for(H, W),
         )
+
+    @classmethod
+    def location_log_q(cls, logits: Tensor, relaxed: Tensor, index: Tensor, log_q: Tensor, loc_kl: str) -> Tensor:
+        """The training term log q(z_loc) [B] picked by ``loc_kl`` (SPEC §3), from the outputs of
+        ``gumbel_topk_relaxed(logits, …)``: index [B,M], relaxed [B,M,D], log_q [B] (exact)."""
+        if loc_kl == "straight_through":
+            st_term = ((relaxed - relaxed.detach()) * logits.detach()[:, None, :]).sum((1, 2))
+            return log_q + st_term
+        if loc_kl == "hard":
+            # Exact log q of the hard draws; gradient onehot_i − b^(i) only. Its mean over the draws
+            # is 0 (E_q[∂ log q] = 0): the KL's true gradient is all in the score-function term,
+            # which is left out, so this term only adds zero-mean noise to h_loc's gradient.
+            return log_q
+        if loc_kl == "relaxed":
+            return cls.relaxed_log_q(logits, relaxed, index)
+        raise ValueError(f"loc_kl must be one of {', '.join(map(repr, cls.LOC_KL_CHOICES))}, got {loc_kl!r}")
 
     @staticmethod
     def relaxed_log_q(logits: Tensor, relaxed: Tensor, index: Tensor) -> Tensor:

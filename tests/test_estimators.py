@@ -137,6 +137,27 @@ def test_relaxed_mean_approaches_the_exact_gradient_as_tau_falls():
     assert err[0.1]["cos"] > 0.99, err[0.1]
 
 
+def test_location_kl_options_against_the_exact_gradient_of_e_log_q():
+    """One object: the straight-through and relaxed location terms are unbiased estimates of
+    ∂E_q[log q]/∂h (the KL's gradient: log p is constant); "hard" (the exact log q's own gradient,
+    onehot − b) has mean zero, whatever the KL's gradient is."""
+    case = E.make_case("one")
+    K = 4000
+    h = case.h.double().requires_grad_(True)
+    (exact,) = torch.autograd.grad(E.exact_log_q_expectation(h, 1), h)
+    # the enumeration itself: −entropy of softmax(h)
+    b = torch.softmax(case.h.double(), 0)
+    assert E.exact_log_q_expectation(case.h, 1).item() == pytest.approx((b * b.log()).sum().item(), rel=1e-12)
+    g = E.draw_gumbel(K, case.D, seed=5)
+    for loc_kl in ("straight_through", "relaxed"):
+        st = E.compare(E.loc_kl_gradients(case, g, 0.5, loc_kl), exact)
+        assert st["relerr"] < 3 * st["mc"] + 0.02 and st["cos"] > 0.98, (loc_kl, st)
+    hard = E.loc_kl_gradients(case, g, 0.5, "hard").double()
+    st = E.compare(hard, exact)
+    assert st["relerr"] > 0.9, st  # misses the KL's gradient altogether
+    assert hard.mean(0).norm() < 4 * (hard.std(0) / K ** 0.5).norm()  # zero mean, up to Monte Carlo error
+
+
 def test_quick_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "est.json"
     threads = torch.get_num_threads()
@@ -147,7 +168,7 @@ def test_quick_bench_runs_and_writes_json(tmp_path):
     import json
 
     data = json.loads(out.read_text())
-    assert {"environment", "cases", "rows"} <= set(data)
+    assert {"environment", "cases", "rows", "loc_kl_rows"} <= set(data)
     rows = data["rows"]
     assert {(r["mode"], r["tau"], r["eps"]) for r in rows} == {(m, t, e) for m in E.MODES for t in (0.5, 0.02)
                                                                   for e in (1e-4, 1e-2)}
