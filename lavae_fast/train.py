@@ -898,7 +898,7 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
                     # term beside it (the optimised loss adds it and the aux VAE's own ELBO).
                     post = {f"-elbo(avg {args.log_every} steps)": f"{means.get('loss', float('nan')):.1f}"}
                     if "warmup_term" in means:
-                        post["warm"] = f"{means['warmup_term']:.1f}"
+                        post["warm"] = f"{means['warmup_term']:.4g}"
                     if "count_acc" in means:
                         post["acc"] = f"{means['count_acc']:.2f}"
                         post["hmax"] = f"{means.get('hloc_max_obj', float('nan')):.1f}/{4 * gamma:.1f}"
