@@ -19,7 +19,8 @@ among location inference, appearance inference and sprite generation"). With the
 
 * two independent residual nets, 4 blocks × 2 convs 3×3, full resolution; a stem conv maps the C
   input channels to the width (the paper's blocks need an input of their own width);
-* appearance head: conv 3×3 → 2L channels (μ and log σ² of z_app at every pixel);
+* appearance head: conv 3×3 → 2L channels (μ and log σ² of z_app at every pixel), initialised
+  near zero so that q(z_app) starts at the prior (see ``APP_HEAD_INIT_SCALE``);
 * location head: 3 conv layers (3×3, last → 1 channel), times γ = ½·ln D;
 * sprite decoder, see :class:`SpriteDecoder`;
 * learned prior p(n) = softmax of M+1 logits.
