@@ -414,7 +414,8 @@ def main(argv=None) -> int:
     print(format_kl_table(kl_rows))
     print(f"# {time.time() - t0:.1f} s, {torch.get_num_threads()} thread(s)")
     if args.json:
-        sys.path.insert(0, ROOT) if ROOT not in sys.path else None
+        if ROOT not in sys.path:
+            sys.path.append(ROOT)  # bench.common, when this module was imported from elsewhere
         from bench.common import environment
 
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
