@@ -19,7 +19,8 @@ among location inference, appearance inference and sprite generation"). With the
 
 * two independent residual nets, 4 blocks × 2 convs 3×3, full resolution; a stem conv maps the C
   input channels to the width (the paper's blocks need an input of their own width);
-* appearance head: conv 3×3 → 2L channels (μ and log σ² of z_app at every pixel);
+* appearance head: conv 3×3 → 2L channels (μ and log σ² of z_app at every pixel), initialised
+  near zero so that q(z_app) starts at the prior (see ``APP_HEAD_INIT_SCALE``);
 * location head: 3 conv layers (3×3, last → 1 channel), times γ = ½·ln D;
 * sprite decoder, see :class:`SpriteDecoder`;
 * learned prior p(n) = softmax of M+1 logits.
@@ -54,6 +55,8 @@ MIN_TAU = 1e-6
 # size would otherwise try to allocate gigabytes before anything says why.
 MAX_SPRITE_SIZE = 127
 EPS_LAMBDA = 1e-4  # λ = ε + (1−2ε)·min(Σ, 1), SPEC §1
+# The appearance head's initial weights are PyTorch's default times this (see LAVAE.__init__).
+APP_HEAD_INIT_SCALE = 1e-2
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -308,7 +311,27 @@ class LAVAE(nn.Module):
         sprite_width: channels of the sprite decoder's residual blocks (includes the L z_app ones).
         ops: "fused" (lavae_fast.ops) or "reference" (lavae_fast.reference).
         location_mode: "straight_through" (default) or "relaxed" (SPEC §3).
+        loc_kl: the location term log q in training (SPEC §3; see :attr:`LOC_KL_CHOICES`):
+            "straight_through" (default) the exact log q of the hard draws plus the relaxed
+            sample's straight-through gradient; "relaxed" log q at the relaxed sample,
+            Σ_i ⟨r_i, log b^(i)⟩; "hard" the exact log q of the hard draws with only its own
+            (score-function-free) gradient. Evaluation always uses the exact log q of hard draws.
     """
+
+    # Measured (bench/estimators.py's second table, exact ∂E_q[log q]/∂h by enumeration): "hard"
+    # has mean zero over the draws (E_q[∂ log q] = 0), so it drops the KL's gradient altogether
+    # (relerr ≈ 1); "straight_through" and "relaxed" are unbiased for one object (relerr within
+    # the Monte Carlo error) and aligned but ~0.35 off for two (the jump of the second step, whose
+    # relaxed sample is masked by the hard first draw). On the location net (32×32 multi-dSprites,
+    # init, relaxed mode, B = 8, 8 draws) the two are nearly the same vector (cosine of their means
+    # 0.97 at τ = 0.5, 1.00 at τ = 0.05; "hard": 0.53, 0.35), of size ~0.3% of the reconstruction's
+    # (|∂/∂θ_loc| 1.4e2–1.8e2 against 4e4–1.2e5). In 60-step runs (same setting, --probe-gradients)
+    # the three gave the same −ELBO to 1% and a top-5 push on h_loc of 0.03–0.05, against the
+    # reconstruction's 0.6–5.6 and the ×300 warm-up's ~10³. For relaxed mode: "relaxed" (the whole
+    # objective one function of the relaxed sample; its value → the exact log q as τ → 0) or
+    # "straight_through", indistinguishable here; never "hard". The default stays
+    # "straight_through" until the side-by-side run decides.
+    LOC_KL_CHOICES = ("straight_through", "relaxed", "hard")
 
     def __init__(
         self,
@@ -322,6 +345,7 @@ class LAVAE(nn.Module):
         sprite_width: int = 48,
         ops: str = "fused",
         location_mode: str = "straight_through",
+        loc_kl: str = "straight_through",
     ):
         super().__init__()
         from .ops import MAX_OBJECTS
@@ -352,9 +376,21 @@ class LAVAE(nn.Module):
         self.latent_size = latent_size
         self.set_ops(ops)
         self.set_location_mode(location_mode)
+        self.set_loc_kl(loc_kl)
 
         self.app_net = ResidualNet(channels, width)
         self.app_head = nn.Conv2d(width, 2 * latent_size, 3, padding=1)
+        # Start q(z_app) at the prior: μ ≈ 0 and log σ² ≈ 0 at every pixel, so KL ≈ 0 at step 1.
+        # With PyTorch's default init the head read features of the batch-normed residual net whose
+        # rare-firing channels normalise to |h| ~ 10–20 on sparse binary images, and its outputs
+        # reached log σ² ∈ [−17, 20], μ ∈ [−20, 23]: KL_app 5.3e3 nats per image at step 1 (48×48
+        # multi-dSprites, B = 16, seed 0; up to 2e8 nats at one pixel; at 64×64 log σ² reached ±26
+        # and KL_app 7.4e5 per image, 5.2e6 at most), a term that swamped the ELBO's first steps.
+        # Now: 0.014 (48×48) and 0.045 (64×64) nats per image. Scaling the weights (not zeroing them) keeps a gradient into app_net
+        # from the first step; the bias starts at 0 (the prior's μ = 0, log σ² = 0).
+        with torch.no_grad():
+            self.app_head.weight.mul_(APP_HEAD_INIT_SCALE)
+            self.app_head.bias.zero_()
         self.loc_net = ResidualNet(channels, width)
         self.loc_head = nn.Sequential(ConvAct(width, width), ConvAct(width, width), nn.Conv2d(width, 1, 3, padding=1))
         self.sprite_decoder = SpriteDecoder(latent_size, channels, sprite_size, sprite_width)
@@ -400,6 +436,12 @@ class LAVAE(nn.Module):
         if mode not in ("straight_through", "relaxed"):
             raise ValueError(f"location_mode must be 'straight_through' or 'relaxed', got {mode!r}")
         self.location_mode = mode
+
+    def set_loc_kl(self, loc_kl: str) -> None:
+        """Pick the location term log q used in training (see the class docstring, SPEC §3)."""
+        if loc_kl not in self.LOC_KL_CHOICES:
+            raise ValueError(f"loc_kl must be one of {', '.join(map(repr, self.LOC_KL_CHOICES))}, got {loc_kl!r}")
+        self.loc_kl = loc_kl
 
     def accelerate(self, *, channels_last: bool = True, fused_norm: bool = True, compile: bool = False,
                    bf16: bool = False, compile_mode: Optional[str] = None) -> "LAVAE":
@@ -608,15 +650,15 @@ class LAVAE(nn.Module):
 
         kl_app = (gaussian_kl(mu, logvar) * present.to(mu.dtype)).sum(1)
         kl_n = -self.prior_log_probs()[n]
-        # log q of the locations with the straight-through map, Σ_i ⟨z_i^ST, log b^(i)⟩ (SPEC §3).
+        # The location term (loc_kl, see location_log_q). The default, "straight_through": log q of
+        # the locations with the straight-through map, Σ_i ⟨z_i^ST, log b^(i)⟩ (SPEC §3).
         # Value: ⟨onehot_i, log b^(i)⟩ = log b^(i)[index_i], i.e. the op's exact log_q. Gradient:
         # through log b^(i) (the op's log_q already carries it: onehot − b^(i)) plus ⟨∂r_i, log b^(i)⟩
         # through the relaxed sample. On the allowed set log b^(i) = h − logsumexp_allowed(h), and
         # Σ_d ∂r_i[d] = 0 because r_i sums to 1 there, so the normaliser drops out; off the allowed
         # set r_i ≡ 0 and so does ∂r_i. Hence ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩, which is the gradient of
         # ⟨r_i − r_i.detach(), h.detach()⟩ — a term whose value is 0. Absent slots have r_i = 0.
-        st_term = ((relaxed - relaxed.detach()) * logits.detach()[:, None, :]).sum((1, 2))
-        log_q_loc = log_q + st_term
+        log_q_loc = self.location_log_q(logits, relaxed, index, log_q, self.loc_kl)
         log_p_loc = -self._log_falling(D, n, M, logits.dtype)
         kl_loc = log_q_loc - log_p_loc
         recon = -loglik
@@ -629,6 +671,38 @@ class LAVAE(nn.Module):
             n_hat=n_hat, n=n, forced=forced, index=index, rows=rows, cols=cols, z_app=z_app,
             mu=mu * pf, logvar=logvar * pf, lam=lam, sprites=sprites, h_loc=h_loc, gamma=self.gamma_for(H, W),
         )
+
+    @classmethod
+    def location_log_q(cls, logits: Tensor, relaxed: Tensor, index: Tensor, log_q: Tensor, loc_kl: str) -> Tensor:
+        """The training term log q(z_loc) [B] picked by ``loc_kl`` (SPEC §3), from the outputs of
+        ``gumbel_topk_relaxed(logits, …)``: index [B,M], relaxed [B,M,D], log_q [B] (exact)."""
+        if loc_kl == "straight_through":
+            st_term = ((relaxed - relaxed.detach()) * logits.detach()[:, None, :]).sum((1, 2))
+            return log_q + st_term
+        if loc_kl == "hard":
+            # Exact log q of the hard draws; gradient onehot_i − b^(i) only. Its mean over the draws
+            # is 0 (E_q[∂ log q] = 0): the KL's true gradient is all in the score-function term,
+            # which is left out, so this term only adds zero-mean noise to h_loc's gradient.
+            return log_q
+        if loc_kl == "relaxed":
+            return cls.relaxed_log_q(logits, relaxed, index)
+        raise ValueError(f"loc_kl must be one of {', '.join(map(repr, cls.LOC_KL_CHOICES))}, got {loc_kl!r}")
+
+    @staticmethod
+    def relaxed_log_q(logits: Tensor, relaxed: Tensor, index: Tensor) -> Tensor:
+        """log q at the relaxed sample, Σ_i ⟨r_i, log b^(i)⟩ [B] (SPEC §3, ``loc_kl="relaxed"``).
+
+        b^(i) = softmax(logits) over the locations not drawn (hard draws ``index``) before step i,
+        the same set r_i lives on. Its gradient is ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩ (the normaliser
+        drops out, Σ∂r_i = 0) plus r_i − b^(i) through log b^(i): the straight-through term's,
+        with r_i in place of the one-hot. As τ → 0, r_i → onehot_i and the value → the exact log q.
+        """
+        B, M, D = relaxed.shape
+        hard = F.one_hot(index.clamp(min=0), D).to(logits.dtype) * (index >= 0).to(logits.dtype)[..., None]
+        before = (hard.cumsum(1) - hard) > 0  # [B,M,D] drawn at a step < i
+        log_b = torch.log_softmax(logits[:, None, :].masked_fill(before, float("-inf")), dim=-1)
+        # r_i is exactly 0 (value and gradient) where log b^(i) = −∞: use 0 there, not −∞·0 = NaN.
+        return (relaxed * log_b.masked_fill(before, 0.0)).sum((1, 2))
 
     def _check_noise(self, noise: Noise, B: int, D: int) -> None:
         """User-supplied noise is user data: shapes, and one finiteness check (one device sync,

@@ -100,7 +100,7 @@ LR = 1e-3
 # device, threads — may change between sessions). The data set directory is compared by content
 # (its fingerprint, stored in the checkpoint), not by the path that names it.
 RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
-                "width", "sprite_width", "location_mode", "warmup_scale", "warmup_peak", "warmup_blur", "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
+                "width", "sprite_width", "location_mode", "loc_kl", "warmup_scale", "warmup_peak", "warmup_blur", "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints, metrics.jsonl, args.json and tb/ (without it such a directory is refused)")
     p.add_argument("--ops", choices=["fused", "reference"], default="fused")
     p.add_argument("--location-mode", choices=["straight_through", "relaxed"], default="straight_through")
+    p.add_argument("--loc-kl", choices=["straight_through", "relaxed", "hard"], default="straight_through",
+                   help="location term log q in training (SPEC §3): exact log q of the hard draws plus the "
+                        "straight-through gradient (default), log q at the relaxed sample, or the exact log q "
+                        "with its own gradient only (see lavae_fast.model.LAVAE)")
     p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
     p.add_argument("--sprite-width", type=_positive_int, default=48)
     p.add_argument("--lr", type=_positive_float, default=LR)
@@ -354,7 +358,8 @@ def model_config(args, channels: int) -> Dict:
         return {"kind": "baseline", "channels": channels, "canvas": canvas}
     _, S, _ = DATASETS[args.dataset]
     return {"kind": "lavae", "channels": channels, "canvas": canvas, "sprite_size": S, "width": args.width,
-            "sprite_width": args.sprite_width, "ops": args.ops, "location_mode": args.location_mode}
+            "sprite_width": args.sprite_width, "ops": args.ops, "location_mode": args.location_mode,
+            "loc_kl": args.loc_kl}
 
 
 def _compiled(module, args):
@@ -524,7 +529,7 @@ def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.
             loss = loss + aux_out.loss + warm
             tmax = target.flatten(1).max(1).values.cpu()
             has = counts > 0
-            log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), target_scale=scale,
+            log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), warmup_term=warm.item(), target_scale=scale,
                        target_count_acc=(model._ops.count_objects(target, 4 * gamma, model.max_objects).cpu()
                                          == counts).float().mean().item(),
                        target_max_obj=tmax[has].mean().item() if has.any() else None,
@@ -941,7 +946,12 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
                     for k, v in means.items():
                         writer.add_scalar(f"train/{k}", v, done)
                 if pbar is not None:
-                    post = {"loss": f"{means.get('loss', float('nan')):.1f}"}
+                    # "loss" in the log is the −ELBO alone (nats per image); the bar says so, and that
+                    # it is the mean over the last --log-every steps, and shows the weighted warm-up
+                    # term beside it (the optimised loss adds it and the aux VAE's own ELBO).
+                    post = {f"-elbo(avg {args.log_every} steps)": f"{means.get('loss', float('nan')):.1f}"}
+                    if "warmup_term" in means:
+                        post["warm"] = f"{means['warmup_term']:.4g}"
                     if "count_acc" in means:
                         post["acc"] = f"{means['count_acc']:.2f}"
                         post["hmax"] = f"{means.get('hloc_max_obj', float('nan')):.1f}/{4 * gamma:.1f}"

@@ -150,6 +150,25 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert "seed" in capsys.readouterr().err
 
 
+def test_loc_kl_flag_reaches_the_model_and_defines_the_run(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert train_main(TINY + ["--steps", "2", "--out", run, "--location-mode", "relaxed", "--loc-kl", "relaxed",
+                              "--log-every", "1"]) == 0
+    state = load_checkpoint(run)
+    assert state["model_config"]["loc_kl"] == "relaxed"
+    from lavae_fast.checkpoint import build_model
+
+    assert build_model(state["model_config"]).loc_kl == "relaxed"
+    cfg = dict(state["model_config"])
+    del cfg["loc_kl"]  # a checkpoint from before the option builds today's default
+    assert build_model(cfg).loc_kl == "straight_through"
+    rows = read_metrics(run)  # one step per row: the logged weighted term is weight × schedule × loss
+    assert rows[0]["warmup_term"] == pytest.approx(300 * rows[0]["warmup_weight"] * rows[0]["warmup_loss"], rel=1e-4)
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--steps", "2", "--out", run, "--resume", "--location-mode", "relaxed", "--loc-kl", "hard"])
+    assert "loc_kl" in capsys.readouterr().err
+
+
 def test_baseline_cli_runs(tmp_path):
     run = str(tmp_path / "base")
     assert train_main(TINY + ["--model", "baseline", "--steps", "4", "--out", run]) == 0
