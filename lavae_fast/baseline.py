@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import LEAK, ConvAct, ResBlock, _as_dtype, _check_size, _EvalMode, check_images, gaussian_kl
+from .model import (LEAK, ConvAct, ResBlock, _as_dtype, _check_canvas, _check_size, _EvalMode, check_images,
+                    gaussian_kl)
 
 __all__ = ["BetaVAE", "BetaVAEOutput"]
 
@@ -62,14 +63,7 @@ class BetaVAE(nn.Module):
         channels = _check_size("channels", channels)
         latent_channels = _check_size("latent_channels", latent_channels)
         width = _check_size("width", width)
-        if canvas is not None:
-            try:
-                canvas = tuple(canvas)
-            except TypeError:
-                raise TypeError(f"canvas must be (H, W) or None, got {canvas!r}") from None
-            if len(canvas) != 2:
-                raise ValueError(f"canvas must be (H, W) with positive sides, got {canvas}")
-            canvas = (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
+        canvas = _check_canvas(canvas)
         self.channels = channels
         self.canvas = canvas
         self.latent_channels = latent_channels

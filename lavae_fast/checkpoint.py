@@ -41,6 +41,8 @@ from typing import Any, Dict, Iterable, Tuple
 import numpy as np
 import torch
 
+from ._process import pid_alive
+
 __all__ = ["save_checkpoint", "load_checkpoint", "load_run_checkpoint", "build_model", "state_digest",
            "previous_path", "remove_stale_temporaries", "CheckpointError", "CheckpointWriteError",
            "RunDirectoryInUse", "lock_run_directory", "CHECKPOINT_NAME", "PREVIOUS_NAME", "LOCK_NAME",
@@ -196,18 +198,6 @@ def save_checkpoint(path: str, state: Dict[str, Any], keep_previous: bool = True
     _fsync_dir(directory)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def remove_stale_temporaries(directory: str) -> list:
     """Delete the temporary files that killed writers of :func:`save_checkpoint` left in
     ``directory`` (names ``.tmp-*.pt``); returns their names. A temporary named after a process
@@ -221,7 +211,7 @@ def remove_stale_temporaries(directory: str) -> list:
         if not (name.startswith(_TMP_PREFIX) and name.endswith(".pt")):
             continue
         m = _TMP_PID_RE.match(name)
-        if m and _pid_alive(int(m.group(1))):
+        if m and pid_alive(int(m.group(1))):
             continue
         try:
             os.unlink(os.path.join(directory, name))

@@ -158,7 +158,7 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
     n_bound = n_eval if n_bound is None else min(n_bound, n_eval)
     gen = torch.Generator().manual_seed(seed)
     model.eval()
-    centres_all, counts_all = np.asarray(data.centres), np.asarray(data.counts)
+    centres_all = np.asarray(data.centres)
     res = {"images": n_eval, "bound_images": n_bound, "K": K}
     nll, nelbo, correct, matched, total, dists = [], [], 0, 0, 0, []
     it = range(0, n_eval, batch_size)

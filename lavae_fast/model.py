@@ -100,6 +100,19 @@ def _check_size(name: str, value, minimum: int = 1, maximum: Optional[int] = Non
     return int(value)
 
 
+def _check_canvas(canvas):
+    """``canvas`` as an (H, W) tuple of positive ints, or None; a TypeError/ValueError otherwise."""
+    if canvas is None:
+        return None
+    try:
+        canvas = tuple(canvas)
+    except TypeError:
+        raise TypeError(f"canvas must be (H, W) or None, got {canvas!r}") from None
+    if len(canvas) != 2:
+        raise ValueError(f"canvas must be (H, W) with positive sides, got {canvas}")
+    return (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
+
+
 def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Images of another floating dtype (float16, bfloat16, float64) are cast to the model's:
     values in [0,1] survive the cast (exactly from the half types; float64 rounds to float32)."""
@@ -358,14 +371,7 @@ class LAVAE(nn.Module):
         sprite_width = _check_size("sprite_width", sprite_width)
         if sprite_size % 2 == 0:
             raise ValueError(f"sprite_size must be odd and positive (the centre pixel lands on the location), got {sprite_size}")
-        if canvas is not None:
-            try:
-                canvas = tuple(canvas)
-            except TypeError:
-                raise TypeError(f"canvas must be (H, W) or None, got {canvas!r}") from None
-            if len(canvas) != 2:
-                raise ValueError(f"canvas must be (H, W) with positive sides, got {canvas}")
-            canvas = (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
+        canvas = _check_canvas(canvas)
         if sprite_size > MAX_SPRITE_SIZE:
             raise ValueError(f"sprite_size must be <= {MAX_SPRITE_SIZE} (lavae_fast.model.MAX_SPRITE_SIZE), "
                              f"got {sprite_size}")

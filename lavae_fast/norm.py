@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops as _ops  # defines the lavae_fast namespace and loads the C++ kernels
+from . import ops as _ops  # defines the lavae_fast namespace and loads the C++ kernels  # noqa: F401
 
 __all__ = ["lrelu_batch_norm", "output_memory_format", "reference_forward", "reference_backward"]
 

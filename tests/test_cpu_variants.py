@@ -10,7 +10,6 @@ may be slower than the PyTorch fallback it replaces on the machine running the s
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil

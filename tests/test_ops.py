@@ -21,7 +21,6 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lavae_fast import _backends, ops
 from lavae_fast import reference as ref

@@ -15,33 +15,17 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
 
-import lavae_fast
 from lavae_fast import data
-from lavae_fast.checkpoint import (CheckpointWriteError, RunDirectoryInUse, load_checkpoint, lock_run_directory,
-                                   previous_path, remove_stale_temporaries, save_checkpoint)
+from lavae_fast.checkpoint import (CheckpointWriteError, load_checkpoint, previous_path, remove_stale_temporaries, save_checkpoint)
 from lavae_fast.data import storage
 from lavae_fast.data.__main__ import main as data_main
 from lavae_fast.train import main as train_main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(lavae_fast.__file__)))
-
-TINY = ["--dataset", "multi-dsprites", "--canvas", "32", "--n-train", "64", "--n-test", "16", "--n-test7", "8",
-        "--batch-size", "4", "--width", "6", "--sprite-width", "36", "--threads", "1", "--no-progress",
-        "--log-every", "1", "--eval-every", "0"]
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONWARNINGS"] = "ignore"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+# The tiny run configuration and the subprocess environment of the kill-and-resume tests.
+from test_resilience import TINY, _env  # noqa: E402
 
 
 def _bytes(path):

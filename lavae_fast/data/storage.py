@@ -39,6 +39,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .._process import pid_alive
+
 __all__ = ["FORMAT", "DataFormatError", "DatasetWriter", "read_meta", "load_split", "file_sha256",
            "remove_stale_temporaries", "fingerprint", "meta_digest", "is_generator_file", "staging_dir",
            "swap_in", "remove_stale_staging"]
@@ -76,18 +78,6 @@ def is_generator_file(name: str) -> bool:
     return bool(_DATA_FILE_RE.match(name) or _TMP_RE.match(name))
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but is not ours
-        return True
-    return True
-
-
 def remove_stale_temporaries(out_dir: str) -> List[str]:
     """Delete the temporary files (``NAME.tmp-PID``, NAME one the writer writes) that a killed
     writer left in ``out_dir``; files of a writer that is still running, and any file whose name
@@ -97,7 +87,7 @@ def remove_stale_temporaries(out_dir: str) -> List[str]:
         return removed
     for name in os.listdir(out_dir):
         m = _TMP_RE.match(name)
-        if m and not _pid_alive(int(m.group(2))):
+        if m and not pid_alive(int(m.group(2))):
             try:
                 os.remove(os.path.join(out_dir, name))
                 removed.append(name)
@@ -245,7 +235,7 @@ def remove_stale_staging(out_dir: str) -> List[str]:
         return removed
     for name in names:
         m = _STAGING_RE.match(name)
-        if not m or m.group(1) != base or _pid_alive(int(m.group(3))):
+        if not m or m.group(1) != base or pid_alive(int(m.group(3))):
             continue
         path = os.path.join(parent, name)
         if not os.path.isdir(path):
