@@ -1,9 +1,16 @@
 """Shared test configuration: say which lavae_fast and which backends the suite is testing."""
 
 import os
+import tempfile
 
 import pytest
 import torch
+
+# A fresh inductor cache for every test session. Compiled artifacts from earlier processes on the
+# same machine (other thread counts, other builds) were reused by the FX graph cache and corrupted
+# the heap in a compiled forward (glibc abort in test_speed's compiled step, reproduced only with the
+# machine's shared cache; a fresh cache dir, or the caches off, passed). Set before torch compiles.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lavae_fast_inductor_"))
 
 
 def pytest_report_header(config):
@@ -20,8 +27,12 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed_everything():
     # Automatic seeding: every test starts from the same global RNG state, so a failure reproduces.
+    # The thread count is restored too: the in-process CLI tests set it (--threads 1), and a later
+    # test must not run (or compile) under a setting it did not ask for.
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
