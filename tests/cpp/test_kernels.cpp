@@ -345,6 +345,8 @@ int main(int argc, char** argv) {
     test_place(2, 13, 1, 9, 5, 3);    // S > canvas, 13 objects: two output blocks
     test_place(2, 3, 1, 3, 1, 1);     // 1×1 canvas
     test_place(2, 2, 3, 21, 40, 37);  // dSprites sprite, odd width (partial vectors)
+    test_place(5, 10, 1, 17, 23, 21);  // B >= 2·threads: one task per image; 4-row groups, partial last
+    test_place(4, 3, 3, 7, 9, 10);     // the same with three colours
     test_gumbel(4, 37, 5, 0.3);
     test_gumbel(3, 3, 5, 0.5);        // D < M
     test_gumbel(3, 70, 4, 0.02);
