@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -228,6 +229,16 @@ def test_default_choice_is_the_best_variant_this_cpu_runs(ext):
     assert _capability_in_subprocess(env) == expected[-1]
 
 
+def _child_env(env) -> dict:
+    """``env`` with the tested package first on the path; children also run outside the checkout
+    (cwd): from the repository root, `python -c` would import the source folder, which has no _C
+    after a plain install."""
+    import lavae_fast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lavae_fast.__file__)))
+    return dict(env, PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+
+
 def _capability_in_subprocess(env) -> str:
     code = textwrap.dedent("""
         import torch
@@ -235,7 +246,8 @@ def _capability_in_subprocess(env) -> str:
         ops.count_objects(torch.zeros(1, 3, 3), 1.0, 1)   # the first call chooses
         print("CAP", _backends.cpu_capability())
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(env),
+                          cwd=tempfile.gettempdir(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return re.search(r"CAP (\S+)", proc.stdout).group(1)
 
@@ -255,7 +267,7 @@ def test_unknown_capability_is_refused_with_its_name(ext):
     base = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     code = "import torch; from lavae_fast import ops; ops.count_objects(torch.zeros(1, 3, 3), 1.0, 1)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=dict(base, LAVAE_FAST_CPU_CAPABILITY="sse9"))
+                          env=_child_env(dict(base, LAVAE_FAST_CPU_CAPABILITY="sse9")), cwd=tempfile.gettempdir())
     assert proc.returncode != 0
     assert "LAVAE_FAST_CPU_CAPABILITY=sse9 is not a known CPU capability" in proc.stderr
 

@@ -24,7 +24,9 @@ from lavae_fast.data import storage
 from lavae_fast.data.__main__ import main as data_main
 from lavae_fast.train import main as train_main
 
-# The tiny run configuration and the subprocess environment of the kill-and-resume tests.
+# The tiny run configuration and the subprocess environment of the kill-and-resume tests. Children
+# run with cwd=tmp_path: from the repository root, `python -m`/`-c` would import the source folder
+# (no _C after a plain install) instead of the package this process tests.
 from test_resilience import TINY, _env  # noqa: E402
 
 
@@ -110,7 +112,8 @@ _HOLDER = textwrap.dedent("""
 def test_a_run_directory_is_owned_by_one_process_and_sigkill_releases_it(tmp_path, capsys):
     run = str(tmp_path / "run")
     os.makedirs(run)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, run], env=_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, run], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit) as e:
@@ -129,7 +132,8 @@ def test_a_run_directory_is_owned_by_one_process_and_sigkill_releases_it(tmp_pat
 def test_two_trainers_started_together_one_runs_one_is_refused(tmp_path):
     run = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "lavae_fast.train", *TINY, "--steps", "3", "--out", run]
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for _ in range(2)]
     results = [(p.wait(timeout=240), p.stderr.read()) for p in procs]
     for p in procs:
@@ -213,7 +217,7 @@ def _wait_for_step(run, step, proc, timeout=120):
 def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_128_plus_the_signal(tmp_path, sig, code):
     run = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "lavae_fast.train", *TINY, "--steps", "1000", "--ckpt-every", "500", "--out", run]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(run, 2, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -252,7 +256,8 @@ def test_under_distributed_training_every_rank_stops_at_the_same_step(tmp_path):
         env = _env()
         env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, *args], env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, *args], env=env, cwd=tmp_path,
+                                      stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     try:
         _wait_for_step(run, 2, procs[0])
@@ -719,7 +724,7 @@ def test_sigterm_during_an_overwrite_keeps_the_old_set_and_leaves_nothing_behind
     cmd = [sys.executable, "-m", "lavae_fast.data", "generate", "--dataset", "multi-dsprites", "--out", root,
            "--n-train", "200000", "--n-test", "10", "--n-test7", "0", "--canvas", "32", "--no-progress",
            "--overwrite"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     staging = tmp_path / f".d.new-{proc.pid}"
     deadline = time.time() + 120
     while not staging.exists() and proc.poll() is None and time.time() < deadline:
