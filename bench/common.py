@@ -118,10 +118,7 @@ def bf16_native() -> str:
     """"yes"/"no" and why: whether this CPU computes bf16 natively (lavae_fast.performance decides)."""
     from lavae_fast import performance
 
-    fn = getattr(performance, "bf16_native", None)
-    if fn is None:
-        return "unknown"
-    native, reason = fn("cpu")
+    native, reason = performance.bf16_native("cpu")
     return f"{'yes' if native else 'no'} ({reason})"
 
 

@@ -206,8 +206,7 @@ constexpr int64_t kRowGroupFwd = 4;
 
 inline bool row_grouped(const Dims& d) { return d.C == 1; }
 
-template <typename T>
-int64_t dense_weight_size(int64_t nb, const Dims& d) {
+inline int64_t dense_weight_size(int64_t nb, const Dims& d) {
   return row_grouped(d) ? nb * (d.S + kRowGroupFwd - 1) * d.S * kRowGroupFwd : nb * d.C * d.S * d.S;
 }
 
@@ -302,7 +301,7 @@ void place_forward(const at::Tensor& x, const at::Tensor& sprites, const at::Ten
   if (whole_image_tasks(d.B)) {
     parallel_tasks<ImageScratch<T>>(d.B, [&](int64_t b, ImageScratch<T>& sc) {
       sc.planes.resize(pn[b] * plane);
-      sc.w.resize(dense_weight_size<T>(pn[b], d));
+      sc.w.resize(dense_weight_size(pn[b], d));
       dense_prepare(sc.planes.data(), sc.w.data(), ps + b * MCSS, pL + b * d.M * d.D, pn[b], d);
       dense_rows(pc + b * CD, sc.planes.data(), sc.w.data(), pn[b], 0, d.H, d);
       pl[b] = static_cast<T>(image_loglik(pc + b * CD, px + b * CD, CD, eps));
@@ -311,7 +310,7 @@ void place_forward(const at::Tensor& x, const at::Tensor& sprites, const at::Ten
   }
   std::vector<int64_t> woff(d.B + 1, 0), loff(d.B + 1, 0);
   for (int64_t b = 0; b < d.B; ++b) {
-    woff[b + 1] = woff[b] + dense_weight_size<T>(pn[b], d);
+    woff[b + 1] = woff[b] + dense_weight_size(pn[b], d);
     loff[b + 1] = loff[b] + pn[b] * plane;
   }
   std::vector<T> wbuf(woff[d.B]), lbuf(loff[d.B]);
