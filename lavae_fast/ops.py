@@ -31,8 +31,10 @@ from torch import Tensor
 
 from . import _backends
 from . import reference as _ref
+from ._common import counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask
 
-__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance"]
+__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance", "object_mask",
+           "counted_peaks", "local_maxima_mask", "engine", "ENGINES"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -118,7 +120,7 @@ def _(h_app, loc, n, index):
 
 @torch.library.register_fake("lavae_fast::gather_appearance_backward")
 def _(grad, h_app, loc, n, index, need_h_app, need_loc):
-    gh = _ref.grad_h_app_layout(h_app, h_app.new_empty(h_app.shape)) if need_h_app else h_app.new_empty(0)
+    gh = grad_h_app_layout(h_app, h_app.new_empty(h_app.shape)) if need_h_app else h_app.new_empty(0)
     gl = loc.new_empty(loc.shape) if need_loc else loc.new_empty(0)
     return gh, gl
 
@@ -423,3 +425,24 @@ def gather_appearance(h_app: Tensor, loc: Tensor, n: Tensor, *, index: Optional[
     return torch.ops.lavae_fast.gather_appearance(
         h_app, loc.contiguous(), n.contiguous(), None if index is None else index.contiguous()
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Choice of engine
+# ---------------------------------------------------------------------------------------------
+
+ENGINES = ("fused", "reference")
+
+
+def engine(name: str):
+    """The namespace of the four engine ops by name: "fused" (this module: the registered ops with
+    their C++/Triton kernels) or "reference" (:mod:`lavae_fast.reference`, plain PyTorch). Both have
+    the same signatures, so a model (``LAVAE(ops=...)``, :meth:`LAVAE.set_ops`), a test or a
+    benchmark can run either, and compare them in one process."""
+    if name == "fused":
+        import sys
+
+        return sys.modules[__name__]
+    if name == "reference":
+        return _ref
+    raise ValueError(f"ops must be 'fused' or 'reference', got {name!r}")

@@ -530,7 +530,7 @@ def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.
             tmax = target.flatten(1).max(1).values.cpu()
             has = counts > 0
             log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), warmup_term=warm.item(), target_scale=scale,
-                       target_count_acc=(model._ops.count_objects(target, 4 * gamma, model.max_objects).cpu()
+                       target_count_acc=(model.engine.count_objects(target, 4 * gamma, model.max_objects).cpu()
                                          == counts).float().mean().item(),
                        target_max_obj=tmax[has].mean().item() if has.any() else None,
                        target_max_empty=tmax[~has].mean().item() if (~has).any() else None)
