@@ -84,6 +84,7 @@ from . import distributed, performance, schedules
 from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEYS, CheckpointError, CheckpointWriteError,
                          RunDirectoryInUse, build_model, load_run_checkpoint, lock_run_directory,
                          remove_stale_temporaries, save_checkpoint)
+from .metrics import location_accuracy, peak_distances, top_locations
 from .noise import draw_noise, draw_normal, data_indices
 
 __all__ = ["main", "build_parser", "load_split", "training_loss", "probe_location_gradients", "ArrayData", "DATASETS"]
@@ -402,15 +403,6 @@ def set_learning_rates(opt, args, step: int) -> Dict[str, float]:
             g["lr"] = args.loc_lr * schedules.loc_lr_factor(step, args.steps, args.loc_lr_decay)
         out[g["name"]] = g["lr"]
     return out
-
-
-def top_locations(h_loc: torch.Tensor, n: torch.Tensor, M: int):
-    """Rows, cols [B,M] of the top-n of h_loc (= sequential argmax without replacement); −1 after."""
-    B, _, H, W = h_loc.shape
-    idx = h_loc.detach().flatten(1).topk(min(M, H * W), dim=1).indices
-    keep = torch.arange(idx.shape[1])[None, :] < n[:, None].cpu()
-    idx = torch.where(keep, idx.cpu(), -1)
-    return torch.where(idx >= 0, idx // W, -1), torch.where(idx >= 0, idx % W, -1)
 
 
 def image_grid(x: torch.Tensor, lam: torch.Tensor, rows=None, cols=None, n=None, count: int = 8) -> torch.Tensor:
@@ -922,8 +914,6 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
             done = step + 1
 
             if args.model == "lavae" and (done % args.log_every == 0 or done == end):
-                from .evaluate import location_accuracy, peak_distances
-
                 centres = np.asarray(train_data.centres)[idx.numpy()]
                 rows, cols = top_locations(out.h_loc, out.n_hat, model.max_objects)
                 m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
