@@ -13,6 +13,6 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__))
 from . import ops, reference  # noqa: E402
 from .baseline import BetaVAE  # noqa: E402
 from .model import LAVAE  # noqa: E402
+from ._version import __version__  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["LAVAE", "BetaVAE", "ops", "reference", "__version__"]

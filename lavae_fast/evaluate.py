@@ -229,8 +229,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--device {args.device!r}: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .checkpoint import build_model, load_checkpoint
-    from .train import load_split
+    from .data import load_run_split
+    from .loading import load_model
 
     # Where the results go is checked (and its folder made) before the long work.
     out = args.out or os.path.join(args.run_dir, "eval.json")
@@ -238,22 +238,21 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         _check_writable(out)
     except OSError as exc:
         raise SystemExit(f"error: --out {out}: {exc}")
+    if not os.path.exists(args.run_dir):  # a run, not a shipped model's name (its results need a home)
+        raise SystemExit(f"error: no checkpoint at {args.run_dir}")
     try:
-        ckpt = load_checkpoint(args.run_dir)
+        model, ckpt = load_model(args.run_dir, device=args.device)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
-    model = build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
     if args.ops and hasattr(model, "set_ops"):
         model.set_ops(args.ops)
-    model.to(args.device).eval()
     train_args = dict(ckpt["args"])
     if args.data:
         train_args["data"] = args.data
     datas = {}
     for split in splits:
         try:
-            datas[split] = load_split(train_args, split)
+            datas[split] = load_run_split(train_args, split)
         except (ValueError, OSError) as exc:  # a missing, damaged or (7 objects on 32×32) impossible split
             raise SystemExit(f"error: split {split!r}: {exc}")
         try:

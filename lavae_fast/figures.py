@@ -81,10 +81,10 @@ def paper_ref(experiment: str, dataset: Optional[str]) -> str:
 
 def load_run(run_or_name: str, device: str = "cpu", kind: Optional[str] = None):
     """(model in eval mode, checkpoint dict) from a run directory, a checkpoint file or a shipped
-    model's name, through the one verified loader (:func:`lavae_fast.pretrained.load_pretrained`)."""
-    from .pretrained import load_pretrained
+    model's name, through the one verified loader (:func:`lavae_fast.loading.load_model`)."""
+    from .loading import load_model
 
-    return load_pretrained(run_or_name, kind, device=device)
+    return load_model(run_or_name, kind, device=device)
 
 
 def _rgb(img: torch.Tensor) -> np.ndarray:
@@ -475,8 +475,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .data import load_run_split
     from .evaluate import check_data_fits
-    from .train import load_split
 
     try:
         model, ckpt = load_run(args.run_dir)
@@ -521,7 +521,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     data = {}
     for split in ("test", "test7"):
         try:
-            d = load_split(train_args, split)
+            d = load_run_split(train_args, split)
             check_data_fits(ckpt, d)
         except (FileNotFoundError, OSError) as exc:
             raise SystemExit(f"error: the run's {split} split: {exc}")

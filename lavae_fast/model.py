@@ -421,9 +421,10 @@ class LAVAE(nn.Module):
         :class:`lavae_fast.checkpoint.CheckpointError` (a ValueError) for a damaged file or a
         checkpoint of the β-VAE baseline.
         """
-        from .pretrained import load_pretrained
+        from .checkpoint import read_model_checkpoint, restore_model
 
-        return load_pretrained(name_or_path, "lavae", canvas=canvas, device=device)[0]
+        state, path = read_model_checkpoint(name_or_path, "lavae")
+        return restore_model(cls, state, path, canvas=canvas, device=device)
 
     # -- configuration ---------------------------------------------------------------------
 

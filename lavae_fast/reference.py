@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 # One definition of each, shared with lavae_fast.ops (re-exported here for the reference's users).
 from ._common import counted_peaks, grad_h_app_layout, object_mask
