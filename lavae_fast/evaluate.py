@@ -31,7 +31,7 @@ import torch
 
 from .metrics import location_accuracy, peak_distances
 
-__all__ = ["evaluate_split", "check_data_fits", "format_table", "main"]
+__all__ = ["evaluate_split", "format_table", "main"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,34 +180,6 @@ def _check_writable(path: str) -> None:
     os.remove(probe)
 
 
-def check_data_fits(ckpt: Dict, data, explicit: bool = False) -> None:
-    """Raise ValueError unless ``data`` (a split) has the images the checkpoint's model takes, and
-    (unless the data set was named ``explicit``ly) is the set the run was trained on."""
-    cfg = ckpt["model_config"]
-    x0 = None
-    if hasattr(data, "channels"):
-        c, hw = data.channels, (data.height, data.width)
-    elif len(data.counts):
-        x0, _ = data.get_batch([0])
-        c, hw = x0.shape[1], tuple(x0.shape[-2:])
-    else:
-        return
-    if c != cfg["channels"] or (cfg.get("canvas") and tuple(hw) != tuple(cfg["canvas"])):
-        raise ValueError(f"the data's images are {c}×{hw[0]}×{hw[1]} (C×H×W), the model takes "
-                         f"{cfg['channels']}×{cfg['canvas'][0]}×{cfg['canvas'][1]}: evaluate on a set of its data set")
-    meta = getattr(data, "meta", None) or {}
-    trained_on = ckpt.get("args", {}).get("dataset")
-    if meta.get("dataset") and trained_on and meta["dataset"] != trained_on:
-        raise ValueError(f"the data set is {meta['dataset']!r}, the model was trained on {trained_on!r}")
-    fp = ckpt.get("data_fingerprint")
-    if fp and not explicit and getattr(data, "meta", None) is not None and "splits" in data.meta:
-        from .data.storage import fingerprint
-
-        if fingerprint(data.meta) != fp:
-            raise ValueError(f"the run's data set {data.root} has changed since training (regenerated?): its "
-                             "fingerprint differs from the checkpoint's; pass --data to evaluate on it anyway")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _main(argv)
@@ -229,7 +201,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--device {args.device!r}: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .data import load_run_split
+    from .data import check_data_fits, load_run_split
     from .loading import load_model
 
     # Where the results go is checked (and its folder made) before the long work.

@@ -475,8 +475,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import load_run_split
-    from .evaluate import check_data_fits
+    from .data import check_data_fits, load_run_split
 
     try:
         model, ckpt = load_run(args.run_dir)
