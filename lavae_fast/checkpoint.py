@@ -46,6 +46,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import numpy as np
 import torch
 
+from ._io import atomic_write
 from ._process import pid_alive
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_run_checkpoint", "read_model_checkpoint", "restore_model",
@@ -124,18 +125,6 @@ def previous_path(path: str) -> str:
     return f"{root}.prev{ext}"
 
 
-def _fsync_dir(directory: str) -> None:
-    # Make renames durable (the directory entries), where the platform allows it.
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def _keep_previous(path: str) -> None:
     """Make ``previous_path(path)`` the current content of ``path`` without ``path`` ever missing."""
     prev = previous_path(path)
@@ -180,28 +169,24 @@ def save_checkpoint(path: str, state: Dict[str, Any], keep_previous: bool = True
     payload["sha256"] = state_digest(payload)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=".pt", dir=directory)
+        os.close(fd)  # atomic_write opens it by name (keeping mkstemp's private mode)
     except OSError as exc:
         raise CheckpointWriteError(f"could not create a checkpoint file in {directory}: "
                                    f"{_describe_write_failure(exc, directory)}") from exc
-    try:
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, RuntimeError) as exc:
-            raise CheckpointWriteError(
-                f"could not write checkpoint {path}: {_describe_write_failure(exc, directory)}; the previous "
-                f"checkpoint{'s' if keep_previous else ''} in {directory} {'are' if keep_previous else 'is'} "
-                "kept") from exc
+
+    def write_error(exc):
+        if not isinstance(exc, (OSError, RuntimeError)):
+            return None
+        return CheckpointWriteError(
+            f"could not write checkpoint {path}: {_describe_write_failure(exc, directory)}; the previous "
+            f"checkpoint{'s' if keep_previous else ''} in {directory} {'are' if keep_previous else 'is'} kept")
+
+    def before_replace():
         if keep_previous and os.path.isfile(path):
             _keep_previous(path)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+
+    with atomic_write(path, "wb", tmp=tmp, before_replace=before_replace, write_error=write_error) as f:
+        torch.save(payload, f)
 
 
 def remove_stale_temporaries(directory: str) -> list:

@@ -29,6 +29,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from ._io import atomic_write
 from .metrics import location_accuracy, peak_distances
 
 __all__ = ["evaluate_split", "format_table", "main"]
@@ -242,9 +243,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             "seconds": round(time.time() - t0, 1)}
     print(f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {args.K}")
     print(format_table(results))
-    with open(out + ".tmp", "w") as f:
+    with atomic_write(out, "w", tmp=out + ".tmp") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
-    os.replace(out + ".tmp", out)
     print(f"wrote {out}")
     return 0
 

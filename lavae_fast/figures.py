@@ -40,6 +40,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ._io import atomic_write
+
 __all__ = ["load_run", "tile", "reverse_locations", "paper_ref", "reconstruction_figure", "sample_figure",
            "swap_figure", "location_traversal_figure", "appearance_traversal_figure", "fixed_count_figure",
            "training_curves_figure", "read_metrics", "save_figure", "figure_texts", "grid_size", "main"]
@@ -181,14 +183,9 @@ def save_figure(fig, path: str) -> None:
     texts = figure_texts(fig)
     title = fig._suptitle.get_text() if fig._suptitle is not None else ""
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(path, "wb", tmp=os.path.join(folder, f".{name}.tmp-{os.getpid()}")) as f:
         # No bbox_inches="tight": the size stays grid_size() × DPI, which callers can rely on.
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Title": title, "Description": " | ".join(texts)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        fig.savefig(f, format="png", dpi=DPI, metadata={"Title": title, "Description": " | ".join(texts)})
 
 
 def _title(what: str, ref: str, dataset: Optional[str]) -> str:

@@ -86,6 +86,7 @@ from ._cli import canvas as _parse_canvas
 from ._cli import nonneg_int as _nonneg_int
 from ._cli import positive_float as _positive_float
 from ._cli import positive_int as _positive_int
+from ._io import atomic_write
 from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEYS, CheckpointError, CheckpointWriteError,
                          RunDirectoryInUse, load_run_checkpoint, lock_run_directory, remove_stale_temporaries,
                          save_checkpoint)
@@ -463,12 +464,8 @@ def truncate_metrics(path: str, step: int) -> None:
                 continue
             if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
                 keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb", tmp=path + ".tmp") as f:
         f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
