@@ -29,6 +29,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from ._cli import nonneg_int, positive_int
 from ._io import atomic_write
 from .metrics import location_accuracy, peak_distances
 
@@ -139,32 +140,19 @@ def format_table(results: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
-def _int_at_least(lo: int):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {v}")
-        return v
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lavae_fast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run directory written by lavae_fast.train (holds checkpoint.pt)")
     p.add_argument("--data", default=None, help="data set directory (default: the run's own data)")
-    p.add_argument("--K", type=_int_at_least(0), default=100, help="importance samples for the −log p(x) bound (0: skip)")
-    p.add_argument("--n-eval", type=_int_at_least(1), default=None, help="images per split for accuracies (default all)")
-    p.add_argument("--n-bound", type=_int_at_least(0), default=None, help="images per split that get the K-sample bound")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    p.add_argument("--K", type=nonneg_int, default=100, help="importance samples for the −log p(x) bound (0: skip)")
+    p.add_argument("--n-eval", type=positive_int, default=None, help="images per split for accuracies (default all)")
+    p.add_argument("--n-bound", type=nonneg_int, default=None, help="images per split that get the K-sample bound")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--splits", default="test,test7", help="comma-separated splits")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ops", choices=["fused", "reference"], default=None, help="engine (default: the run's)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the evaluation noise")
-    p.add_argument("--threads", type=_int_at_least(1), default=None)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/eval.json)")
     return p
 

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ._cli import nonneg_int, positive_int
 from ._io import atomic_write
 
 __all__ = ["load_run", "tile", "reverse_locations", "paper_ref", "reconstruction_figure", "sample_figure",
@@ -437,29 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a β-VAE baseline run directory, checkpoint or name, for its prior samples (Fig. 2)")
     p.add_argument("--out", default=None,
                    help="output folder (default RUN_DIR/figures, or beside a checkpoint file; required for a name)")
-    p.add_argument("--num", type=_positive_int, default=8, help="images per row")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--num", type=positive_int, default=8, help="images per row")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     return p
-
-
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _nonneg_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
