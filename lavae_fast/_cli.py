@@ -20,20 +20,19 @@ def _int(s) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
 
 
-def positive_int(s) -> int:
-    """An integer >= 1."""
-    v = _int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+def _int_at_least(lo: int, what: str):
+    def parse(s) -> int:
+        v = _int(s)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        return v
+
+    parse.__name__ = parse.__qualname__ = f"int_at_least_{lo}"
+    return parse
 
 
-def nonneg_int(s) -> int:
-    """An integer >= 0."""
-    v = _int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s}")
-    return v
+positive_int = _int_at_least(1, "a positive integer")  # an integer >= 1
+nonneg_int = _int_at_least(0, "a non-negative integer")  # an integer >= 0
 
 
 def positive_float(s) -> float:
