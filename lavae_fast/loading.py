@@ -1,4 +1,4 @@
-"""One way to read a trained model, for every reader of a run (evaluation, figures, the demo, export).
+"""One way to read a trained model, for every reader of a run (evaluation, figures; the demo through them).
 
     model, state = load_model("runs/dsprites")             # a run directory written by lavae_fast.train
     model, state = load_model("runs/dsprites/checkpoint.pt")
