@@ -39,10 +39,13 @@ def get_extensions():
 
 
 ext_modules, cmdclass = get_extensions()
+_version = {}
+with open(os.path.join("lavae_fast", "_version.py")) as f:
+    exec(f.read(), _version)
 
 setup(
     name="lavae_fast",
-    version="0.1.0",
+    version=_version["__version__"],
     description="Fast, faithful LAVAE (Location-Appearance VAE) with fused CPU and Triton kernels",
     packages=find_packages(include=["lavae_fast", "lavae_fast.*"]) + ["lavae_fast.kernels"],
     package_dir={"lavae_fast.kernels": "kernels"},

@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 
 from ._common import DOT_PRECISION, check_float, check_int64, device_guarded, dot_dim
-from lavae_fast.reference import grad_h_app_layout
 
 _BD = 64  # pixels per step of the dense contractions and per backward program
 _BKF = 32  # features per block (64 needed ~200 registers a thread on sm_90, 32 about 130)
@@ -143,7 +142,9 @@ def gather_appearance(h_app, loc, n, index):
 
 @device_guarded
 def gather_appearance_backward(grad, h_app, loc, n, index, need_h_app, need_loc):
-    """Backward op: (grad_h_app [B,K,H,W] or [0], grad_loc [B,M,H,W] or [0])."""
+    """Backward op: (grad_h_app [B,K,H,W] or [0], grad_loc [B,M,H,W] or [0]). grad_h_app is
+    contiguous whatever h_app's layout: the op's implementation in :mod:`lavae_fast.ops` returns it in
+    h_app's layout."""
     B, K, D, M = _check(h_app, loc, n, index)
     if tuple(grad.shape) != (B, M, K):
         raise ValueError(f"grad must have shape {(B, M, K)}, got {tuple(grad.shape)}")
@@ -152,9 +153,8 @@ def gather_appearance_backward(grad, h_app, loc, n, index, need_h_app, need_loc)
     grad_loc = loc.new_empty(loc.shape) if need_loc else empty
     if not (need_h_app or need_loc):
         return grad_h, grad_loc
-    h_in = h_app
     if B * D == 0 or M == 0 or K == 0:
-        return (grad_h_app_layout(h_in, grad_h.zero_()) if need_h_app else grad_h), grad_loc.zero_()
+        return grad_h.zero_(), grad_loc.zero_()
     h_app = h_app.contiguous()
     _gather_bwd_kernel[(B, triton.cdiv(D, _BD))](
         grad.to(h_app.dtype).contiguous(), h_app, loc.contiguous(),
@@ -163,5 +163,5 @@ def gather_appearance_backward(grad, h_app, loc, n, index, need_h_app, need_loc)
         USE_INDEX=index is not None, NEED_H=bool(need_h_app), NEED_LOC=bool(need_loc),
         BM=dot_dim(M), BK=min(_BKF, dot_dim(K)), BD=_BD, PREC=DOT_PRECISION, num_warps=4,
     )
-    # The kernel writes the contiguous layout; the op's contract is h_app's (see the reference).
-    return (grad_h_app_layout(h_in, grad_h) if need_h_app else grad_h), grad_loc
+    # The kernel writes the contiguous layout; lavae_fast.ops gives it h_app's (the op's contract).
+    return grad_h, grad_loc

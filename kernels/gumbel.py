@@ -16,7 +16,8 @@ Memory traffic, per image, in elements: needed — read logits and gumbel (2·D)
 (M·D, rows of absent slots included: it is a dense output), index (M) and log_q (1). The program
 loads the row once into registers (one pass over D), does the k selections and all reductions on
 registers, and writes each relaxed element once: exactly the minimum. The row must fit in one
-program's registers: D ≤ MAX_D (64×64 canvases use 4096); larger canvases use the reference.
+program's registers: D ≤ MAX_D (64×64 canvases use 4096); the launchers refuse longer rows, which
+:mod:`lavae_fast.ops` routes to the reference.
 
 Backward, per image: needed — read relaxed and grad_relaxed rows of the k drawn steps (2·k·D;
 rows i ≥ k of the forward output are zero, so they are skipped), logits (D), index (M), write the
@@ -29,8 +30,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from lavae_fast import reference as _ref
 
 from ._common import check_float, check_int64, device_guarded, next_pow2, scalar, split_scalar
 
@@ -170,6 +169,11 @@ def _check(logits, n, M):
         raise ValueError(f"max_objects must be >= 0, got {M}")
 
 
+def _too_long(D: int) -> str:
+    return (f"rows of D = {D} locations do not fit one program's registers (MAX_D = {MAX_D}); "
+            "lavae_fast.ops runs them on the reference")
+
+
 @device_guarded
 def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel):
     """Forward op: (relaxed [B,M,D], log_q [B], index [B,M] int64)."""
@@ -181,7 +185,7 @@ def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel):
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
     if D > MAX_D:
-        return _ref._fallback_gumbel_topk_relaxed(logits, n, tau, M, gumbel)
+        raise ValueError(_too_long(D))
     relaxed = logits.new_empty(B, M, D)
     log_q = logits.new_empty(B)
     index = torch.empty(B, M, dtype=torch.long, device=logits.device)
@@ -214,7 +218,7 @@ def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxe
     if grad_log_q is not None and tuple(grad_log_q.shape) != (B,):
         raise ValueError(f"grad_log_q must have shape [B] = [{B}], got {tuple(grad_log_q.shape)}")
     if D > MAX_D:
-        return _ref._fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau)
+        raise ValueError(_too_long(D))
     out = logits.new_empty(B, D)
     if B == 0 or D == 0:
         return out

@@ -11,6 +11,9 @@ Two ways in:
   public API of :mod:`lavae_fast.ops` (autograd, opcheck, gradcheck) runs through them. Start the
   process with ``LAVAE_FAST_DISABLE_EXTENSION=1`` so that the C++ CPU kernels are not loaded:
   the two would otherwise compete for the same dispatch key.
+
+Like the rest of the package this module imports nothing of lavae_fast: the registration is
+:func:`lavae_fast.ops.register_triton_kernels`, passed in by the caller.
 """
 
 from __future__ import annotations
@@ -38,18 +41,12 @@ def _require_interpreter() -> None:
         raise RuntimeError("lavae_fast.kernels was imported before TRITON_INTERPRET=1 was set in this process")
 
 
-def register_interpreter_kernels() -> None:
-    """Register the Triton launchers as the CPU implementations of the lavae_fast ops."""
+def register_interpreter_kernels(register) -> None:
+    """Register the Triton launchers as the CPU implementations of the lavae_fast ops:
+    ``register("cpu")`` once the interpreter is checked, ``register`` being
+    :func:`lavae_fast.ops.register_triton_kernels` (which refuses while the C++ CPU kernels are loaded)."""
     _require_interpreter()
-    from lavae_fast import _backends
-
-    if _backends.cpu_kernels_loaded:
-        raise RuntimeError(
-            "the C++ CPU kernels are loaded in this process; start it with LAVAE_FAST_DISABLE_EXTENSION=1"
-        )
-    from . import register_kernels
-
-    register_kernels("cpu")
+    register("cpu")
 
 
 def launchers():

@@ -1,13 +1,16 @@
 """Loading of the optional compiled backends: the C++ CPU kernels and the Triton CUDA kernels.
 
-The op schemas live in :mod:`lavae_fast.ops` and exist without either backend; each backend only
-registers implementations for its device when it is imported. A missing backend is never an
-import error: the op falls back to the plain-PyTorch reference, and we say so once.
+The op schemas live in :mod:`lavae_fast.ops` and exist without either backend. The C++ kernels
+register themselves for CPU tensors when ``lavae_fast._C`` is imported; the Triton launchers
+(:func:`kernels_package`, which imports nothing of lavae_fast) are registered for CUDA tensors by
+:func:`lavae_fast.ops.register_triton_kernels`, passed to :func:`load_triton_kernels`. A missing
+backend is never an import error: the op falls back to the plain-PyTorch reference, and we say so once.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -77,8 +80,32 @@ def set_cpu_capability(name: str) -> None:
     _C.set_cpu_capability(name)
 
 
-def load_triton_kernels() -> bool:
-    """Import ``lavae_fast.kernels`` (registers the CUDA kernels) when CUDA and Triton are present."""
+def kernels_package(submodule: str | None = None):
+    """The Triton kernels' package, or its module ``submodule`` ("testing", "gumbel", …):
+    ``lavae_fast.kernels`` (an installation, an editable one
+    included: setup.py maps the top-level kernels/ folder to that name), else — tests run from a
+    source checkout on ``sys.path`` without an install — that checkout's own ``kernels`` folder,
+    imported by its name when it is the folder beside this package. Raises ImportError otherwise
+    (and when triton is missing)."""
+    suffix = "" if submodule is None else f".{submodule}"
+    try:
+        return importlib.import_module("lavae_fast.kernels" + suffix)
+    except ModuleNotFoundError as exc:
+        if exc.name != "lavae_fast.kernels":
+            raise
+    here = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.join(os.path.dirname(here), "kernels", "__init__.py")
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or not os.path.isfile(checkout) or not os.path.samefile(spec.origin, checkout):
+        raise ModuleNotFoundError("lavae_fast.kernels is not installed: install the package (from a source "
+                                  "checkout, `pip install -e . --no-build-isolation`)", name="lavae_fast.kernels")
+    return importlib.import_module("kernels" + suffix)
+
+
+def load_triton_kernels(register) -> bool:
+    """Register the Triton kernels for CUDA tensors when CUDA and Triton are present:
+    ``register(package)`` with the kernels' package (:func:`kernels_package`), ``register`` being
+    :mod:`lavae_fast.ops`' registration. Warns once when they cannot be loaded."""
     global triton_kernels_loaded, triton_kernels_error
     if triton_kernels_loaded or triton_kernels_error is not None:
         return triton_kernels_loaded
@@ -88,8 +115,7 @@ def load_triton_kernels() -> bool:
         triton_kernels_error = "no CUDA device"
         return False
     try:
-        module = importlib.import_module("lavae_fast.kernels")
-        module.register_cuda_kernels()
+        register(kernels_package())
         triton_kernels_loaded = True
     except Exception as exc:  # triton missing or too old: CUDA tensors use the reference
         triton_kernels_error = str(exc)

@@ -89,9 +89,10 @@ class BetaVAE(nn.Module):
         by name ("multi-dsprites", "multi-mnist-10k"), a run directory or a checkpoint file;
         ``canvas`` as in :meth:`lavae_fast.LAVAE.from_pretrained` (same checks and errors; a LAVAE
         checkpoint is refused)."""
-        from .pretrained import load_pretrained
+        from .checkpoint import read_model_checkpoint, restore_model
 
-        return load_pretrained(name_or_path, "baseline", canvas=canvas, device=device)[0]
+        state, path = read_model_checkpoint(name_or_path, "baseline")
+        return restore_model(cls, state, path, canvas=canvas, device=device)
 
     @staticmethod
     def _sizes(H: int, W: int):

@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill at any moment, and rebuilding a model from one.
+"""Checkpoints that survive a kill at any moment, and reading a model's checkpoint.
 
 A checkpoint is a dict saved with ``torch.save``:
 ``{"format": 1, "step", "args" (the training CLI's namespace as a dict), "model_config" (the
@@ -24,6 +24,11 @@ checkpoint, one that lacks a required key, or one whose digest differs is refuse
 :class:`CheckpointError` naming the file and the reason. Given a run directory, the loader falls
 back to ``checkpoint.prev.pt`` with a warning when ``checkpoint.pt`` is refused (or absent), so a
 checkpoint damaged after it was written costs one checkpoint interval, not the run.
+
+A model's checkpoint is read by :func:`read_model_checkpoint` (a run directory, a checkpoint file
+or a shipped model's name) and made a model of a given class by :func:`restore_model`; this module
+imports no model class (``LAVAE.from_pretrained`` uses it), :func:`lavae_fast.loading.load_model`
+picks the class from the checkpoint.
 """
 
 from __future__ import annotations
@@ -36,14 +41,16 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ._io import atomic_write
 from ._process import pid_alive
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_run_checkpoint", "build_model", "state_digest",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_run_checkpoint", "read_model_checkpoint", "restore_model",
+           "state_digest",
            "previous_path", "remove_stale_temporaries", "CheckpointError", "CheckpointWriteError",
            "RunDirectoryInUse", "lock_run_directory", "CHECKPOINT_NAME", "PREVIOUS_NAME", "LOCK_NAME",
            "TRAINING_KEYS"]
@@ -118,18 +125,6 @@ def previous_path(path: str) -> str:
     return f"{root}.prev{ext}"
 
 
-def _fsync_dir(directory: str) -> None:
-    # Make renames durable (the directory entries), where the platform allows it.
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def _keep_previous(path: str) -> None:
     """Make ``previous_path(path)`` the current content of ``path`` without ``path`` ever missing."""
     prev = previous_path(path)
@@ -174,28 +169,24 @@ def save_checkpoint(path: str, state: Dict[str, Any], keep_previous: bool = True
     payload["sha256"] = state_digest(payload)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=".pt", dir=directory)
+        os.close(fd)  # atomic_write opens it by name (keeping mkstemp's private mode)
     except OSError as exc:
         raise CheckpointWriteError(f"could not create a checkpoint file in {directory}: "
                                    f"{_describe_write_failure(exc, directory)}") from exc
-    try:
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, RuntimeError) as exc:
-            raise CheckpointWriteError(
-                f"could not write checkpoint {path}: {_describe_write_failure(exc, directory)}; the previous "
-                f"checkpoint{'s' if keep_previous else ''} in {directory} {'are' if keep_previous else 'is'} "
-                "kept") from exc
+
+    def write_error(exc):
+        if not isinstance(exc, (OSError, RuntimeError)):
+            return None
+        return CheckpointWriteError(
+            f"could not write checkpoint {path}: {_describe_write_failure(exc, directory)}; the previous "
+            f"checkpoint{'s' if keep_previous else ''} in {directory} {'are' if keep_previous else 'is'} kept")
+
+    def before_replace():
         if keep_previous and os.path.isfile(path):
             _keep_previous(path)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+
+    with atomic_write(path, "wb", tmp=tmp, before_replace=before_replace, write_error=write_error) as f:
+        torch.save(payload, f)
 
 
 def remove_stale_temporaries(directory: str) -> list:
@@ -349,16 +340,60 @@ def load_checkpoint(path: str, map_location="cpu", required: Iterable[str] = ())
     return _read_verified(path, map_location, required)
 
 
-def build_model(config: Dict[str, Any]):
-    """Construct an (untrained) model from a checkpoint's ``model_config``."""
-    cfg = dict(config)
+def read_model_checkpoint(name_or_path, kind: Optional[str] = None) -> Tuple[Dict[str, Any], str]:
+    """(verified state, its file) of a model: a run directory, a checkpoint file or a shipped model's
+    name (:func:`lavae_fast.pretrained.resolve`). ``kind``: "lavae" or "baseline" (a checkpoint of
+    the other is refused), or None for whichever a path holds (a name then means a LAVAE).
+
+    Raises FileNotFoundError (:class:`lavae_fast.pretrained.NotShipped` for a name not shipped),
+    ValueError for an unknown name, :class:`CheckpointError` for a damaged file or one of the other kind.
+    """
+    from .pretrained import KINDS, resolve
+
+    path = resolve(name_or_path, kind or "lavae")
+    state = load_checkpoint(path)  # FileNotFoundError / CheckpointError (a ValueError) with the file named
+    cfg = state.get("model_config")
+    if not isinstance(cfg, dict) or cfg.get("kind") not in KINDS:
+        raise CheckpointError(f"{path} does not say which model it holds (no model_config with a known kind)")
+    if kind is not None and cfg["kind"] != kind:
+        other = {"lavae": "LAVAE", "baseline": "BetaVAE"}[cfg["kind"]]
+        raise CheckpointError(f"{path} holds a {KINDS[cfg['kind']]} checkpoint, not a {KINDS[kind]} one: "
+                              f"load it with {other}.from_pretrained")
+    return state, path
+
+
+def _check_canvas(canvas) -> Tuple[int, int]:
+    if isinstance(canvas, int) and not isinstance(canvas, bool):
+        canvas = (canvas, canvas)
+    try:
+        h, w = canvas
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"canvas must be a positive int or (H, W) of positive ints, got {canvas!r}")
+    return int(h), int(w)
+
+
+def restore_model(cls, state: Dict[str, Any], path: str, *, canvas=None, device="cpu"):
+    """The model of a checkpoint read by :func:`read_model_checkpoint`, as an instance of ``cls``
+    (``LAVAE`` or ``BetaVAE``, the class its ``model_config`` names) in eval mode on ``device``.
+    ``canvas``: (H, W) or N to run it on another canvas (both models are fully convolutional:
+    LAVAE's γ follows D = H·W, the baseline's latent grid ⌈H/8⌉×⌈W/8⌉). Raises
+    :class:`CheckpointError` when the configuration or the weights do not fit ``cls``."""
+    from .pretrained import KINDS
+
+    cfg = dict(state["model_config"])
     kind = cfg.pop("kind")
-    if kind == "lavae":
-        from .model import LAVAE
-
-        return LAVAE(**cfg)
-    if kind == "baseline":
-        from .baseline import BetaVAE
-
-        return BetaVAE(**cfg)
-    raise ValueError(f"unknown model kind {kind!r} in checkpoint")
+    if canvas is not None:
+        cfg["canvas"] = _check_canvas(canvas)
+    try:
+        model = cls(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its model_config does not build a {KINDS[kind]}: {exc}") from exc
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: its weights do not fit the {KINDS[kind]} its model_config describes "
+                              f"(a checkpoint of another version?): {exc}") from exc
+    return model.to(device).eval()

@@ -12,8 +12,8 @@ For the 0–3-object test split and the 7-object split it reports
 * the median distance from each true centre to the nearest of the top-(true count) local maxima
   of h_loc, whatever their height: SPEC §5's "peaks next to rather than on the objects" check.
 
-The table is printed and written to ``RUN_DIR/eval.json``. The metric helpers here are also used
-by the training loop for its running diagnostics.
+The table is printed and written to ``RUN_DIR/eval.json``. The metrics are defined in
+:mod:`lavae_fast.metrics` (shared with the training loop's running diagnostics).
 """
 
 from __future__ import annotations
@@ -28,105 +28,12 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-__all__ = [
-    "max_matching",
-    "location_accuracy",
-    "local_maxima",
-    "peak_distances",
-    "evaluate_split",
-    "main",
-]
+from ._cli import nonneg_int, positive_int
+from ._io import atomic_write
+from .metrics import location_accuracy, peak_distances
 
-RADIUS = 2.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Metric helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def max_matching(adjacency: np.ndarray) -> int:
-    """Size of a maximum matching in a bipartite graph given as a bool matrix [T, P] (Kuhn's
-    augmenting paths; T, P ≤ M = 10 here, so the O(T·P²) cost is nothing)."""
-    T, P = adjacency.shape
-    match_p = [-1] * P
-
-    def augment(t, seen):
-        for p in range(P):
-            if adjacency[t, p] and not seen[p]:
-                seen[p] = True
-                if match_p[p] < 0 or augment(match_p[p], seen):
-                    match_p[p] = t
-                    return True
-        return False
-
-    return sum(augment(t, [False] * P) for t in range(T))
-
-
-def _as_np(a):
-    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-
-
-def location_accuracy(pred_rows, pred_cols, pred_n, centres, counts, radius: float = RADIUS):
-    """(matched, total): true objects within ``radius`` px of an inferred location, one-to-one.
-
-    pred_rows, pred_cols: [B,M] (slots ≥ pred_n ignored); pred_n [B]; centres [B,K,2] (row, col),
-    −1 padded; counts [B].
-    """
-    pr, pc, pn = _as_np(pred_rows), _as_np(pred_cols), _as_np(pred_n)
-    cen, cnt = _as_np(centres), _as_np(counts)
-    matched = total = 0
-    for b in range(len(cnt)):
-        t = cen[b, : int(cnt[b])].astype(np.float64)
-        total += len(t)
-        k = int(pn[b])
-        if len(t) == 0 or k == 0:
-            continue
-        p = np.stack([pr[b, :k], pc[b, :k]], 1).astype(np.float64)
-        d = np.sqrt(((t[:, None, :] - p[None, :, :]) ** 2).sum(-1))
-        matched += max_matching(d <= radius)
-    return matched, total
-
-
-def local_maxima(h_loc: torch.Tensor, k: int):
-    """Rows, cols [B,k] of the k highest 3×3 local maxima of h_loc [B,1,H,W] (the counter's peaks,
-    without its threshold); −1 where an image has fewer than k."""
-    h = h_loc.detach().float()
-    B, _, H, W = h.shape
-    pooled = F.max_pool2d(h, 3, stride=1, padding=1)
-    score = torch.where(h >= pooled, h, torch.full_like(h, float("-inf"))).flatten(1)
-    k = min(k, H * W)
-    vals, idx = score.topk(k, dim=1)
-    ok = torch.isfinite(vals)
-    rows = torch.where(ok, idx // W, -1)
-    cols = torch.where(ok, idx % W, -1)
-    return rows, cols
-
-
-def peak_distances(h_loc: torch.Tensor, centres, counts) -> np.ndarray:
-    """Distance (px) from each true centre to the nearest of the top-(true count) local maxima of
-    h_loc. Returns a flat array over all objects (empty if none)."""
-    cen, cnt = _as_np(centres), _as_np(counts)
-    kmax = int(cnt.max()) if len(cnt) else 0
-    if kmax == 0:
-        return np.zeros(0)
-    rows, cols = local_maxima(h_loc, kmax)
-    rows, cols = _as_np(rows), _as_np(cols)
-    out = []
-    for b in range(len(cnt)):
-        c = int(cnt[b])
-        if c == 0:
-            continue
-        p = np.stack([rows[b, :c], cols[b, :c]], 1).astype(np.float64)
-        p = p[p[:, 0] >= 0]
-        t = cen[b, :c].astype(np.float64)
-        if len(p) == 0:
-            out.extend([np.inf] * c)
-            continue
-        out.extend(np.sqrt(((t[:, None] - p[None]) ** 2).sum(-1)).min(1).tolist())
-    return np.asarray(out)
+__all__ = ["evaluate_split", "format_table", "main"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,32 +140,19 @@ def format_table(results: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
-def _int_at_least(lo: int):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {v}")
-        return v
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lavae_fast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run directory written by lavae_fast.train (holds checkpoint.pt)")
     p.add_argument("--data", default=None, help="data set directory (default: the run's own data)")
-    p.add_argument("--K", type=_int_at_least(0), default=100, help="importance samples for the −log p(x) bound (0: skip)")
-    p.add_argument("--n-eval", type=_int_at_least(1), default=None, help="images per split for accuracies (default all)")
-    p.add_argument("--n-bound", type=_int_at_least(0), default=None, help="images per split that get the K-sample bound")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    p.add_argument("--K", type=nonneg_int, default=100, help="importance samples for the −log p(x) bound (0: skip)")
+    p.add_argument("--n-eval", type=positive_int, default=None, help="images per split for accuracies (default all)")
+    p.add_argument("--n-bound", type=nonneg_int, default=None, help="images per split that get the K-sample bound")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--splits", default="test,test7", help="comma-separated splits")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ops", choices=["fused", "reference"], default=None, help="engine (default: the run's)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the evaluation noise")
-    p.add_argument("--threads", type=_int_at_least(1), default=None)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/eval.json)")
     return p
 
@@ -273,34 +167,6 @@ def _check_writable(path: str) -> None:
     with open(probe, "w"):
         pass
     os.remove(probe)
-
-
-def check_data_fits(ckpt: Dict, data, explicit: bool = False) -> None:
-    """Raise ValueError unless ``data`` (a split) has the images the checkpoint's model takes, and
-    (unless the data set was named ``explicit``ly) is the set the run was trained on."""
-    cfg = ckpt["model_config"]
-    x0 = None
-    if hasattr(data, "channels"):
-        c, hw = data.channels, (data.height, data.width)
-    elif len(data.counts):
-        x0, _ = data.get_batch([0])
-        c, hw = x0.shape[1], tuple(x0.shape[-2:])
-    else:
-        return
-    if c != cfg["channels"] or (cfg.get("canvas") and tuple(hw) != tuple(cfg["canvas"])):
-        raise ValueError(f"the data's images are {c}×{hw[0]}×{hw[1]} (C×H×W), the model takes "
-                         f"{cfg['channels']}×{cfg['canvas'][0]}×{cfg['canvas'][1]}: evaluate on a set of its data set")
-    meta = getattr(data, "meta", None) or {}
-    trained_on = ckpt.get("args", {}).get("dataset")
-    if meta.get("dataset") and trained_on and meta["dataset"] != trained_on:
-        raise ValueError(f"the data set is {meta['dataset']!r}, the model was trained on {trained_on!r}")
-    fp = ckpt.get("data_fingerprint")
-    if fp and not explicit and getattr(data, "meta", None) is not None and "splits" in data.meta:
-        from .data.storage import fingerprint
-
-        if fingerprint(data.meta) != fp:
-            raise ValueError(f"the run's data set {data.root} has changed since training (regenerated?): its "
-                             "fingerprint differs from the checkpoint's; pass --data to evaluate on it anyway")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -324,8 +190,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--device {args.device!r}: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .checkpoint import build_model, load_checkpoint
-    from .train import load_split
+    from .data import check_data_fits, load_run_split
+    from .loading import load_model
 
     # Where the results go is checked (and its folder made) before the long work.
     out = args.out or os.path.join(args.run_dir, "eval.json")
@@ -333,22 +199,21 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         _check_writable(out)
     except OSError as exc:
         raise SystemExit(f"error: --out {out}: {exc}")
+    if not os.path.exists(args.run_dir):  # a run, not a shipped model's name (its results need a home)
+        raise SystemExit(f"error: no checkpoint at {args.run_dir}")
     try:
-        ckpt = load_checkpoint(args.run_dir)
+        model, ckpt = load_model(args.run_dir, device=args.device)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
-    model = build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
     if args.ops and hasattr(model, "set_ops"):
         model.set_ops(args.ops)
-    model.to(args.device).eval()
     train_args = dict(ckpt["args"])
     if args.data:
         train_args["data"] = args.data
     datas = {}
     for split in splits:
         try:
-            datas[split] = load_split(train_args, split)
+            datas[split] = load_run_split(train_args, split)
         except (ValueError, OSError) as exc:  # a missing, damaged or (7 objects on 32×32) impossible split
             raise SystemExit(f"error: split {split!r}: {exc}")
         try:
@@ -366,9 +231,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             "seconds": round(time.time() - t0, 1)}
     print(f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {args.K}")
     print(format_table(results))
-    with open(out + ".tmp", "w") as f:
+    with atomic_write(out, "w", tmp=out + ".tmp") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
-    os.replace(out + ".tmp", out)
     print(f"wrote {out}")
     return 0
 

@@ -40,6 +40,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ._cli import nonneg_int, positive_int
+from ._io import atomic_write
+
 __all__ = ["load_run", "tile", "reverse_locations", "paper_ref", "reconstruction_figure", "sample_figure",
            "swap_figure", "location_traversal_figure", "appearance_traversal_figure", "fixed_count_figure",
            "training_curves_figure", "read_metrics", "save_figure", "figure_texts", "grid_size", "main"]
@@ -81,10 +84,10 @@ def paper_ref(experiment: str, dataset: Optional[str]) -> str:
 
 def load_run(run_or_name: str, device: str = "cpu", kind: Optional[str] = None):
     """(model in eval mode, checkpoint dict) from a run directory, a checkpoint file or a shipped
-    model's name, through the one verified loader (:func:`lavae_fast.pretrained.load_pretrained`)."""
-    from .pretrained import load_pretrained
+    model's name, through the one verified loader (:func:`lavae_fast.loading.load_model`)."""
+    from .loading import load_model
 
-    return load_pretrained(run_or_name, kind, device=device)
+    return load_model(run_or_name, kind, device=device)
 
 
 def _rgb(img: torch.Tensor) -> np.ndarray:
@@ -181,14 +184,9 @@ def save_figure(fig, path: str) -> None:
     texts = figure_texts(fig)
     title = fig._suptitle.get_text() if fig._suptitle is not None else ""
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(path, "wb", tmp=os.path.join(folder, f".{name}.tmp-{os.getpid()}")) as f:
         # No bbox_inches="tight": the size stays grid_size() × DPI, which callers can rely on.
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Title": title, "Description": " | ".join(texts)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        fig.savefig(f, format="png", dpi=DPI, metadata={"Title": title, "Description": " | ".join(texts)})
 
 
 def _title(what: str, ref: str, dataset: Optional[str]) -> str:
@@ -440,29 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a β-VAE baseline run directory, checkpoint or name, for its prior samples (Fig. 2)")
     p.add_argument("--out", default=None,
                    help="output folder (default RUN_DIR/figures, or beside a checkpoint file; required for a name)")
-    p.add_argument("--num", type=_positive_int, default=8, help="images per row")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--num", type=positive_int, default=8, help="images per row")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     return p
-
-
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _nonneg_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -475,8 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .evaluate import check_data_fits
-    from .train import load_split
+    from .data import check_data_fits, load_run_split
 
     try:
         model, ckpt = load_run(args.run_dir)
@@ -521,7 +498,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     data = {}
     for split in ("test", "test7"):
         try:
-            d = load_split(train_args, split)
+            d = load_run_split(train_args, split)
             check_data_fits(ckpt, d)
         except (FileNotFoundError, OSError) as exc:
             raise SystemExit(f"error: the run's {split} split: {exc}")

@@ -8,10 +8,10 @@ Usable as a drop-in in a user's own training loop::
 
 The four engine steps (placement + likelihood, Gumbel-top-k, counting, appearance gather) go
 through :mod:`lavae_fast.ops` (``ops="fused"``, the registered operators with their C++/Triton
-kernels) or :mod:`lavae_fast.reference` (``ops="reference"``, plain PyTorch); both have the same
-signatures, so tests and benchmarks can compare them. No op draws random numbers: the noise comes
-from :mod:`lavae_fast.noise` (keyed by seed, step and sample) or, when not given, from torch's
-global RNG.
+kernels) or :mod:`lavae_fast.reference` (``ops="reference"``, plain PyTorch), chosen through
+:func:`lavae_fast.ops.engine`; both have the same signatures, so tests and benchmarks can compare
+them. No op draws random numbers: the noise comes from :mod:`lavae_fast.noise` (keyed by seed, step
+and sample) or, when not given, from torch's global RNG.
 
 Architecture (widths are our choice; the paper gives only "~500k parameters split almost evenly
 among location inference, appearance inference and sprite generation"). With the defaults
@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference as _reference
+from . import ops as _ops_api
 from .noise import Noise, gumbel_from_uniform
 
 __all__ = ["LAVAE", "LAVAEOutput", "Latents", "SpeedConfig", "SpriteDecoder", "ResidualNet", "use_fused_norm", "check_images", "gaussian_kl"]
@@ -421,22 +421,24 @@ class LAVAE(nn.Module):
         :class:`lavae_fast.checkpoint.CheckpointError` (a ValueError) for a damaged file or a
         checkpoint of the β-VAE baseline.
         """
-        from .pretrained import load_pretrained
+        from .checkpoint import read_model_checkpoint, restore_model
 
-        return load_pretrained(name_or_path, "lavae", canvas=canvas, device=device)[0]
+        state, path = read_model_checkpoint(name_or_path, "lavae")
+        return restore_model(cls, state, path, canvas=canvas, device=device)
 
     # -- configuration ---------------------------------------------------------------------
 
     def set_ops(self, ops: str) -> None:
-        """Pick the engine: "fused" (lavae_fast.ops) or "reference" (lavae_fast.reference)."""
-        if ops == "fused":
-            from . import ops as impl
-        elif ops == "reference":
-            impl = _reference
-        else:
-            raise ValueError(f"ops must be 'fused' or 'reference', got {ops!r}")
+        """Pick the engine: "fused" (lavae_fast.ops) or "reference" (lavae_fast.reference), see
+        :func:`lavae_fast.ops.engine`."""
+        self._ops = _ops_api.engine(ops)
         self.ops_name = ops
-        self._ops = impl
+
+    @property
+    def engine(self):
+        """The namespace of engine ops this model runs (:func:`lavae_fast.ops.engine` of
+        :attr:`ops_name`): for code that calls an op the way the model does, e.g. ``count_objects``."""
+        return self._ops
 
     def set_location_mode(self, mode: str) -> None:
         if mode not in ("straight_through", "relaxed"):
@@ -565,7 +567,7 @@ class LAVAE(nn.Module):
         """Sprites [B,M,C,S,S] with only the present slots decoded (zeros elsewhere), SPEC §2."""
         B, M, L = z_app.shape
         S, C = self.sprite_size, self.channels
-        present = _reference.object_mask(n, M)
+        present = _ops_api.object_mask(n, M)
         out = z_app.new_zeros(B, M, C, S, S)
         if bool(present.any()):
             # The decoder (and its batch norm) sees only present objects. Their number varies from
@@ -648,7 +650,7 @@ class LAVAE(nn.Module):
 
         app = self._ops.gather_appearance(h_app, z_maps, n, **kw)  # [B,M,2L]
         mu, logvar = app.split(self.latent_size, dim=-1)
-        present = _reference.object_mask(n, M)
+        present = _ops_api.object_mask(n, M)
         pf = present.to(mu.dtype)[..., None]
         z_app = (mu + torch.exp(0.5 * logvar) * noise.eps) * pf
         sprites = self._decode_present(z_app, n)
@@ -795,7 +797,7 @@ class LAVAE(nn.Module):
         if index.numel() and (int(index.min()) < -1 or int(index.max()) >= H * W):
             raise ValueError(f"latents.index must lie in [-1, {H * W - 1}] (−1 = absent; the canvas has {H}×{W} "
                              f"locations), got values in [{int(index.min())}, {int(index.max())}]")
-        present = _reference.object_mask(n, M)
+        present = _ops_api.object_mask(n, M)
         if bool((present & (index < 0)).any()):
             raise ValueError("latents.index is −1 (absent) for a slot below n: the first n slots need locations")
         if not torch.isfinite(z_app).all():
@@ -833,7 +835,7 @@ class LAVAE(nn.Module):
         # Top-n of pure Gumbel noise = n uniform draws without replacement.
         index, _, _ = self._ops.gumbel_topk_relaxed(torch.zeros(num, D, device=dev), n, 1.0, M, g)
         z = torch.randn(num, M, self.latent_size, generator=generator).to(dev)
-        z = z * _reference.object_mask(n, M)[..., None].to(z.dtype)
+        z = z * _ops_api.object_mask(n, M)[..., None].to(z.dtype)
         lat = Latents(n=n, index=index, z_app=z, canvas=(H, W))
         lam = self.decode(lat)
         return (lam, lat) if return_latents else lam
@@ -907,7 +909,7 @@ class LAVAE(nn.Module):
                 app = self._ops.gather_appearance(rep(h_app), maps, n, index=index)
                 mu, logvar = app.split(L, dim=-1)
                 eps = torch.randn(k * B, M, L, generator=generator).to(mu)
-                pres = _reference.object_mask(n, M).to(mu.dtype)
+                pres = _ops_api.object_mask(n, M).to(mu.dtype)
                 z = (mu + torch.exp(0.5 * logvar) * eps) * pres[..., None]
                 sprites = self._decode_present(z, n)
                 loglik = self._ops.place_and_loglik(xr, sprites, maps, n, index=index, eps=EPS_LAMBDA)

@@ -8,7 +8,8 @@ defined here with ``torch.library`` so that it exists whether or not a compiled 
 * ``CompositeExplicitAutograd`` holds the plain-PyTorch fallback from :mod:`lavae_fast.reference`;
 * the C++ extension ``lavae_fast._C`` registers CPU kernels (``TORCH_LIBRARY_IMPL(lavae_fast, CPU)``),
   which take precedence over the fallback for CPU tensors;
-* ``lavae_fast.kernels`` registers Triton kernels for CUDA tensors.
+* the Triton launchers of ``lavae_fast.kernels`` are registered here for CUDA tensors
+  (:func:`register_triton_kernels`).
 
 Backward passes are ops of their own (``*_backward``), so fused backends implement them too.
 No op draws random numbers: noise is an argument (SPEC §5).
@@ -31,8 +32,10 @@ from torch import Tensor
 
 from . import _backends
 from . import reference as _ref
+from ._common import counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask
 
-__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance"]
+__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance", "object_mask",
+           "counted_peaks", "local_maxima_mask", "engine", "ENGINES", "register_triton_kernels"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -118,7 +121,7 @@ def _(h_app, loc, n, index):
 
 @torch.library.register_fake("lavae_fast::gather_appearance_backward")
 def _(grad, h_app, loc, n, index, need_h_app, need_loc):
-    gh = _ref.grad_h_app_layout(h_app, h_app.new_empty(h_app.shape)) if need_h_app else h_app.new_empty(0)
+    gh = grad_h_app_layout(h_app, h_app.new_empty(h_app.shape)) if need_h_app else h_app.new_empty(0)
     gl = loc.new_empty(loc.shape) if need_loc else loc.new_empty(0)
     return gh, gl
 
@@ -193,9 +196,65 @@ torch.library.register_autograd(
 )
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton kernels: the launchers of lavae_fast.kernels, with what the op contract adds to them
+# ---------------------------------------------------------------------------------------------
+
+
+def _triton_implementations(kernels) -> dict:
+    """op name -> implementation, from the launchers of the Triton kernels' package ``kernels``.
+
+    Two decisions are the ops' rather than the kernels': rows longer than one program's registers
+    (``kernels.gumbel.MAX_D``, read at each call) run on the reference, and the gradient to h_app
+    takes h_app's memory layout (:func:`grad_h_app_layout`; the kernel writes it contiguous)."""
+    impls = dict(kernels.LAUNCHERS)
+    launch = kernels.LAUNCHERS
+    gumbel_kernels = kernels.gumbel
+
+    def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel):
+        if logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D:
+            return _ref._fallback_gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel)
+        return launch["gumbel_topk_relaxed"](logits, n, tau, max_objects, gumbel)
+
+    def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau):
+        if logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D:
+            return _ref._fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n,
+                                                               tau)
+        return launch["gumbel_topk_relaxed_backward"](grad_relaxed, grad_log_q, logits, index, relaxed, n, tau)
+
+    def gather_appearance_backward(grad, h_app, loc, n, index, need_h_app, need_loc):
+        gh, gl = launch["gather_appearance_backward"](grad, h_app, loc, n, index, need_h_app, need_loc)
+        return (grad_h_app_layout(h_app, gh) if need_h_app else gh), gl
+
+    impls.update(gumbel_topk_relaxed=gumbel_topk_relaxed, gumbel_topk_relaxed_backward=gumbel_topk_relaxed_backward,
+                 gather_appearance_backward=gather_appearance_backward)
+    return impls
+
+
+_triton_registered: set = set()
+
+
+def register_triton_kernels(device_type: str = "cuda", kernels=None) -> None:
+    """Make the Triton launchers the implementations of the ops for ``device_type`` (once):
+    "cuda", which this module does on import when CUDA and Triton are present, or "cpu" in a
+    process run under ``TRITON_INTERPRET=1`` (tests: :mod:`lavae_fast.kernels.testing`), where
+    the C++ CPU kernels must not be loaded. ``kernels``: the kernels' package (default
+    :func:`lavae_fast._backends.kernels_package`)."""
+    if device_type in _triton_registered:
+        return
+    if device_type == "cpu" and _backends.cpu_kernels_loaded:
+        raise RuntimeError(
+            "the C++ CPU kernels are loaded in this process; start it with LAVAE_FAST_DISABLE_EXTENSION=1"
+        )
+    kernels = _backends.kernels_package() if kernels is None else kernels
+    for name, fn in _triton_implementations(kernels).items():
+        torch.library.register_kernel(f"lavae_fast::{name}", device_type, fn)
+    _triton_registered.add(device_type)
+
+
 # Compiled backends register their kernels on import; the reference stays as the fallback.
 _backends.load_cpu_kernels()
-_backends.load_triton_kernels()
+_backends.load_triton_kernels(lambda kernels: register_triton_kernels("cuda", kernels))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,3 +482,24 @@ def gather_appearance(h_app: Tensor, loc: Tensor, n: Tensor, *, index: Optional[
     return torch.ops.lavae_fast.gather_appearance(
         h_app, loc.contiguous(), n.contiguous(), None if index is None else index.contiguous()
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Choice of engine
+# ---------------------------------------------------------------------------------------------
+
+ENGINES = ("fused", "reference")
+
+
+def engine(name: str):
+    """The namespace of the four engine ops by name: "fused" (this module: the registered ops with
+    their C++/Triton kernels) or "reference" (:mod:`lavae_fast.reference`, plain PyTorch). Both have
+    the same signatures, so a model (``LAVAE(ops=...)``, :meth:`LAVAE.set_ops`), a test or a
+    benchmark can run either, and compare them in one process."""
+    if name == "fused":
+        import sys
+
+        return sys.modules[__name__]
+    if name == "reference":
+        return _ref
+    raise ValueError(f"ops must be 'fused' or 'reference', got {name!r}")

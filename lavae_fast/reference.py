@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+
+# One definition of each, shared with lavae_fast.ops (re-exported here for the reference's users).
+from ._common import counted_peaks, grad_h_app_layout, object_mask
 
 __all__ = [
     "place_and_loglik",
@@ -29,15 +31,11 @@ __all__ = [
     "count_objects",
     "gather_appearance",
     "object_mask",
+    "counted_peaks",
     "compose_dense",
     "compose_index",
     "bernoulli_loglik",
 ]
-
-
-def object_mask(n: torch.Tensor, max_objects: int) -> torch.Tensor:
-    """[B, M] bool: slot i of image b holds an object (i < n[b])."""
-    return torch.arange(max_objects, device=n.device)[None, :] < n[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,13 +159,6 @@ def gumbel_topk_relaxed(logits, n, tau: float, max_objects: int, gumbel):
 # ---------------------------------------------------------------------------------------------
 # 3. Local-maximum object counting
 # ---------------------------------------------------------------------------------------------
-
-
-def counted_peaks(h, threshold: float):
-    """The points ``count_objects`` counts, as a mask: h [B,1,H,W] → bool [B,1,H,W], true where
-    h ≥ max-pool₃ₓ₃(h) (−∞ outside the canvas, i.e. max_pool2d's own padding) and h > threshold."""
-    pooled = F.max_pool2d(h, kernel_size=3, stride=1, padding=1)
-    return (h >= pooled) & (h > threshold)
 
 
 def count_objects(h_loc, threshold: float, max_objects: int):
@@ -314,15 +305,6 @@ def _fallback_count_objects(h_loc, threshold, max_objects):
 def _fallback_gather_appearance(h_app, loc, n, index):
     with torch.no_grad():
         return gather_appearance(h_app, loc, n, index=index).contiguous()
-
-
-def grad_h_app_layout(h_app: Tensor, grad_h: Tensor) -> Tensor:
-    """``grad_h`` in the memory layout every implementation gives the gradient to h_app:
-    channels-last when h_app is (the model's channels-last path, so the convolution's backward
-    reads it without a conversion), contiguous otherwise."""
-    if h_app.dim() == 4 and not h_app.is_contiguous() and h_app.is_contiguous(memory_format=torch.channels_last):
-        return grad_h.contiguous(memory_format=torch.channels_last)
-    return grad_h.contiguous()
 
 
 def _fallback_gather_appearance_backward(grad, h_app, loc, n, index, need_h_app, need_loc):

@@ -69,7 +69,6 @@ import errno
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -81,19 +80,23 @@ import numpy as np
 import torch
 
 from . import distributed, performance, schedules
+# The shared argument types, under the names this module's parser has always used.
+from ._cli import accept_negative_numbers as _accept_negative_numbers
+from ._cli import canvas as _parse_canvas
+from ._cli import nonneg_int as _nonneg_int
+from ._cli import positive_float as _positive_float
+from ._cli import positive_int as _positive_int
+from ._io import atomic_write
 from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEYS, CheckpointError, CheckpointWriteError,
-                         RunDirectoryInUse, build_model, load_run_checkpoint, lock_run_directory,
-                         remove_stale_temporaries, save_checkpoint)
+                         RunDirectoryInUse, load_run_checkpoint, lock_run_directory, remove_stale_temporaries,
+                         save_checkpoint)
+from .data import DATASETS, load_run_split, parse_canvas
+from .loading import build_model
+from .metrics import location_accuracy, peak_distances, top_locations
 from .noise import draw_noise, draw_normal, data_indices
 
-__all__ = ["main", "build_parser", "load_split", "training_loss", "probe_location_gradients", "ArrayData", "DATASETS"]
+__all__ = ["main", "build_parser", "training_loss", "probe_location_gradients"]
 
-# dataset -> (channels, sprite size S, location-net learning rate)
-DATASETS = {
-    "multi-dsprites": (3, 21, 5e-4),
-    "multi-mnist-1k": (1, 17, 1e-4),
-    "multi-mnist-10k": (1, 17, 1e-4),
-}
 LR = 1e-3
 
 # Arguments that define the run; a resumed run must agree on them (the rest — logging cadence,
@@ -104,90 +107,8 @@ RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "da
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-class ArrayData:
-    """In-memory split: images uint8 [N,C,H,W] in {0,1}, counts [N], centres [N,K,2] (−1 padded),
-    with the same batch interface as ``lavae_fast.data.MultiObjectDataset``."""
-
-    def __init__(self, images: np.ndarray, counts: np.ndarray, centres: np.ndarray):
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
-        self.counts = np.asarray(counts)
-        self.centres = np.asarray(centres)
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def get_batch(self, indices):
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return self.images[idx].float(), torch.from_numpy(self.counts[idx.numpy()]).long()
-
-
-_SPLIT_CACHE: Dict[tuple, object] = {}
-
-
-def _parse_canvas(canvas) -> tuple:
-    if isinstance(canvas, (tuple, list)):
-        return tuple(int(c) for c in canvas)
-    s = str(canvas).lower().replace("×", "x")
-    parts = s.split("x") if "x" in s else [s, s]
-    try:
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"canvas must be N or HxW, got {canvas!r}")
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"canvas sides must be positive, got {canvas!r}")
-    return (h, w)
-
-
-def load_split(args: Dict, split: str):
-    """The split ("train", "test", "test7") of the run's data: the ``data`` directory when given,
-    else generated in memory with ``lavae_fast.data.generate_arrays`` (reproducible from
-    ``data_seed``; cached per process)."""
-    root = args.get("data")
-    if root:
-        from .data import MultiObjectDataset
-        from .data.storage import fingerprint, read_meta
-
-        # Keyed by content, so a set regenerated in place is read again; every file's SHA-256 is
-        # checked once per process (a flipped byte would otherwise train without a word).
-        key = ("dir", os.path.realpath(root), fingerprint(read_meta(root)), split)
-        if key not in _SPLIT_CACHE:
-            _SPLIT_CACHE[key] = MultiObjectDataset(root, split, verify=True)
-        return _SPLIT_CACHE[key]
-    try:
-        from .data import generate_arrays
-    except ImportError:  # the package's __init__ may not export it
-        from .data.generate import generate_arrays
-    canvas = _parse_canvas(args["canvas"])
-    n = {"train": args.get("n_train", 20000), "test": args.get("n_test", 1000), "test7": args.get("n_test7", 1000)}[split]
-    key = ("mem", args["dataset"], canvas, int(args.get("data_seed", 0)), split, n)
-    if key not in _SPLIT_CACHE:
-        kw = {"fixed": 7} if split == "test7" else {"counts": (0, 3)}
-        arr = generate_arrays(args["dataset"], n, int(args.get("data_seed", 0)), canvas=canvas, split=split, **kw)
-        _SPLIT_CACHE[key] = ArrayData(arr["images"], arr["counts"], arr["centres"])
-    return _SPLIT_CACHE[key]
-
-
-# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-
-
-def _positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def _nonneg_int(s):
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s}")
-    return v
 
 
 def _scale(s):
@@ -215,13 +136,6 @@ def _auto_or_length(positive: bool):
         return v
 
     return parse
-
-
-def _positive_float(s):
-    v = float(s)
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,15 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _accept_negative_numbers(p: argparse.ArgumentParser) -> None:
-    """Let ``--lr -1e-3`` reach the option's validator (which refuses it with its own message):
-    argparse takes only ``-N`` and ``-N.N`` for numbers, and would read ``-1e-3`` as an unknown
-    flag. No option of ours looks like a number, so widening the pattern is safe."""
-    if hasattr(p, "_negative_number_matcher"):
-        p._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$",
-                                                re.IGNORECASE)
-
-
 # ---------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------
@@ -353,10 +258,10 @@ def recorded_precision(run_args: Dict) -> str:
 
 
 def model_config(args, channels: int) -> Dict:
-    canvas = list(_parse_canvas(args.canvas))
+    canvas = list(parse_canvas(args.canvas))
     if args.model == "baseline":
         return {"kind": "baseline", "channels": channels, "canvas": canvas}
-    _, S, _ = DATASETS[args.dataset]
+    S = DATASETS[args.dataset].sprite_size
     return {"kind": "lavae", "channels": channels, "canvas": canvas, "sprite_size": S, "width": args.width,
             "sprite_width": args.sprite_width, "ops": args.ops, "location_mode": args.location_mode,
             "loc_kl": args.loc_kl}
@@ -402,15 +307,6 @@ def set_learning_rates(opt, args, step: int) -> Dict[str, float]:
             g["lr"] = args.loc_lr * schedules.loc_lr_factor(step, args.steps, args.loc_lr_decay)
         out[g["name"]] = g["lr"]
     return out
-
-
-def top_locations(h_loc: torch.Tensor, n: torch.Tensor, M: int):
-    """Rows, cols [B,M] of the top-n of h_loc (= sequential argmax without replacement); −1 after."""
-    B, _, H, W = h_loc.shape
-    idx = h_loc.detach().flatten(1).topk(min(M, H * W), dim=1).indices
-    keep = torch.arange(idx.shape[1])[None, :] < n[:, None].cpu()
-    idx = torch.where(keep, idx.cpu(), -1)
-    return torch.where(idx >= 0, idx // W, -1), torch.where(idx >= 0, idx % W, -1)
 
 
 def image_grid(x: torch.Tensor, lam: torch.Tensor, rows=None, cols=None, n=None, count: int = 8) -> torch.Tensor:
@@ -530,7 +426,7 @@ def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.
             tmax = target.flatten(1).max(1).values.cpu()
             has = counts > 0
             log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), warmup_term=warm.item(), target_scale=scale,
-                       target_count_acc=(model._ops.count_objects(target, 4 * gamma, model.max_objects).cpu()
+                       target_count_acc=(model.engine.count_objects(target, 4 * gamma, model.max_objects).cpu()
                                          == counts).float().mean().item(),
                        target_max_obj=tmax[has].mean().item() if has.any() else None,
                        target_max_empty=tmax[~has].mean().item() if (~has).any() else None)
@@ -568,12 +464,8 @@ def truncate_metrics(path: str, step: int) -> None:
                 continue
             if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
                 keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb", tmp=path + ".tmp") as f:
         f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,10 +580,10 @@ class StopSignals:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    channels, _, default_loc_lr = DATASETS[args.dataset]
+    channels = DATASETS[args.dataset].channels
     if args.loc_lr is None:
-        args.loc_lr = default_loc_lr
-    args.canvas = list(_parse_canvas(args.canvas))
+        args.loc_lr = DATASETS[args.dataset].loc_lr
+    args.canvas = list(parse_canvas(args.canvas))
     if args.image_every is None:
         args.image_every = args.eval_every
     if args.device == "cpu" or args.threads:
@@ -737,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _train(parser, args, dist, device, channels, ckpt_path) -> int:
     # ---- data
     try:
-        train_data = load_split(vars(args), "train")
+        train_data = load_run_split(vars(args), "train")
     except (ValueError, OSError) as exc:  # a missing/damaged --data directory, an impossible --canvas
         parser.error(f"training data ({'--data ' + args.data if args.data else '--dataset/--canvas'}): {exc}")
     N = len(train_data.counts)
@@ -767,7 +659,7 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
         # on 32×32) is reported before training rather than at the first evaluation.
         for split in ("test", "test7"):
             try:
-                if len(load_split(vars(args), split).counts):
+                if len(load_run_split(vars(args), split).counts):
                     eval_splits.append(split)
                 else:
                     print(f"periodic evaluation skips the {split} split: it holds no images", file=sys.stderr)
@@ -922,8 +814,6 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
             done = step + 1
 
             if args.model == "lavae" and (done % args.log_every == 0 or done == end):
-                from .evaluate import location_accuracy, peak_distances
-
                 centres = np.asarray(train_data.centres)[idx.numpy()]
                 rows, cols = top_locations(out.h_loc, out.n_hat, model.max_objects)
                 m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
@@ -970,7 +860,7 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
 
                 ev = {}
                 for split in eval_splits:
-                    r = evaluate_split(model, load_split(vars(args), split), K=0, n_eval=args.eval_size,
+                    r = evaluate_split(model, load_run_split(vars(args), split), K=0, n_eval=args.eval_size,
                                        batch_size=32, device=device, seed=args.seed)
                     ev[split] = r
                     if writer is not None:

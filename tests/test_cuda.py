@@ -28,9 +28,7 @@ DEVICE = os.environ.get("LAVAE_FAST_CUDA_TESTS_DEVICE", "cuda")
 ON_INTERPRETER = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 if ON_INTERPRETER:
-    from lavae_fast.kernels import testing
-
-    testing.register_interpreter_kernels()
+    _backends.kernels_package("testing").register_interpreter_kernels(ops.register_triton_kernels)
     # The model's shapes are too slow for the interpreter: same code, smaller canvases.
     HW, B_PLACE, B_GUMBEL, B_COUNT = (12, 11), 2, 2, 3
 else:

@@ -16,7 +16,9 @@ import lavae_fast
 from lavae_fast import distributed
 from lavae_fast import train as T
 from lavae_fast.aux_vae import AuxVAE
-from lavae_fast.checkpoint import build_model, load_checkpoint
+from lavae_fast.checkpoint import load_checkpoint
+from lavae_fast.data import DATASETS, load_run_split
+from lavae_fast.loading import build_model
 from lavae_fast.model import LAVAE
 from lavae_fast.noise import data_indices, draw_noise
 
@@ -156,7 +158,7 @@ def _reference(saved_args: dict, world: int):
     norm's running statistics follow rank 0's share (DDP broadcasts rank 0's buffers before every
     forward, so rank 0's own never see the other shares)."""
     args = argparse.Namespace(**saved_args)
-    channels = T.DATASETS[args.dataset][0]
+    channels = DATASETS[args.dataset].channels
     torch.manual_seed(args.seed)
     model = build_model(T.model_config(args, channels))
     aux = AuxVAE(channels)
@@ -165,7 +167,7 @@ def _reference(saved_args: dict, world: int):
     T.accelerate(model, args)
     T.accelerate(aux, args)
     opt = T.make_optimizer(model, aux, args)
-    data = T.load_split(vars(args), "train")
+    data = load_run_split(vars(args), "train")
     params = [p for g in opt.param_groups for p in g["params"]]
     buffers = lambda: [b.clone() for b in list(model.buffers()) + list(aux.buffers())]  # noqa: E731
 

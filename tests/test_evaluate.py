@@ -1,4 +1,4 @@
-"""Tests of the evaluation metrics and the evaluation CLI."""
+"""Tests of the metrics (lavae_fast.metrics) and the evaluation CLI."""
 
 import json
 import os
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lavae_fast.evaluate import format_table, local_maxima, location_accuracy, max_matching, peak_distances
+from lavae_fast.evaluate import format_table
 from lavae_fast.evaluate import main as eval_main
+from lavae_fast.metrics import local_maxima, location_accuracy, max_matching, peak_distances
 from lavae_fast.train import main as train_main
 
 from test_train import TINY

@@ -189,6 +189,7 @@ def test_cli_writes_figures(tmp_path):
 
 def test_cli_on_a_checkpoint_file_and_a_name(tmp_path, monkeypatch, capsys):
     from lavae_fast import pretrained
+    from lavae_fast.pretrained import shipping
     from lavae_fast.train import main as train_main
 
     run = tmp_path / "run"
@@ -200,7 +201,7 @@ def test_cli_on_a_checkpoint_file_and_a_name(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pretrained, "HERE", str(tmp_path))
     with pytest.raises(SystemExit, match="not shipped"):
         figures.main(["multi-dsprites", "--out", str(tmp_path / "f")])
-    pretrained.export(str(run), name="multi-mnist-10k", no_metrics=True)
+    shipping.export(str(run), name="multi-mnist-10k", no_metrics=True)
     with pytest.raises(SystemExit, match="give --out"):
         figures.main(["multi-mnist-10k"])
     # A shipped model has no data with it: test images of its data set are drawn in memory.

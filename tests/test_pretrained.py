@@ -9,7 +9,7 @@ import torch
 from lavae_fast import BetaVAE, LAVAE, pretrained
 from lavae_fast.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from lavae_fast.pretrained import NotShipped
-from lavae_fast.pretrained import export
+from lavae_fast.pretrained.shipping import export
 from lavae_fast.pretrained.__main__ import main as cli
 
 CANVAS = (24, 24)

@@ -156,7 +156,7 @@ def test_loc_kl_flag_reaches_the_model_and_defines_the_run(tmp_path, capsys):
                               "--log-every", "1"]) == 0
     state = load_checkpoint(run)
     assert state["model_config"]["loc_kl"] == "relaxed"
-    from lavae_fast.checkpoint import build_model
+    from lavae_fast.loading import build_model
 
     assert build_model(state["model_config"]).loc_kl == "relaxed"
     cfg = dict(state["model_config"])
@@ -202,6 +202,7 @@ def test_warmup_loss_enters_the_objective_with_its_weight(target):
 
     from lavae_fast import train as T
     from lavae_fast.aux_vae import AuxVAE
+    from lavae_fast.data import load_run_split
 
     args = T.build_parser().parse_args(TINY + ["--out", "unused", "--warmup-target", target,
                                                "--warmup-anchor", "ink", "--warmup-weight", "1"])
@@ -209,7 +210,7 @@ def test_warmup_loss_enters_the_objective_with_its_weight(target):
     model = T.build_model(T.model_config(args, 3))
     aux = AuxVAE(3)
     model.train(), aux.train()
-    data = T.load_split(vars(args), "train")
+    data = load_run_split(vars(args), "train")
     x, counts = data.get_batch(list(range(4)))
     ids = torch.arange(4)
     heavy = copy.copy(args)

@@ -42,8 +42,9 @@ def test_interpreted_suite():
 
 
 def test_launchers_match_op_schemas():
-    import lavae_fast.ops  # noqa: F401  (defines the schemas)
-    from lavae_fast.kernels import LAUNCHERS
+    from lavae_fast import _backends, ops  # noqa: F401  (ops defines the schemas)
+
+    LAUNCHERS = _backends.kernels_package().LAUNCHERS
 
     for name, fn in LAUNCHERS.items():
         schema = getattr(torch.ops.lavae_fast, name).default._schema
@@ -53,7 +54,9 @@ def test_launchers_match_op_schemas():
 
 def test_every_op_has_a_launcher():
     import lavae_fast.ops  # noqa: F401
-    from lavae_fast.kernels import LAUNCHERS
+    from lavae_fast import _backends
+
+    LAUNCHERS = _backends.kernels_package().LAUNCHERS
 
     ops = {
         "place_loglik", "place_loglik_backward", "gumbel_topk_relaxed", "gumbel_topk_relaxed_backward",
@@ -65,10 +68,11 @@ def test_every_op_has_a_launcher():
 def test_testing_entry_point_refuses_without_interpreter():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("this process runs under the interpreter")
-    from lavae_fast.kernels import testing
+    from lavae_fast import _backends, ops
 
+    testing = _backends.kernels_package("testing")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        testing.register_interpreter_kernels()
+        testing.register_interpreter_kernels(ops.register_triton_kernels)
 
 
 def test_cuda_registration_follows_the_device():
@@ -136,8 +140,11 @@ def test_every_kernel_compiles_for_sm90_without_spills():
         sys.path.pop(0)
     from triton.runtime.jit import JITFunction
 
-    from lavae_fast.kernels import LAUNCHERS as L
-    from lavae_fast.kernels import count, gather, gumbel, place, testing
+    from lavae_fast import _backends
+
+    kernels = _backends.kernels_package()
+    L, testing = kernels.LAUNCHERS, _backends.kernels_package("testing")
+    count, gather, gumbel, place = kernels.count, kernels.gather, kernels.gumbel, kernels.place
 
     H = W = 64
     records = []

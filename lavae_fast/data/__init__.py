@@ -12,18 +12,26 @@ On disk (bit-packed, memory-mapped .npy files plus meta.json)::
     ds = MultiObjectDataset("data/multi-dsprites", "train")
     x, counts = ds.get_batch(range(64))                                  # [64, 3, 64, 64] float32
 
-See :mod:`.generator` (generation and seeding), :mod:`.placement` (the no-overlap rule),
+A training run's split, as the trainer, the evaluation and the figures read it::
+
+    ds = load_run_split({"dataset": "multi-dsprites", "canvas": 48, "n_test": 256}, "test")
+
+See :mod:`.registry` (the data sets: channels, sprite size, location-net learning rate),
+:mod:`.runs` (a run's splits), :mod:`.generator` (generation and seeding), :mod:`.placement` (the no-overlap rule),
 :mod:`.storage` (file format), :mod:`.mnist` and :mod:`.dsprites` (the sprites).
 """
 
 from .dataset import MultiObjectDataset
-from .generator import CHUNK, DATASETS, SPLITS, SpriteTable, generate, generate_arrays, parse_canvas, sprite_table
+from .generator import CHUNK, SPLITS, SpriteTable, generate, generate_arrays, parse_canvas, sprite_table
 from .mnist import MnistFormatError, MnistNotFoundError, load_mnist_train
 from .placement import PlacementError
+from .registry import DATASETS, DataSetInfo
+from .runs import check_data_fits, load_run_split
 from .storage import DataFormatError, load_split, read_meta
 
 __all__ = [
     "DATASETS",
+    "DataSetInfo",
     "SPLITS",
     "CHUNK",
     "MultiObjectDataset",
@@ -34,6 +42,8 @@ __all__ = [
     "parse_canvas",
     "load_mnist_train",
     "load_split",
+    "load_run_split",
+    "check_data_fits",
     "read_meta",
     "PlacementError",
     "DataFormatError",

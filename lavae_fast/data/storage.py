@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .._io import atomic_write
 from .._process import pid_alive
 
 __all__ = ["FORMAT", "DataFormatError", "DatasetWriter", "read_meta", "load_split", "file_sha256",
@@ -106,21 +107,15 @@ def _full_disk_hint(exc: OSError, path: str) -> str:
     return f"could not write {path}: {exc}"
 
 
+def _disk_error(path: str):
+    """atomic_write's ``write_error`` for the files of a set: an OSError says what failed, and how
+    much room is left when the disk is full."""
+    return lambda exc: OSError(exc.errno, _full_disk_hint(exc, path)) if isinstance(exc, OSError) else None
+
+
 def _atomic_save(path: str, array: np.ndarray) -> None:
-    tmp = _tmp_name(path)
-    try:
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise OSError(exc.errno, _full_disk_hint(exc, path)) from exc
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb", tmp=_tmp_name(path), write_error=_disk_error(path)) as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def _reserve(path: str, shown: str) -> None:
@@ -377,18 +372,9 @@ class DatasetWriter:
         meta = dict(meta, format=FORMAT, bitpacked=True, bitorder="big")
         meta["meta_sha256"] = meta_digest(meta)
         path = self._path(META)
-        tmp = _tmp_name(path)
-        try:
-            with open(tmp, "w") as f:
-                json.dump(meta, f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise OSError(exc.errno, _full_disk_hint(exc, path)) from exc
-        os.replace(tmp, path)
+        with atomic_write(path, "w", tmp=_tmp_name(path), write_error=_disk_error(path)) as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,14 +5,15 @@
     LAVAE.from_pretrained("runs/dsprites/checkpoint.pt", canvas=(96, 96))
     BetaVAE.from_pretrained("multi-dsprites")          # the β-VAE baseline trained on the same data
 
-Every reader goes through :func:`lavae_fast.checkpoint.load_checkpoint` (one loader for every
-reader of a run): the file is read with ``torch.load(weights_only=True)`` — tensors and plain data
-only, so a file carrying other pickled objects is refused before any of its code runs — and its
-SHA-256 digest is verified.
+This module is the registry of shipped models (:data:`REGISTRY`, :func:`resolve`); reading a model
+goes through :func:`lavae_fast.checkpoint.read_model_checkpoint` (one verified reader for every
+reader of a run, :func:`lavae_fast.loading.load_model` and ``from_pretrained`` alike): the file is
+read with ``torch.load(weights_only=True)`` — tensors and plain data only, so a file carrying other
+pickled objects is refused before any of its code runs — and its SHA-256 digest is verified.
 
 A shipped model is package data in this folder: one file per (model kind, name), listed in
-:data:`REGISTRY`, written by :func:`export` (:mod:`lavae_fast.pretrained.shipping`; on the command
-line ``python -m lavae_fast.pretrained export RUN_DIR --name multi-dsprites``). It is a checkpoint
+:data:`REGISTRY`, written by :func:`lavae_fast.pretrained.shipping.export` (on the command line
+``python -m lavae_fast.pretrained export RUN_DIR --name multi-dsprites``). It is a checkpoint
 in the same format as a run's, without the optimiser and the warm-up VAE, plus ``provenance`` (the
 training command, commits, data settings, measured metrics).
 A name whose file is not in this version of the package is refused with :class:`NotShipped`.
@@ -21,11 +22,11 @@ A name whose file is not in this version of the package is refused with :class:`
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
-from ..checkpoint import CheckpointError, build_model, load_checkpoint
+from .._version import __version__
 
-__all__ = ["REGISTRY", "KINDS", "NotShipped", "resolve", "load_pretrained", "shipped", "model_file", "export"]
+__all__ = ["REGISTRY", "KINDS", "NotShipped", "resolve", "shipped", "model_file"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,8 +73,6 @@ def resolve(name_or_path: Union[str, os.PathLike], kind: str) -> str:
     s = os.fspath(name_or_path)
     if os.path.exists(s):
         return s
-    from .. import __version__
-
     if (kind, s) in REGISTRY:
         path = model_file(kind, s)
         if not os.path.isfile(path):
@@ -87,54 +86,7 @@ def resolve(name_or_path: Union[str, os.PathLike], kind: str) -> str:
                      f"{', '.join(repr(n) for n in names(kind))}; or give a run directory or checkpoint file")
 
 
-def _check_canvas(canvas) -> Tuple[int, int]:
-    if isinstance(canvas, int) and not isinstance(canvas, bool):
-        canvas = (canvas, canvas)
-    try:
-        h, w = canvas
-        ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"canvas must be a positive int or (H, W) of positive ints, got {canvas!r}")
-    return int(h), int(w)
-
-
-def load_pretrained(name_or_path: Union[str, os.PathLike], kind: Optional[str], *,
-                    canvas: Union[None, int, Sequence[int]] = None, device="cpu") -> Tuple[Any, Dict[str, Any]]:
-    """(model in eval mode, its verified checkpoint dict) for :meth:`LAVAE.from_pretrained` and
-    :meth:`BetaVAE.from_pretrained`; see there. ``kind``: "lavae" or "baseline" (a checkpoint of the
-    other is refused), or None for whichever a path holds (a name then means a LAVAE)."""
-    path = resolve(name_or_path, kind or "lavae")
-    state = load_checkpoint(path)  # FileNotFoundError / CheckpointError (a ValueError) with the file named
-    cfg = state.get("model_config")
-    if not isinstance(cfg, dict) or cfg.get("kind") not in KINDS:
-        raise CheckpointError(f"{path} does not say which model it holds (no model_config with a known kind)")
-    kind = kind or cfg["kind"]
-    if cfg["kind"] != kind:
-        other = {"lavae": "LAVAE", "baseline": "BetaVAE"}[cfg["kind"]]
-        raise CheckpointError(f"{path} holds a {KINDS[cfg['kind']]} checkpoint, not a {KINDS[kind]} one: "
-                              f"load it with {other}.from_pretrained")
-    cfg = dict(cfg)
-    if canvas is not None:
-        # Both models are fully convolutional: the same weights run on any canvas (LAVAE's γ follows
-        # D = H·W, the baseline's latent grid follows ⌈H/8⌉×⌈W/8⌉).
-        cfg["canvas"] = _check_canvas(canvas)
-    try:
-        model = build_model(cfg)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its model_config does not build a {KINDS[kind]}: {exc}") from exc
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: its weights do not fit the {KINDS[kind]} its model_config describes "
-                              f"(a checkpoint of another version?): {exc}") from exc
-    return model.to(device).eval(), state
-
-
 def model_file(kind: str, name: str) -> str:
     """Where the registered model (kind, name) lives in this installation (present or not)."""
     return os.path.join(HERE, REGISTRY[(kind, name)])
 
-
-from .shipping import export  # noqa: E402  (after the names it uses are defined)

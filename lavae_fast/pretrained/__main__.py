@@ -8,7 +8,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from . import HERE, KINDS, REGISTRY, export, resolve, shipped
+from . import HERE, KINDS, REGISTRY, resolve, shipped
+from .shipping import export
 
 
 def build_parser() -> argparse.ArgumentParser:

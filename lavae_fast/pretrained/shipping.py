@@ -24,8 +24,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .._version import __version__
 from ..checkpoint import load_run_checkpoint, save_checkpoint
-from . import KINDS, REGISTRY, SHIPPED_KEYS, names
+from . import KINDS, REGISTRY, SHIPPED_KEYS, model_file, names
 
 __all__ = ["export", "training_command", "git_commit"]
 
@@ -91,8 +92,6 @@ def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, m
         if (kind, name) not in REGISTRY:
             raise ValueError(f"unknown name {name!r} for a {KINDS[kind]}: registered names are "
                              f"{', '.join(repr(n) for n in names(kind))} (add one to lavae_fast.pretrained.REGISTRY)")
-        from . import model_file
-
         out = model_file(kind, name)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -107,8 +106,6 @@ def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, m
     if metrics is not None and not no_metrics:
         with open(metrics) as f:
             measured = json.load(f)
-
-    from .. import __version__
 
     args = dict(state["args"])
     provenance = {

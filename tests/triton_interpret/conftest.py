@@ -15,11 +15,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 else:
     import torch
 
-    from lavae_fast.kernels import testing
+    from lavae_fast import _backends, ops
 
+    testing = _backends.kernels_package("testing")
     # Each program instance is interpreted in Python: one thread avoids fighting over the cores.
     torch.set_num_threads(1)
-    testing.register_interpreter_kernels()
+    testing.register_interpreter_kernels(ops.register_triton_kernels)
 
     @pytest.fixture
     def launchers():

@@ -134,6 +134,19 @@ def test_gather_backward_need_flags(mode):
     assert torch.equal(only_h[0], both[0]) and torch.equal(only_l[1], both[1])
 
 
+@pytest.mark.parametrize("mode", ["index", "dense"])
+def test_gather_gradient_to_a_channels_last_h_app_is_channels_last(mode):
+    # The launcher writes the gradient contiguous; lavae_fast.ops gives it h_app's layout (the op's
+    # contract, as the reference and the C++ kernels do), for the model's channels-last path.
+    h_app, loc, n, index = _gather_inputs((2, 8, 5, 5, 3), mode)
+    h_cl = h_app.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 3, 8, dtype=torch.float64)
+    got, _ = torch.ops.lavae_fast.gather_appearance_backward(grad, h_cl, loc, n, index, True, False)
+    want, _ = reference._fallback_gather_appearance_backward(grad, h_cl, loc, n, index, True, False)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    assert_close64("grad_h_app", got, want)
+
+
 def test_opcheck_count_and_gather():
     h_app, loc, n, index = _gather_inputs((2, 6, 4, 5, 3), "index")
     for idx in (index, None):

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from lavae_fast import ops, reference
-from lavae_fast.kernels import gumbel as gumbel_kernels
+from lavae_fast import _backends, ops, reference
 from triton_cases import assert_close64, assert_matches_reference, gumbel_case
 
+gumbel_kernels = _backends.kernels_package().gumbel
 # (B, D, M, tau, scale, gap): D = 81 (9×9), 35 (7×5), D < M (a 2×2 canvas with 6 slots),
 # and τ = 0.02 with γ-scaled logits and gaps of 25.
 CASES = [

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from lavae_fast import ops, reference
-from lavae_fast.kernels import place as place_kernels
+from lavae_fast import _backends, ops, reference
 from triton_cases import assert_close64, assert_matches_reference, one_hot_maps, place_case, relaxed_maps
+
+place_kernels = _backends.kernels_package().place
 
 # (B, M, C, S, H, W): odd canvases, C = 1 and 3, sprites larger than the canvas, and a canvas
 # of several tiles for every kernel (17×19 = 323 pixels).

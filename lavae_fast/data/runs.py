@@ -1,0 +1,70 @@
+"""The data of a training run: a split named by the run's settings, loaded once per process.
+
+:func:`load_run_split` serves the trainer, the evaluation, the figures and anything else that reads
+a run's data (the settings are the training CLI's, e.g. a checkpoint's ``args``): the data set
+directory ``data`` when given, else the split generated in memory from ``dataset``, ``canvas``,
+``data_seed`` and ``n_train`` / ``n_test`` / ``n_test7``. Either way it is a
+:class:`~lavae_fast.data.MultiObjectDataset`. :func:`check_data_fits` says whether a split fits a
+run's model (its checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+from .dataset import MultiObjectDataset
+from .generator import generate_arrays, parse_canvas
+from .storage import fingerprint, read_meta
+
+__all__ = ["load_run_split", "check_data_fits"]
+
+_SPLIT_CACHE: Dict[tuple, MultiObjectDataset] = {}
+
+
+def load_run_split(args: Dict, split: str) -> MultiObjectDataset:
+    """The split ("train", "test", "test7") of the run's data: the ``data`` directory when given,
+    else generated in memory with :func:`lavae_fast.data.generate_arrays` (reproducible from
+    ``data_seed``; 0–3 objects, 7 on ``test7``). Cached per process."""
+    root = args.get("data")
+    if root:
+        # Keyed by content, so a set regenerated in place is read again; every file's SHA-256 is
+        # checked once per process (a flipped byte would otherwise train without a word).
+        key = ("dir", os.path.realpath(root), fingerprint(read_meta(root)), split)
+        if key not in _SPLIT_CACHE:
+            _SPLIT_CACHE[key] = MultiObjectDataset(root, split, verify=True)
+        return _SPLIT_CACHE[key]
+    canvas = parse_canvas(args["canvas"])
+    n = {"train": args.get("n_train", 20000), "test": args.get("n_test", 1000), "test7": args.get("n_test7", 1000)}[split]
+    key = ("mem", args["dataset"], canvas, int(args.get("data_seed", 0)), split, n)
+    if key not in _SPLIT_CACHE:
+        kw = {"fixed": 7} if split == "test7" else {"counts": (0, 3)}
+        arr = generate_arrays(args["dataset"], n, int(args.get("data_seed", 0)), canvas=canvas, split=split, **kw)
+        _SPLIT_CACHE[key] = MultiObjectDataset.from_arrays(arr, split)
+    return _SPLIT_CACHE[key]
+
+
+def check_data_fits(ckpt: Dict, data, explicit: bool = False) -> None:
+    """Raise ValueError unless ``data`` (a split) has the images the checkpoint's model takes, and
+    (unless the data set was named ``explicit``ly) is the set the run was trained on."""
+    cfg = ckpt["model_config"]
+    x0 = None
+    if hasattr(data, "channels"):
+        c, hw = data.channels, (data.height, data.width)
+    elif len(data.counts):
+        x0, _ = data.get_batch([0])
+        c, hw = x0.shape[1], tuple(x0.shape[-2:])
+    else:
+        return
+    if c != cfg["channels"] or (cfg.get("canvas") and tuple(hw) != tuple(cfg["canvas"])):
+        raise ValueError(f"the data's images are {c}×{hw[0]}×{hw[1]} (C×H×W), the model takes "
+                         f"{cfg['channels']}×{cfg['canvas'][0]}×{cfg['canvas'][1]}: evaluate on a set of its data set")
+    meta = getattr(data, "meta", None) or {}
+    trained_on = ckpt.get("args", {}).get("dataset")
+    if meta.get("dataset") and trained_on and meta["dataset"] != trained_on:
+        raise ValueError(f"the data set is {meta['dataset']!r}, the model was trained on {trained_on!r}")
+    fp = ckpt.get("data_fingerprint")
+    if fp and not explicit and getattr(data, "meta", None) is not None and "splits" in data.meta:
+        if fingerprint(data.meta) != fp:
+            raise ValueError(f"the run's data set {data.root} has changed since training (regenerated?): its "
+                             "fingerprint differs from the checkpoint's; pass --data to evaluate on it anyway")

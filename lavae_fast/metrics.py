@@ -1,0 +1,116 @@
+"""Metrics of a LAVAE's locations and counts, one definition each for training, evaluation and figures.
+
+* :func:`location_accuracy`: the share of true objects with an inferred location within
+  :data:`RADIUS` = 2 px (Euclidean) of their centre, under a one-to-one matching
+  (:func:`max_matching`, a maximum bipartite matching, so one inferred location never serves two
+  objects);
+* :func:`top_locations`: the top-n locations of h_loc (sequential argmax without replacement);
+* :func:`local_maxima` and :func:`peak_distances`: h_loc's 3×3 local maxima, whatever their
+  height, and the distance from each true centre to the nearest of the top-(true count) of them
+  (SPEC §5's "peaks next to rather than on the objects" check). The 3×3 rule is the counter's
+  (:func:`lavae_fast.ops.local_maxima_mask`; :func:`lavae_fast.ops.count_objects` counts the maxima
+  above its threshold, :func:`lavae_fast.ops.counted_peaks`).
+
+Used by :mod:`lavae_fast.evaluate` (the tables) and the training loop's running diagnostics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .ops import local_maxima_mask
+
+__all__ = ["RADIUS", "max_matching", "location_accuracy", "top_locations", "local_maxima", "peak_distances"]
+
+RADIUS = 2.0
+
+
+def max_matching(adjacency: np.ndarray) -> int:
+    """Size of a maximum matching in a bipartite graph given as a bool matrix [T, P] (Kuhn's
+    augmenting paths; T, P ≤ M = 10 here, so the O(T·P²) cost is nothing)."""
+    T, P = adjacency.shape
+    match_p = [-1] * P
+
+    def augment(t, seen):
+        for p in range(P):
+            if adjacency[t, p] and not seen[p]:
+                seen[p] = True
+                if match_p[p] < 0 or augment(match_p[p], seen):
+                    match_p[p] = t
+                    return True
+        return False
+
+    return sum(augment(t, [False] * P) for t in range(T))
+
+
+def _as_np(a):
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def location_accuracy(pred_rows, pred_cols, pred_n, centres, counts, radius: float = RADIUS):
+    """(matched, total): true objects within ``radius`` px of an inferred location, one-to-one.
+
+    pred_rows, pred_cols: [B,M] (slots ≥ pred_n ignored); pred_n [B]; centres [B,K,2] (row, col),
+    −1 padded; counts [B].
+    """
+    pr, pc, pn = _as_np(pred_rows), _as_np(pred_cols), _as_np(pred_n)
+    cen, cnt = _as_np(centres), _as_np(counts)
+    matched = total = 0
+    for b in range(len(cnt)):
+        t = cen[b, : int(cnt[b])].astype(np.float64)
+        total += len(t)
+        k = int(pn[b])
+        if len(t) == 0 or k == 0:
+            continue
+        p = np.stack([pr[b, :k], pc[b, :k]], 1).astype(np.float64)
+        d = np.sqrt(((t[:, None, :] - p[None, :, :]) ** 2).sum(-1))
+        matched += max_matching(d <= radius)
+    return matched, total
+
+
+def local_maxima(h_loc: torch.Tensor, k: int):
+    """Rows, cols [B,k] of the k highest 3×3 local maxima of h_loc [B,1,H,W] (the counter's peaks,
+    without its threshold); −1 where an image has fewer than k."""
+    h = h_loc.detach().float()
+    B, _, H, W = h.shape
+    score = torch.where(local_maxima_mask(h), h, torch.full_like(h, float("-inf"))).flatten(1)
+    k = min(k, H * W)
+    vals, idx = score.topk(k, dim=1)
+    ok = torch.isfinite(vals)
+    rows = torch.where(ok, idx // W, -1)
+    cols = torch.where(ok, idx % W, -1)
+    return rows, cols
+
+
+def peak_distances(h_loc: torch.Tensor, centres, counts) -> np.ndarray:
+    """Distance (px) from each true centre to the nearest of the top-(true count) local maxima of
+    h_loc. Returns a flat array over all objects (empty if none)."""
+    cen, cnt = _as_np(centres), _as_np(counts)
+    kmax = int(cnt.max()) if len(cnt) else 0
+    if kmax == 0:
+        return np.zeros(0)
+    rows, cols = local_maxima(h_loc, kmax)
+    rows, cols = _as_np(rows), _as_np(cols)
+    out = []
+    for b in range(len(cnt)):
+        c = int(cnt[b])
+        if c == 0:
+            continue
+        p = np.stack([rows[b, :c], cols[b, :c]], 1).astype(np.float64)
+        p = p[p[:, 0] >= 0]
+        t = cen[b, :c].astype(np.float64)
+        if len(p) == 0:
+            out.extend([np.inf] * c)
+            continue
+        out.extend(np.sqrt(((t[:, None] - p[None]) ** 2).sum(-1)).min(1).tolist())
+    return np.asarray(out)
+
+
+def top_locations(h_loc: torch.Tensor, n: torch.Tensor, M: int):
+    """Rows, cols [B,M] of the top-n of h_loc (= sequential argmax without replacement); −1 after."""
+    B, _, H, W = h_loc.shape
+    idx = h_loc.detach().flatten(1).topk(min(M, H * W), dim=1).indices
+    keep = torch.arange(idx.shape[1])[None, :] < n[:, None].cpu()
+    idx = torch.where(keep, idx.cpu(), -1)
+    return torch.where(idx >= 0, idx // W, -1), torch.where(idx >= 0, idx % W, -1)
