@@ -3,6 +3,7 @@
 from . import ops, reference
 from .baseline import BetaVAE
 from .model import LAVAE
+from .recipe import Recipe
 from ._version import __version__
 
-__all__ = ["LAVAE", "BetaVAE", "ops", "reference", "__version__"]
+__all__ = ["LAVAE", "BetaVAE", "Recipe", "ops", "reference", "__version__"]

@@ -375,6 +375,23 @@ def _check_canvas(canvas) -> Tuple[int, int]:
     return int(h), int(w)
 
 
+# LAVAE options a checkpoint may lack because it was written before they existed, with the value
+# those versions used (the training estimator changed from straight-through to relaxed: SPEC §3).
+LEGACY_LAVAE_CONFIG = {"location_mode": "straight_through", "loc_kl": "straight_through"}
+
+
+def model_kwargs(config: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    """(kind, constructor keyword arguments) of a checkpoint's ``model_config``; a LAVAE config from
+    before an option existed gets that option's value of its time (:data:`LEGACY_LAVAE_CONFIG`),
+    not today's default."""
+    cfg = dict(config)
+    kind = cfg.pop("kind")
+    if kind == "lavae":
+        for k, v in LEGACY_LAVAE_CONFIG.items():
+            cfg.setdefault(k, v)
+    return kind, cfg
+
+
 def restore_model(cls, state: Dict[str, Any], path: str, *, canvas=None, device="cpu"):
     """The model of a checkpoint read by :func:`read_model_checkpoint`, as an instance of ``cls``
     (``LAVAE`` or ``BetaVAE``, the class its ``model_config`` names) in eval mode on ``device``.
@@ -383,8 +400,7 @@ def restore_model(cls, state: Dict[str, Any], path: str, *, canvas=None, device=
     :class:`CheckpointError` when the configuration or the weights do not fit ``cls``."""
     from .pretrained import KINDS
 
-    cfg = dict(state["model_config"])
-    kind = cfg.pop("kind")
+    kind, cfg = model_kwargs(state["model_config"])
     if canvas is not None:
         cfg["canvas"] = _check_canvas(canvas)
     try:

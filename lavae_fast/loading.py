@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from .baseline import BetaVAE
-from .checkpoint import read_model_checkpoint, restore_model
+from .checkpoint import model_kwargs, read_model_checkpoint, restore_model
 from .model import LAVAE
 
 __all__ = ["MODEL_CLASSES", "build_model", "load_model"]
@@ -31,8 +31,8 @@ def _model_class(kind: str):
 
 def build_model(config: Dict[str, Any]):
     """Construct an (untrained) model from a checkpoint's ``model_config``."""
-    cfg = dict(config)
-    return _model_class(cfg.pop("kind"))(**cfg)
+    kind, cfg = model_kwargs(config)
+    return _model_class(kind)(**cfg)
 
 
 def load_model(run_or_name, kind: Optional[str] = None, *, canvas: Union[None, int, Sequence[int]] = None,

@@ -6,20 +6,21 @@ paper's schedule; see :mod:`lavae_fast.schedules`):
 * Adamax, batch 64; lr 1e-3, except the location inference net (loc residual net + head): 1e-4
   (multi-MNIST) or 5e-4 (multi-dSprites), decayed exponentially ×100 over the horizon;
 * τ from 0.5 to 0.02, exponentially;
+* the location estimator: in training the relaxed Gumbel-softmax samples place the sprites, read
+  the appearance and give log q (``--location-mode relaxed --loc-kl relaxed``, the paper's; hard
+  draws everywhere else); ``straight_through`` is an option (SPEC §3);
 * warm-up: an auxiliary VAE (:mod:`lavae_fast.aux_vae`) trained alongside on its own ELBO (its own
-  parameter group, lr 1e-3); its per-location KL map is the source of h_loc's target, scheduled
-  weight 1 for 30% of the horizon, then linearly → 0 over the next 30% (the aux VAE is not run
-  after that). The target and its weight are decisions SPEC §5 leaves to us (each measured, see
-  :mod:`lavae_fast.aux_vae`): the map is blurred (σ = S/7 px, ``--warmup-blur``) so that it has one
-  peak per object, and scaled per batch so that its typical object peak sits at 2·4γ (the raw map
-  peaks below the count threshold 4γ); each of its points above 4γ — an object it counts, 98% of
-  test images right — becomes a cone of height 2·4γ and radius S/4 (``--warmup-target cones``,
-  ``--warmup-peak``, ``--warmup-radius``), its apex moved to the image's ink centroid around the
-  detection (``--warmup-anchor ink``). The loss is summed over pixels per image and weighted ×300
-  (``--warmup-weight``): the reconstruction term's gradient on h_loc near the sampled locations,
-  through the relaxed Gumbel samples, is ~300× the unweighted warm-up loss's, and with weight 1
-  the peaks never take the target's shape. The scale, the target's own count accuracy and its
-  peak heights are logged (``--probe-gradients`` logs each term's push on h_loc);
+  parameter group, lr 1e-3); its per-location KL map is the source of h_loc's target, the squared
+  distance summed over pixels per image with weight 1 (``--warmup-weight``) for 30% of the
+  horizon, then linearly → 0 over the next 30% (the aux VAE is not run after that). The target's
+  form is a decision SPEC §5 leaves to us (each step measured, see :mod:`lavae_fast.aux_vae`): the
+  map is blurred (σ = S/7 px, ``--warmup-blur``) so that it has one peak per object, and scaled
+  per batch so that its typical object peak sits at 2·4γ (the raw map peaks below the count
+  threshold 4γ); each of its points above 4γ becomes a cone of height 2·4γ and radius S/4
+  (``--warmup-target cones``, ``--warmup-peak``, ``--warmup-radius``), its apex moved to the
+  image's ink centroid around the detection (``--warmup-anchor ink``). The scale, the target's
+  own count accuracy and its peak heights are logged (``--probe-gradients`` logs each term's push
+  on h_loc);
 * n forced to 1 per image with probability 1 for 30%, then linearly → 0.1 over the next 30%.
 
 Reproducibility: the data order and every random number are functions of (seed, step, sample), see
@@ -29,14 +30,8 @@ thread count: float summation order is the only thing not pinned), even after a 
 moment: checkpoints are written atomically, the previous one is kept, and a truncated or corrupt
 one is detected on load and replaced by the previous (:mod:`lavae_fast.checkpoint`).
 
-Measured (multi-dSprites 48×48, batch 16, width 32, ``--bf16``, 2-core CPU, ``--steps 4000``,
-20 min): with these defaults the counter learns to count during the warm-up and keeps it after
-(test count accuracy 0.91 at step 2000, 0.88 at 3000 and 0.91 at 4000, where 0.25 is the share
-of empty images; 7-object split 0.41–0.49; location accuracy 0.64); earlier targets did not —
-the raw map over-counts, the blurred map's flat tops leave several 3×3 maxima per object (n̂ 6.7
-against 1.5), and with weight 1 the cone peaks stalled under the threshold (0.34 at best; gradient attribution at step 1000 of such a run: the
-reconstruction's push on each image's 5 most-pushed pixels ~300, the warm-up's ~0.6, the location
-KL's ~0.01).
+The measurements behind each choice (the side-by-side estimator runs, the warm-up ablations, the
+evidence run) are in ``docs/recipe.md``.
 
 Several processes or machines: ``torchrun --standalone --nproc_per_node=N -m lavae_fast.train ...``
 trains with DistributedDataParallel, ``--batch-size`` being the global batch (see
@@ -79,7 +74,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import distributed, performance, schedules
+from . import distributed, performance
 # The shared argument types, under the names this module's parser has always used.
 from ._cli import accept_negative_numbers as _accept_negative_numbers
 from ._cli import canvas as _parse_canvas
@@ -93,17 +88,17 @@ from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEYS, Checkpoi
 from .data import DATASETS, load_run_split, parse_canvas
 from .loading import build_model
 from .metrics import location_accuracy, peak_distances, top_locations
-from .noise import draw_noise, draw_normal, data_indices
+from .noise import data_indices
+from .recipe import LR, Recipe
 
-__all__ = ["main", "build_parser", "training_loss", "probe_location_gradients"]
+__all__ = ["main", "build_parser"]
 
-LR = 1e-3
 
 # Arguments that define the run; a resumed run must agree on them (the rest — logging cadence,
 # device, threads — may change between sessions). The data set directory is compared by content
 # (its fingerprint, stored in the checkpoint), not by the path that names it.
 RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
-                "width", "sprite_width", "location_mode", "loc_kl", "warmup_scale", "warmup_peak", "warmup_blur", "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "warmup_reduction", "lr", "loc_lr", "loc_lr_decay"]
+                "width", "sprite_width", "location_mode", "loc_kl", "warmup_scale", "warmup_peak", "warmup_blur", "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "lr", "loc_lr", "loc_lr_decay"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start afresh in a run directory that holds a checkpoint, deleting that run's "
                         "checkpoints, metrics.jsonl, args.json and tb/ (without it such a directory is refused)")
     p.add_argument("--ops", choices=["fused", "reference"], default="fused")
-    p.add_argument("--location-mode", choices=["straight_through", "relaxed"], default="straight_through")
-    p.add_argument("--loc-kl", choices=["straight_through", "relaxed", "hard"], default="straight_through",
-                   help="location term log q in training (SPEC §3): exact log q of the hard draws plus the "
-                        "straight-through gradient (default), log q at the relaxed sample, or the exact log q "
-                        "with its own gradient only (see lavae_fast.model.LAVAE)")
+    p.add_argument("--location-mode", choices=["relaxed", "straight_through"], default="relaxed",
+                   help="training estimator of the locations (SPEC §3): the relaxed Gumbel-softmax samples place "
+                        "the sprites (default, the paper's) or straight-through (hard in value, relaxed in gradient)")
+    p.add_argument("--loc-kl", choices=["relaxed", "straight_through", "hard"], default="relaxed",
+                   help="location term log q in training (SPEC §3): log q at the relaxed sample (default), the exact "
+                        "log q of the hard draws plus the straight-through gradient, or the exact log q with its own "
+                        "gradient only (see lavae_fast.model.LAVAE)")
     p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
     p.add_argument("--sprite-width", type=_positive_int, default=48)
     p.add_argument("--lr", type=_positive_float, default=LR)
@@ -188,11 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "image in the sprite-sized window around it (aux_vae.ink_anchors)")
     p.add_argument("--warmup-radius", type=_auto_or_length(True), default="auto",
                    help="with --warmup-target cones: their radius in pixels ('auto': sprite size / 4)")
-    p.add_argument("--warmup-weight", type=_positive_float, default=300.0,
-                   help="multiplier of the warm-up loss, on top of its schedule (default 300: see the module docstring)")
-    p.add_argument("--warmup-reduction", choices=["sum", "mean"], default="sum",
-                   help="warm-up loss summed over pixels per image (default, the paper's squared distance) "
-                        "or averaged over pixels (SPEC §5's wording; measured too weak, see aux_vae.warmup_loss)")
+    p.add_argument("--warmup-weight", type=_positive_float, default=1.0,
+                   help="multiplier of the warm-up loss, on top of its schedule (default 1, the paper's; ×300 was "
+                        "needed by straight-through only, see docs/recipe.md)")
     p.add_argument("--log-every", type=_positive_int, default=50)
     p.add_argument("--probe-gradients", action="store_true",
                    help="at each log step, log how hard each loss term pushes on h_loc (hgrad_*; a few extra "
@@ -233,6 +228,40 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------
+
+
+# Run settings whose default changed, with the value of the versions before the change: a run
+# directory written then may lack the key, and is compared against the old value, not today's.
+LEGACY_DEFAULTS = {"location_mode": "straight_through", "loc_kl": "straight_through"}
+# Options that were removed, with the only value this version still trains with.
+REMOVED_OPTIONS = {"warmup_reduction": "sum"}
+
+
+def _flag(key: str, value) -> str:
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def resume_refusal(old: Dict, new: Dict) -> Optional[str]:
+    """Why a run recorded with args ``old`` cannot be resumed with ``new`` (None if it can): the
+    run-defining settings that differ, each named with the flag that would continue the run as it
+    was started — including settings whose default changed since (the training estimator became
+    ``relaxed``, SPEC §3) and options that no longer exist."""
+    removed = [k for k, keep in REMOVED_OPTIONS.items() if k in old and old[k] != keep]
+    if removed:
+        return ("--resume: this run was trained with " + ", ".join(f"{_flag(k, old[k])}" for k in removed) +
+                ", an option this version no longer has (see the training docstring); start a new run")
+    recorded = {k: old.get(k, LEGACY_DEFAULTS.get(k)) for k in RUN_DEFINING if k in old or k in LEGACY_DEFAULTS}
+    diff = [k for k, v in recorded.items() if v != new[k]]
+    if not diff:
+        return None
+    parts = [f"{k}={new[k]!r} (checkpoint: {recorded[k]!r})" for k in diff]
+    msg = "--resume with different run settings: " + ", ".join(parts)
+    changed = [k for k in diff if k in LEGACY_DEFAULTS and recorded[k] == LEGACY_DEFAULTS[k]]
+    if changed:
+        msg += (". The run was started with the earlier defaults (the training estimator was straight-through "
+                "then, relaxed now: SPEC §3); to continue it as it was started pass " +
+                " ".join(_flag(k, recorded[k]) for k in changed))
+    return msg
 
 
 def choose_precision(request: str, native: bool, why: str, model: str = "lavae") -> Tuple[str, str]:
@@ -286,29 +315,6 @@ def accelerate(module, args) -> None:
     use_fused_norm(module, args.fused_norm)
 
 
-def make_optimizer(model, aux, args):
-    if args.model == "baseline":
-        return torch.optim.Adamax([{"params": list(model.parameters()), "lr": args.lr, "name": "model"}])
-    loc = model.location_parameters()
-    loc_ids = {id(p) for p in loc}
-    rest = [p for p in model.parameters() if id(p) not in loc_ids]
-    return torch.optim.Adamax([
-        {"params": loc, "lr": args.loc_lr, "name": "location"},
-        {"params": rest, "lr": args.lr, "name": "model"},
-        {"params": list(aux.parameters()), "lr": args.lr, "name": "aux"},
-    ])
-
-
-def set_learning_rates(opt, args, step: int) -> Dict[str, float]:
-    """Learning rates at ``step``: a pure function of (step, steps), so resuming needs no state."""
-    out = {}
-    for g in opt.param_groups:
-        if g["name"] == "location":
-            g["lr"] = args.loc_lr * schedules.loc_lr_factor(step, args.steps, args.loc_lr_decay)
-        out[g["name"]] = g["lr"]
-    return out
-
-
 def image_grid(x: torch.Tensor, lam: torch.Tensor, rows=None, cols=None, n=None, count: int = 8) -> torch.Tensor:
     """[3, 2H+2, count·(W+2)] grid: inputs on top, reconstructions below with the inferred
     locations marked by red crosses."""
@@ -348,106 +354,6 @@ class _Meter:
 
     def means(self) -> Dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
-
-
-def probe_location_gradients(out, terms: Dict[str, torch.Tensor], top: int = 5) -> Dict[str, float]:
-    """How hard each term of the objective pushes on the location logits: for each named scalar
-    term, the mean over images of the average |∂term/∂h_loc| over the image's ``top`` most-pushed
-    pixels (``hgrad_<name>``). The count depends on h_loc's peaks, and the warm-up target can only
-    shape them where its push is not drowned by the ELBO's (see the module docstring)."""
-    res = {}
-    for name, term in terms.items():
-        (g,) = torch.autograd.grad(term, out.h_loc, retain_graph=True, allow_unused=True)
-        if g is None:
-            res[f"hgrad_{name}"] = 0.0
-            continue
-        flat = g.detach().abs().flatten(1)
-        res[f"hgrad_{name}"] = flat.topk(min(top, flat.shape[1]), dim=1).values.mean().item()
-    return res
-
-
-def training_loss(model, aux, x: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor, step: int, args,
-                  *, forward=None, aux_forward=None, probe: bool = False):
-    """The loss of one batch, or of one process's share of it, at ``step``; and the values to log.
-
-    x [b,C,H,W] on the model's device; counts [b] true object counts (logged, never trained on);
-    ids [b] the images' global sample indices ``step·B + j`` (they key the noise, so a share of
-    the batch draws the numbers the whole batch would). ``forward`` / ``aux_forward`` run the model
-    and the aux VAE: their DistributedDataParallel wrappers in a distributed run, by default the
-    modules themselves. ``probe`` (LAVAE only) also logs :func:`probe_location_gradients` of the
-    reconstruction, the two KL terms and the weighted warm-up loss. Returns (scalar loss, the
-    model's output, dict of floats to log).
-    """
-    forward = model if forward is None else forward
-    aux_forward = aux if aux_forward is None else aux_forward
-    device = x.device
-    H, W = x.shape[-2:]
-    D = H * W
-    gamma = 0.5 * math.log(D)
-    if args.model == "lavae":
-        from .aux_vae import AUTO_PEAK, AuxVAE, auto_blur, auto_radius, auto_target_scale, peak_target, smooth_target, warmup_loss
-
-        aux_shape = AuxVAE.latent_shape(H, W)
-
-    log = {}
-    if args.model == "baseline":
-        beta = schedules.beta(step, args.steps)
-        eps = draw_normal(args.seed, step, ids, model.latent_shape(H, W), device=device)
-        out = forward(x, eps=eps, beta=beta)
-        loss = out.loss
-        log.update(loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl=out.kl.mean().item(),
-                   beta=beta)
-    else:
-        tau = schedules.tau(step, args.steps)
-        p_force = schedules.force_n_prob(step, args.steps)
-        w_warm = schedules.warmup_weight(step, args.steps)
-        noise = draw_noise(args.seed, step, ids, num_pixels=D, max_objects=model.max_objects,
-                           latent_size=model.latent_size, aux_shape=aux_shape if w_warm > 0 else None,
-                           device=device)
-        out = forward(x, noise=noise, tau=tau, force_n_prob=p_force)
-        loss = out.loss
-        if w_warm > 0:
-            aux_out = aux_forward(x, noise.aux_eps)
-            sigma = auto_blur(model.sprite_size) if args.warmup_blur == "auto" else args.warmup_blur
-            target = smooth_target(aux_out.target, sigma)
-            peaks = args.warmup_target == "cones"
-            # With cones the scaled map only detects the objects (its points above 4γ at the
-            # default scale, half the typical object peak); --warmup-peak sets the cones' height.
-            scale = (auto_target_scale(target, gamma, AUTO_PEAK if peaks else args.warmup_peak)
-                     if args.warmup_scale == "auto" else args.warmup_scale)
-            target = target * scale
-            if peaks:
-                radius = auto_radius(model.sprite_size) if args.warmup_radius == "auto" else args.warmup_radius
-                target = peak_target(target, 4 * gamma, args.warmup_peak * 4 * gamma, radius,
-                                     x=x if args.warmup_anchor == "ink" else None, half=model.sprite_size // 2)
-            wl = warmup_loss(out.h_loc, target, reduction=args.warmup_reduction)
-            warm = args.warmup_weight * w_warm * wl
-            loss = loss + aux_out.loss + warm
-            tmax = target.flatten(1).max(1).values.cpu()
-            has = counts > 0
-            log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), warmup_term=warm.item(), target_scale=scale,
-                       target_count_acc=(model.engine.count_objects(target, 4 * gamma, model.max_objects).cpu()
-                                         == counts).float().mean().item(),
-                       target_max_obj=tmax[has].mean().item() if has.any() else None,
-                       target_max_empty=tmax[~has].mean().item() if (~has).any() else None)
-        if probe:
-            terms = {"recon": out.recon.mean(), "kl_loc": out.kl_loc.mean(), "kl_app": out.kl_app.mean()}
-            if w_warm > 0:
-                terms["warmup"] = warm
-            log.update(probe_location_gradients(out, terms))
-        hmax = out.h_loc.detach().flatten(1).max(1).values.cpu()
-        has = counts > 0
-        n_hat = out.n_hat.cpu()
-        log.update(
-            loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl_app=out.kl_app.mean().item(),
-            kl_n=out.kl_n.mean().item(), kl_loc=out.kl_loc.mean().item(),
-            count_acc=(n_hat == counts).float().mean().item(), nhat0=(n_hat == 0).float().mean().item(),
-            nhat_mean=n_hat.float().mean().item(),
-            hloc_max_obj=hmax[has].mean().item() if has.any() else None,
-            hloc_max_empty=hmax[~has].mean().item() if (~has).any() else None,
-            tau=tau, force_n_prob=p_force, warmup_weight=w_warm, forced=out.forced.float().mean().item(),
-        )
-    return loss, out, log
 
 
 def truncate_metrics(path: str, step: int) -> None:
@@ -684,7 +590,8 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
     accelerate(model, args)
     if aux is not None:
         accelerate(aux, args)
-    opt = make_optimizer(model, aux, args)
+    recipe = Recipe.from_args(model, args, aux=aux)
+    opt = recipe.optimizer()
     start = 0
     if args.resume:
         # Rank 0 reads (and verifies) the checkpoint and sends it to the others, so that every
@@ -706,10 +613,9 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
         else:
             ckpt, used = found
             old = ckpt["args"]
-            diff = [k for k in RUN_DEFINING if k in old and old[k] != vars(args)[k]]
-            if diff:
-                parser.error("--resume with different run settings: " + ", ".join(
-                    f"{k}={vars(args)[k]!r} (checkpoint: {old[k]!r})" for k in diff))
+            refusal = resume_refusal(old, vars(args))
+            if refusal:
+                parser.error(refusal)
             if "data_fingerprint" in ckpt:
                 if ckpt["data_fingerprint"] != data_fingerprint:
                     was = "in-memory data" if ckpt["data_fingerprint"] is None else f"data set {old.get('data')!r}"
@@ -793,7 +699,7 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
     stopped = 0
     with stop:
         for step in range(start, end):
-            lrs = set_learning_rates(opt, args, step)
+            lrs = recipe.step(opt, step)
             # The global batch of the step, of which this process takes the slice [lo, hi).
             lo, hi = dist.shard(args.batch_size)
             idx = data_indices(args.seed, step, args.batch_size, N)[lo:hi]
@@ -803,8 +709,7 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
                 x = x.contiguous(memory_format=torch.channels_last)
             ids = torch.arange(step * args.batch_size + lo, step * args.batch_size + hi)
             probe = args.probe_gradients and (step + 1) % args.log_every == 0
-            loss, out, log = training_loss(model, aux, x, counts, ids, step, args, forward=net, aux_forward=aux_net,
-                                           probe=probe)
+            loss, out, log = recipe.forward(x, step, ids, counts, forward=net, aux_forward=aux_net, probe=probe)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

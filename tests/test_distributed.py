@@ -21,6 +21,7 @@ from lavae_fast.data import DATASETS, load_run_split
 from lavae_fast.loading import build_model
 from lavae_fast.model import LAVAE
 from lavae_fast.noise import data_indices, draw_noise
+from lavae_fast.recipe import Recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(lavae_fast.__file__)))
 
@@ -166,7 +167,8 @@ def _reference(saved_args: dict, world: int):
     # the comparison below can stay at float32 round-off.
     T.accelerate(model, args)
     T.accelerate(aux, args)
-    opt = T.make_optimizer(model, aux, args)
+    recipe = Recipe.from_args(model, args, aux=aux)
+    opt = recipe.optimizer()
     data = load_run_split(vars(args), "train")
     params = [p for g in opt.param_groups for p in g["params"]]
     buffers = lambda: [b.clone() for b in list(model.buffers()) + list(aux.buffers())]  # noqa: E731
@@ -178,7 +180,7 @@ def _reference(saved_args: dict, world: int):
     unused, losses = [], []  # losses[step][rank]: the loss each share logs
     model.train(), aux.train()
     for step in range(args.steps):
-        T.set_learning_rates(opt, args, step)
+        recipe.step(opt, step)
         idx = data_indices(args.seed, step, args.batch_size, len(data))
         start, rank0_after = buffers(), None
         grads = []
@@ -189,7 +191,7 @@ def _reference(saved_args: dict, world: int):
             x, counts = data.get_batch(idx[lo:hi].numpy())
             ids = torch.arange(step * args.batch_size + lo, step * args.batch_size + hi)
             opt.zero_grad(set_to_none=True)
-            loss, out, log = T.training_loss(model, aux, x, counts, ids, step, args)
+            loss, out, log = recipe.forward(x, step, ids, counts)
             losses[-1].append(log["loss"])
             loss.backward()
             grads.append([None if p.grad is None else p.grad.clone() for p in params])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lavae_fast import schedules
+from lavae_fast import train as T
 from lavae_fast.checkpoint import load_checkpoint, save_checkpoint
 from lavae_fast.train import main as train_main
 
@@ -160,13 +161,38 @@ def test_loc_kl_flag_reaches_the_model_and_defines_the_run(tmp_path, capsys):
 
     assert build_model(state["model_config"]).loc_kl == "relaxed"
     cfg = dict(state["model_config"])
-    del cfg["loc_kl"]  # a checkpoint from before the option builds today's default
+    del cfg["loc_kl"]  # a checkpoint from before the option builds what it was trained with
     assert build_model(cfg).loc_kl == "straight_through"
     rows = read_metrics(run)  # one step per row: the logged weighted term is weight × schedule × loss
-    assert rows[0]["warmup_term"] == pytest.approx(300 * rows[0]["warmup_weight"] * rows[0]["warmup_loss"], rel=1e-4)
+    assert rows[0]["warmup_term"] == pytest.approx(1 * rows[0]["warmup_weight"] * rows[0]["warmup_loss"], rel=1e-4)
     with pytest.raises(SystemExit):
         train_main(TINY + ["--steps", "2", "--out", run, "--resume", "--location-mode", "relaxed", "--loc-kl", "hard"])
     assert "loc_kl" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_with_the_old_estimator_names_what_changed(tmp_path, capsys):
+    """The default estimator changed (straight-through → relaxed): a run started the old way is
+    refused on a plain --resume with the flags that continue it, and resumes with them."""
+    run = str(tmp_path / "run")
+    old = ["--location-mode", "straight_through", "--loc-kl", "straight_through"]
+    assert train_main(TINY + ["--steps", "2", "--out", run, "--stop-at", "1"] + old) == 0
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--steps", "2", "--out", run, "--resume"])
+    err = capsys.readouterr().err
+    assert "location_mode='relaxed' (checkpoint: 'straight_through')" in err
+    assert "--location-mode straight_through --loc-kl straight_through" in err
+    assert train_main(TINY + ["--steps", "2", "--out", run, "--resume"] + old) == 0
+    assert load_checkpoint(run)["step"] == 2
+
+
+def test_resume_refusal_reads_missing_keys_as_the_old_defaults():
+    args = vars(T.build_parser().parse_args(TINY + ["--out", "unused"]))
+    old = {k: args[k] for k in T.RUN_DEFINING if k not in ("location_mode", "loc_kl")}  # written before the options
+    msg = T.resume_refusal(old, args)
+    assert msg and "--location-mode straight_through --loc-kl straight_through" in msg
+    assert T.resume_refusal(dict(old, location_mode="relaxed", loc_kl="relaxed"), args) is None
+    assert "no longer has" in T.resume_refusal(dict(old, warmup_reduction="mean"), args)
+    assert T.resume_refusal(dict(old, location_mode="relaxed", loc_kl="relaxed", warmup_reduction="sum"), args) is None
 
 
 def test_baseline_cli_runs(tmp_path):
@@ -197,12 +223,12 @@ def test_bad_cli_arguments(tmp_path, capsys, bad, match):
 
 @pytest.mark.parametrize("target", ["map", "cones"])
 def test_warmup_loss_enters_the_objective_with_its_weight(target):
-    """training_loss adds weight · schedule · warm-up loss; the target's variants all count and log."""
+    """The recipe's loss adds weight · schedule · warm-up loss; the target's variants all count and log."""
     import copy
 
-    from lavae_fast import train as T
     from lavae_fast.aux_vae import AuxVAE
     from lavae_fast.data import load_run_split
+    from lavae_fast.recipe import Recipe
 
     args = T.build_parser().parse_args(TINY + ["--out", "unused", "--warmup-target", target,
                                                "--warmup-anchor", "ink", "--warmup-weight", "1"])
@@ -216,9 +242,9 @@ def test_warmup_loss_enters_the_objective_with_its_weight(target):
     heavy = copy.copy(args)
     heavy.warmup_weight = 3.0
     states = [copy.deepcopy(m.state_dict()) for m in (model, aux)]  # batch norm's running stats move
-    loss1, _, log1 = T.training_loss(model, aux, x, counts, ids, 0, args, probe=True)
+    loss1, _, log1 = Recipe.from_args(model, args, aux=aux).forward(x, 0, ids, counts, probe=True)
     model.load_state_dict(states[0]), aux.load_state_dict(states[1])
-    loss3, _, log3 = T.training_loss(model, aux, x, counts, ids, 0, heavy, probe=True)
+    loss3, _, log3 = Recipe.from_args(model, heavy, aux=aux).forward(x, 0, ids, counts, probe=True)
     assert log1["warmup_weight"] == 1.0 and log1["warmup_loss"] > 0
     assert log1["warmup_loss"] == pytest.approx(log3["warmup_loss"], rel=1e-5)
     assert (loss3 - loss1).item() == pytest.approx(2.0 * log1["warmup_loss"], rel=1e-4)
@@ -235,7 +261,7 @@ def test_warmup_loss_enters_the_objective_with_its_weight(target):
 def test_probe_location_gradients_against_a_hand_computation():
     from types import SimpleNamespace
 
-    from lavae_fast.train import probe_location_gradients
+    from lavae_fast.recipe import probe_location_gradients
 
     h = torch.tensor([[1.0, -2.0, 3.0, 0.5], [0.0, 4.0, -1.0, 2.0]], requires_grad=True)
     out = SimpleNamespace(h_loc=h)

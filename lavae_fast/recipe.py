@@ -1,0 +1,293 @@
+"""The paper's training recipe as a library object (SPEC §5, paper appendix B).
+
+A plain training loop that only calls ``model(x).loss.backward()`` never learns to count: the
+count threshold is taught by the warm-up target, n is forced to 1 early on, τ is annealed and the
+location net has its own, decaying learning rate. :class:`Recipe` holds all of that for a step
+budget, so that a loop of your own stays a few lines::
+
+    recipe = Recipe(model, steps=20_000, dataset="multi-dsprites")
+    opt = recipe.optimizer()
+    for step in range(steps):
+        x = ...                                   # [B, C, H, W] in {0, 1}
+        ids = torch.arange(step * B, (step + 1) * B)  # the images' global sample indices
+        recipe.step(opt, step)                    # this step's learning rates
+        loss, logs = recipe.loss(x, step, ids)
+        opt.zero_grad(); loss.backward(); opt.step()
+
+(``examples/train_loop.py`` is that loop, complete.) Every random number of a step — the Gumbel
+noise, z_app's noise, the forced-n coin, the aux VAE's noise — is a function of (seed, step,
+sample id) (:mod:`lavae_fast.noise`), so a loop is reproducible and a data-parallel share of a batch
+draws what the whole batch would. ``recipe.state_dict()`` holds the auxiliary VAE, the one piece of
+state besides the model and the optimiser that a resumed loop needs; the schedules are pure
+functions of (step, steps). The training CLI (:mod:`lavae_fast.train`) is built on this class.
+
+The warm-up target's form and the defaults are decisions SPEC §5 leaves to us, each measured; see
+:mod:`lavae_fast.aux_vae` and ``docs/recipe.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from . import schedules
+from .aux_vae import (AUTO_PEAK, AuxVAE, auto_blur, auto_radius, auto_target_scale, peak_target, smooth_target,
+                      warmup_loss)
+from .baseline import BetaVAE
+from .data.registry import DATASETS
+from .model import LAVAE
+from .noise import draw_noise, draw_normal
+
+__all__ = ["Recipe", "LR", "probe_location_gradients"]
+
+LR = 1e-3  # Adamax, every parameter but the location net's (paper appendix B)
+WARMUP_TARGETS = ("cones", "map")
+WARMUP_ANCHORS = ("ink", "map")
+
+
+def probe_location_gradients(out, terms: Dict[str, torch.Tensor], top: int = 5) -> Dict[str, float]:
+    """How hard each term of the objective pushes on the location logits: for each named scalar
+    term, the mean over images of the average |∂term/∂h_loc| over the image's ``top`` most-pushed
+    pixels (``hgrad_<name>``). The count depends on h_loc's peaks, and the warm-up target can only
+    shape them where its push is not drowned by the ELBO's (docs/recipe.md)."""
+    res = {}
+    for name, term in terms.items():
+        (g,) = torch.autograd.grad(term, out.h_loc, retain_graph=True, allow_unused=True)
+        if g is None:
+            res[f"hgrad_{name}"] = 0.0
+            continue
+        flat = g.detach().abs().flatten(1)
+        res[f"hgrad_{name}"] = flat.topk(min(top, flat.shape[1]), dim=1).values.mean().item()
+    return res
+
+
+def _auto_or_number(name: str, value, positive: bool) -> Union[str, float]:
+    if value == "auto":
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be 'auto' or a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{name} must be 'auto' or a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return v
+
+
+class Recipe:
+    """The paper's recipe for ``model`` (a :class:`~lavae_fast.LAVAE` or the β-VAE baseline) over
+    ``steps`` steps; every milestone scales with ``steps`` (100k = the paper's schedule).
+
+    Args:
+        model: the model to train (its parameters are grouped by :meth:`optimizer`).
+        steps: the step budget the schedules are laid over.
+        dataset: a name of :data:`lavae_fast.data.DATASETS`; sets the location net's learning rate
+            when ``loc_lr`` is not given (1e-4 multi-MNIST, 5e-4 multi-dSprites). Default: by
+            channels (1 → multi-MNIST's, 3 → multi-dSprites').
+        seed: keys the noise of every step (with the step and the sample ids).
+        lr: learning rate of everything but the location net (1e-3).
+        loc_lr, loc_lr_decay: the location net's learning rate and its total exponential decay
+            over the budget (the paper: ×100).
+        warmup_weight: multiplier of the warm-up loss on top of its schedule (the paper: 1).
+        warmup_target: "cones" (default) or "map"; warmup_anchor: "ink" (default) or "map";
+        warmup_scale, warmup_peak, warmup_blur, warmup_radius: the target's form (see
+            :mod:`lavae_fast.aux_vae`; "auto" where a default is derived from the sizes).
+        aux: the auxiliary VAE (LAVAE only); default: a new :class:`~lavae_fast.aux_vae.AuxVAE` on
+            the model's device.
+    """
+
+    def __init__(self, model, steps: int, *, dataset: Optional[str] = None, seed: int = 0, lr: float = LR,
+                 loc_lr: Optional[float] = None, loc_lr_decay: float = schedules.LOC_LR_DECAY,
+                 warmup_weight: float = 1.0, warmup_target: str = "cones", warmup_anchor: str = "ink",
+                 warmup_scale="auto", warmup_peak: float = AUTO_PEAK, warmup_blur="auto", warmup_radius="auto",
+                 aux: Optional[AuxVAE] = None):
+        if isinstance(model, LAVAE):
+            self.kind = "lavae"
+        elif isinstance(model, BetaVAE):
+            self.kind = "baseline"
+        else:
+            raise TypeError(f"model must be a lavae_fast.LAVAE or lavae_fast.BetaVAE, got {type(model).__name__}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if dataset is not None and dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+        if warmup_target not in WARMUP_TARGETS:
+            raise ValueError(f"warmup_target must be one of {WARMUP_TARGETS}, got {warmup_target!r}")
+        if warmup_anchor not in WARMUP_ANCHORS:
+            raise ValueError(f"warmup_anchor must be one of {WARMUP_ANCHORS}, got {warmup_anchor!r}")
+        for name, v in (("lr", lr), ("loc_lr_decay", loc_lr_decay), ("warmup_weight", warmup_weight),
+                        ("warmup_peak", warmup_peak)) + ((("loc_lr", loc_lr),) if loc_lr is not None else ()):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        self.model = model
+        self.steps = steps
+        self.seed = int(seed)
+        self.lr = float(lr)
+        if loc_lr is None:
+            if dataset is None:
+                dataset = "multi-dsprites" if model.channels == 3 else "multi-mnist-10k"
+            loc_lr = DATASETS[dataset].loc_lr
+        self.loc_lr = float(loc_lr)
+        self.loc_lr_decay = float(loc_lr_decay)
+        self.warmup_weight = float(warmup_weight)
+        self.warmup_target = warmup_target
+        self.warmup_anchor = warmup_anchor
+        self.warmup_scale = _auto_or_number("warmup_scale", warmup_scale, positive=True)
+        self.warmup_peak = float(warmup_peak)
+        self.warmup_blur = _auto_or_number("warmup_blur", warmup_blur, positive=False)
+        self.warmup_radius = _auto_or_number("warmup_radius", warmup_radius, positive=True)
+        if self.kind == "lavae" and aux is None:
+            device = next(model.parameters()).device
+            aux = AuxVAE(model.channels).to(device)
+        self.aux = aux if self.kind == "lavae" else None
+
+    @classmethod
+    def from_args(cls, model, args, aux: Optional[AuxVAE] = None) -> "Recipe":
+        """The recipe of a training CLI namespace (:func:`lavae_fast.train.build_parser`)."""
+        if args.model == "baseline":
+            return cls(model, args.steps, dataset=args.dataset, seed=args.seed, lr=args.lr)
+        return cls(model, args.steps, dataset=args.dataset, seed=args.seed, lr=args.lr, loc_lr=args.loc_lr,
+                   loc_lr_decay=args.loc_lr_decay, warmup_weight=args.warmup_weight,
+                   warmup_target=args.warmup_target, warmup_anchor=args.warmup_anchor,
+                   warmup_scale=args.warmup_scale, warmup_peak=args.warmup_peak, warmup_blur=args.warmup_blur,
+                   warmup_radius=args.warmup_radius, aux=aux)
+
+    # ---- optimisation -----------------------------------------------------------------------
+
+    def parameter_groups(self) -> list:
+        """Adamax groups: the location inference net (loc residual net + head) with its own
+        learning rate, the rest of the model, the aux VAE (LAVAE); one group for the baseline."""
+        if self.kind == "baseline":
+            return [{"params": list(self.model.parameters()), "lr": self.lr, "name": "model"}]
+        loc = self.model.location_parameters()
+        loc_ids = {id(p) for p in loc}
+        rest = [p for p in self.model.parameters() if id(p) not in loc_ids]
+        return [
+            {"params": loc, "lr": self.loc_lr, "name": "location"},
+            {"params": rest, "lr": self.lr, "name": "model"},
+            {"params": list(self.aux.parameters()), "lr": self.lr, "name": "aux"},
+        ]
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Adamax over :meth:`parameter_groups` (paper appendix B)."""
+        return torch.optim.Adamax(self.parameter_groups())
+
+    def learning_rates(self, step: int) -> Dict[str, float]:
+        """Each group's learning rate at ``step``: a pure function of (step, steps)."""
+        rates = {"model": self.lr}
+        if self.kind == "lavae":
+            rates["location"] = self.loc_lr * schedules.loc_lr_factor(step, self.steps, self.loc_lr_decay)
+            rates["aux"] = self.lr
+        return rates
+
+    def step(self, opt: torch.optim.Optimizer, step: int) -> Dict[str, float]:
+        """Set ``opt``'s learning rates for ``step`` (the location net's decay); call it before
+        ``opt.step()``. Groups are matched by name (those of :meth:`optimizer`). Returns the rates."""
+        rates = self.learning_rates(step)
+        for g in opt.param_groups:
+            if g.get("name") in rates:
+                g["lr"] = rates[g["name"]]
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
+
+    # ---- the loss -----------------------------------------------------------------------------
+
+    def loss(self, x: torch.Tensor, step: int, ids: torch.Tensor,
+             counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """(scalar loss to minimise, dict of floats to log) of one batch at ``step``.
+
+        x [B,C,H,W] in {0, 1} on the model's device; ids [B] the images' global sample indices
+        (e.g. ``step·B + j``: they key the noise); counts [B] the true object counts, optional,
+        only logged (count accuracy), never trained on."""
+        loss, _, logs = self.forward(x, step, ids, counts)
+        return loss, logs
+
+    def forward(self, x: torch.Tensor, step: int, ids: torch.Tensor, counts: Optional[torch.Tensor] = None,
+                *, forward=None, aux_forward=None, probe: bool = False):
+        """:meth:`loss` with the model's output: (loss, output, logs). ``forward`` / ``aux_forward``
+        run the model and the aux VAE — their DistributedDataParallel wrappers in a distributed run,
+        by default the modules themselves. ``probe`` (LAVAE only) also logs
+        :func:`probe_location_gradients` of the reconstruction, the two KL terms and the weighted
+        warm-up loss."""
+        model = self.model
+        forward = model if forward is None else forward
+        device = x.device
+        H, W = x.shape[-2:]
+        D = H * W
+        log = {}
+        if self.kind == "baseline":
+            beta = schedules.beta(step, self.steps)
+            eps = draw_normal(self.seed, step, ids, model.latent_shape(H, W), device=device)
+            out = forward(x, eps=eps, beta=beta)
+            log.update(loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl=out.kl.mean().item(),
+                       beta=beta)
+            return out.loss, out, log
+
+        aux_forward = self.aux if aux_forward is None else aux_forward
+        gamma = 0.5 * math.log(D)
+        tau = schedules.tau(step, self.steps)
+        p_force = schedules.force_n_prob(step, self.steps)
+        w_warm = schedules.warmup_weight(step, self.steps)
+        noise = draw_noise(self.seed, step, ids, num_pixels=D, max_objects=model.max_objects,
+                           latent_size=model.latent_size,
+                           aux_shape=AuxVAE.latent_shape(H, W) if w_warm > 0 else None, device=device)
+        out = forward(x, noise=noise, tau=tau, force_n_prob=p_force)
+        loss = out.loss
+        has = None if counts is None else counts > 0
+        if w_warm > 0:
+            aux_out = aux_forward(x, noise.aux_eps)
+            target, scale = self.warmup_target_of(aux_out.target, x, gamma)
+            wl = warmup_loss(out.h_loc, target)
+            warm = self.warmup_weight * w_warm * wl
+            loss = loss + aux_out.loss + warm
+            log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), warmup_term=warm.item(),
+                       target_scale=scale)
+            if counts is not None:
+                tmax = target.flatten(1).max(1).values.cpu()
+                log.update(target_count_acc=(model.engine.count_objects(target, 4 * gamma, model.max_objects).cpu()
+                                             == counts).float().mean().item(),
+                           target_max_obj=tmax[has].mean().item() if has.any() else None,
+                           target_max_empty=tmax[~has].mean().item() if (~has).any() else None)
+        if probe:
+            terms = {"recon": out.recon.mean(), "kl_loc": out.kl_loc.mean(), "kl_app": out.kl_app.mean()}
+            if w_warm > 0:
+                terms["warmup"] = warm
+            log.update(probe_location_gradients(out, terms))
+        n_hat = out.n_hat.cpu()
+        log.update(loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl_app=out.kl_app.mean().item(),
+                   kl_n=out.kl_n.mean().item(), kl_loc=out.kl_loc.mean().item())
+        if counts is not None:
+            hmax = out.h_loc.detach().flatten(1).max(1).values.cpu()
+            log.update(count_acc=(n_hat == counts).float().mean().item(),
+                       hloc_max_obj=hmax[has].mean().item() if has.any() else None,
+                       hloc_max_empty=hmax[~has].mean().item() if (~has).any() else None)
+        log.update(nhat0=(n_hat == 0).float().mean().item(), nhat_mean=n_hat.float().mean().item(),
+                   tau=tau, force_n_prob=p_force, warmup_weight=w_warm, forced=out.forced.float().mean().item())
+        return loss, out, log
+
+    def warmup_target_of(self, kl_map: torch.Tensor, x: torch.Tensor, gamma: float) -> Tuple[torch.Tensor, float]:
+        """h_loc's warm-up target [B,1,H,W] from the aux VAE's KL map [B,1,H,W], and the map's scale."""
+        S = self.model.sprite_size
+        sigma = auto_blur(S) if self.warmup_blur == "auto" else self.warmup_blur
+        target = smooth_target(kl_map, sigma)
+        cones = self.warmup_target == "cones"
+        # With cones the scaled map only detects the objects (its points above 4γ at the default
+        # scale, half the typical object peak); warmup_peak sets the cones' height.
+        scale = (auto_target_scale(target, gamma, AUTO_PEAK if cones else self.warmup_peak)
+                 if self.warmup_scale == "auto" else self.warmup_scale)
+        target = target * scale
+        if cones:
+            radius = auto_radius(S) if self.warmup_radius == "auto" else self.warmup_radius
+            target = peak_target(target, 4 * gamma, self.warmup_peak * 4 * gamma, radius,
+                                 x=x if self.warmup_anchor == "ink" else None, half=S // 2)
+        return target, scale
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, object]:
+        """What a resumed loop needs besides the model and the optimiser: the aux VAE's state."""
+        return {"aux": None if self.aux is None else self.aux.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if self.aux is not None and state.get("aux") is not None:
+            self.aux.load_state_dict(state["aux"])
