@@ -91,3 +91,31 @@ def test_evaluate_cli_on_a_tiny_run(tmp_path, capsys, model):
 def test_evaluate_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         eval_main([str(tmp_path)])
+
+
+def test_bound_on_the_images_counted_right_averages_exactly_those(monkeypatch):
+    """nll_bound_counted_right is the mean bound over the bound images whose n̂ equals the count."""
+    from lavae_fast import LAVAE
+    from lavae_fast.data import MultiObjectDataset, generate_arrays
+    from lavae_fast.evaluate import evaluate_split
+
+    torch.manual_seed(0)
+    model = LAVAE(channels=3, canvas=(32, 32), sprite_size=21, width=6, sprite_width=36).eval()
+    data = MultiObjectDataset.from_arrays(generate_arrays("multi-dsprites", 12, 5, canvas=(32, 32), counts=(0, 3)))
+    x, counts = data.get_batch(range(12))
+    with torch.no_grad():
+        n_hat = model.encode(x)[2]
+    right = (n_hat == torch.as_tensor(counts)).numpy()[:10]
+    assert 0 < right.sum() < 10, "the case must mix right and wrong counts (an untrained net counts 0)"
+    calls = []
+
+    def fake_ll(xb, K, generator=None):  # −log p(x) of image j in call order: 100 + j
+        start = sum(len(c) for c in calls)
+        calls.append(range(start, start + xb.shape[0]))
+        return -(100.0 + torch.arange(start, start + xb.shape[0], dtype=torch.float32))
+
+    monkeypatch.setattr(model, "log_likelihood", fake_ll)
+    res = evaluate_split(model, data, K=2, batch_size=4, n_bound=10)
+    bounds = 100.0 + np.arange(10)
+    assert res["nll_bound"]["mean"] == pytest.approx(bounds.mean())
+    assert res["nll_bound_counted_right"]["mean"] == pytest.approx(bounds[right].mean())

@@ -1,11 +1,10 @@
-"""The model learns to count (slow: a few minutes on 2 cores; ``pytest -m slow tests/test_learning.py``).
+"""The model learns to count (slow: ~8 minutes on 2 cores; ``pytest -m slow tests/test_learning.py``).
 
 Unit tests check that each piece computes what it should; this checks that the pieces together
-still teach the location net to count, the property the whole recipe exists for (issue: "learn the
-way the paper does"). A tiny multi-MNIST configuration is trained with the default recipe and its
-count accuracy on held-out 0–3-digit images is read from the run's own final evaluation. Always
-answering 0 (or any one count) scores 0.25 there. See the threshold's comment for what a broken
-recipe scores on the same configuration.
+still teach the location net to count — the property the whole recipe exists for. The default
+recipe trains a small multi-dSprites configuration (48×48, batch 16, width 32, 1500 steps: the
+side-by-side runs of docs/recipe.md) and its count accuracy on 300 held-out 0–3-object images is
+read from the run's own final evaluation. Always answering one count scores 0.25 there.
 """
 
 import json
@@ -18,10 +17,14 @@ from lavae_fast.train import main as train_main
 pytestmark = pytest.mark.slow
 
 STEPS = 1500
-TINY_MNIST = ["--dataset", "multi-mnist-1k", "--canvas", "32", "--n-train", "4000", "--n-test", "400",
-              "--n-test7", "50", "--batch-size", "16", "--width", "16", "--sprite-width", "40", "--seed", "0",
-              "--steps", str(STEPS), "--eval-every", str(STEPS), "--eval-size", "400", "--log-every", "100",
-              "--ckpt-every", str(STEPS), "--no-progress", "--threads", "2"]
+CONFIG = ["--dataset", "multi-dsprites", "--canvas", "48", "--n-train", "8000", "--n-test", "300",
+          "--n-test7", "50", "--batch-size", "16", "--width", "32", "--seed", "0", "--steps", str(STEPS),
+          "--eval-every", str(STEPS), "--eval-size", "300", "--log-every", "100", "--ckpt-every", str(STEPS),
+          "--no-progress", "--threads", "2"]
+# Measured on this configuration (Zen 4, bf16 native, one thread): the default recipe ends at
+# 0.77 (0.76 with the old ×300 warm-up weight); the old straight-through default with the paper's
+# weight 1 — the deliberately broken variant — ends at ST1_MEASURED; see docs/recipe.md.
+MIN_COUNT_ACCURACY = 0.6
 
 
 def final_eval(run):
@@ -34,7 +37,6 @@ def final_eval(run):
 
 def test_default_recipe_learns_to_count(tmp_path):
     run = str(tmp_path / "run")
-    assert train_main(TINY_MNIST + ["--out", run]) == 0
+    assert train_main(CONFIG + ["--out", run]) == 0
     test = final_eval(run)
-    # Measured on this configuration (Zen 4, bf16 native): see MIN_COUNT_ACCURACY.
     assert test["count_accuracy"] >= MIN_COUNT_ACCURACY, test
