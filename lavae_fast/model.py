@@ -612,6 +612,7 @@ class LAVAE(nn.Module):
         noise: Optional[Noise] = None,
         tau: float = 0.5,
         force_n_prob: float = 0.0,
+        hard: Optional[bool] = None,
     ) -> LAVAEOutput:
         """One-sample estimate of the negative ELBO (SPEC §4) and everything inferred on the way.
 
@@ -622,6 +623,10 @@ class LAVAE(nn.Module):
             tau: Gumbel-softmax temperature (see :func:`lavae_fast.schedules.tau`).
             force_n_prob: probability of forcing n = 1 per image (training recipe, SPEC §5); the
                 image's coin is ``noise.coin``.
+            hard: place the sprites at the hard draws and take the exact log q of them — the
+                −ELBO of the model itself, as evaluation reports it — instead of the training
+                objective of ``location_mode``. Default: hard in eval mode (``model.eval()``),
+                the training objective in train mode (SPEC §3: relaxed samples only in training).
         """
         x = self._input(x)
         try:
@@ -649,9 +654,12 @@ class LAVAE(nn.Module):
 
         logits = h_loc.flatten(1)  # [B,D]
         index, relaxed, log_q = self._ops.gumbel_topk_relaxed(logits, n, float(tau), M, noise.gumbel)
-        if self.location_mode == "straight_through":
-            hard = self._one_hot(index, D, relaxed.dtype)
-            z = hard - relaxed.detach() + relaxed  # value: the hard draws; gradient: the relaxed ones
+        if hard is None:
+            hard = not self.training
+        if hard or self.location_mode == "straight_through":
+            # Hard in value; in training (straight-through) the relaxed sample's gradient.
+            onehot = self._one_hot(index, D, relaxed.dtype)
+            z = onehot - relaxed.detach() + relaxed  # value: the hard draws; gradient: the relaxed ones
             kw = {"index": index}
         else:
             z = relaxed
@@ -676,7 +684,8 @@ class LAVAE(nn.Module):
         # Σ_d ∂r_i[d] = 0 because r_i sums to 1 there, so the normaliser drops out; off the allowed
         # set r_i ≡ 0 and so does ∂r_i. Hence ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩, which is the gradient of
         # ⟨r_i − r_i.detach(), h.detach()⟩ — a term whose value is 0. Absent slots have r_i = 0.
-        log_q_loc = self.location_log_q(logits, relaxed, index, log_q, self.loc_kl)
+        # Hard: the value is the exact log q of the draws (the straight-through form's value).
+        log_q_loc = self.location_log_q(logits, relaxed, index, log_q, "straight_through" if hard else self.loc_kl)
         log_p_loc = -self._log_falling(D, n, M, logits.dtype)
         kl_loc = log_q_loc - log_p_loc
         recon = -loglik

@@ -150,7 +150,7 @@ def test_elbo_terms_match_hand_computation(mode):
     H, W = 7, 8
     D = H * W
     torch.manual_seed(3)
-    m = tiny((H, W), location_mode=mode)
+    m = tiny((H, W), location_mode=mode, loc_kl="straight_through")  # its value: the exact log q
     m.eval()  # batch norm from running statistics: every term is a function of this batch alone
     x = images(2, 1, H, W, p=0.3)
     # h_loc is fixed by a hook so that the counts are known: 2 objects in image 0, 1 in image 1.
@@ -158,7 +158,7 @@ def test_elbo_terms_match_hand_computation(mode):
     h_fixed = with_peaks(m, x, peaks)
     m.loc_head.register_forward_hook(lambda mod, inp, out: h_fixed / m.gamma_for(H, W))
     nz = noise_for(m, 2, H, W, seed=5)
-    out = m(x, noise=nz, tau=0.4)
+    out = m(x, noise=nz, tau=0.4, hard=False)  # the training objective of the mode, BN in eval mode
     assert out.n_hat.tolist() == [2, 1] and out.n.tolist() == [2, 1]
 
     logp_n = torch.log_softmax(m.prior_logits.detach().double(), 0)
@@ -294,7 +294,7 @@ def test_loc_kl_option_picks_the_location_term(loc_kl):
     h_fixed = with_peaks(m, x, [[5, 30], [12]]).requires_grad_(True)
     m.loc_head.register_forward_hook(lambda mod, inp, out: h_fixed / m.gamma_for(H, W))
     nz = noise_for(m, 2, H, W, seed=2)
-    out = m(x, noise=nz, tau=0.4)
+    out = m(x, noise=nz, tau=0.4, hard=False)  # the training term (BN in eval mode)
     (got,) = torch.autograd.grad(out.kl_loc.sum(), h_fixed)
     logits = h_fixed.view(2, -1)
     index, relaxed, log_q = ref.gumbel_topk_relaxed(logits, out.n, 0.4, m.max_objects, nz.gumbel)
@@ -660,3 +660,22 @@ def test_aux_vae_shapes_and_terms(H, W):
                                ((h_loc - 2 * out.target) ** 2).mean())
     wl.backward()
     assert h_loc.grad is not None
+
+
+def test_eval_mode_forward_uses_the_hard_draws_in_every_mode():
+    """SPEC §3: the relaxed samples place the sprites only in training. In eval mode (or with
+    hard=True) a relaxed-mode model reports the −ELBO of the hard draws, term by term what a
+    straight-through model (hard in value) reports; in train mode the two differ."""
+    H, W = 9, 10
+    torch.manual_seed(4)
+    relaxed = tiny((H, W), location_mode="relaxed", loc_kl="relaxed")
+    st = tiny((H, W), location_mode="straight_through", loc_kl="straight_through")
+    st.load_state_dict(relaxed.state_dict())
+    x = images(3, 1, H, W, p=0.3)
+    nz = noise_for(relaxed, 3, H, W, seed=2)
+    relaxed.eval(), st.eval()
+    a, b = relaxed(x, noise=nz, tau=0.5, force_n_prob=1.0), st(x, noise=nz, tau=0.5, force_n_prob=1.0)
+    for k in ("recon", "kl_loc", "kl_app", "neg_elbo"):
+        torch.testing.assert_close(getattr(a, k), getattr(b, k))
+    c = relaxed(x, noise=nz, tau=0.5, force_n_prob=1.0, hard=False)  # the relaxed objective
+    assert not torch.allclose(c.recon, a.recon)
