@@ -5,6 +5,7 @@ used; an interrupted data generation leaves nothing the loader would read."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,10 +255,12 @@ def _kill_generation_midway(cmd, out, rng, cwd, max_delay=0.8):
     meta.json, on its way out) a complete data set whose every file verifies. True in the first
     case (the kill interrupted the generation)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A replacement (--overwrite) is written to a staging directory beside `out` (storage.staging_dir).
+    staged = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.new-{proc.pid}")
     try:
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
-            if os.path.isdir(out) and any(".tmp-" in n for n in os.listdir(out)):
+            if any(os.path.isdir(d) and any(".tmp-" in n for n in os.listdir(d)) for d in (out, staged)):
                 break
             time.sleep(0.002)
         time.sleep(rng.uniform(0.0, max_delay))
@@ -285,20 +288,22 @@ def test_interrupted_generation_is_refused_and_a_rerun_completes_it(tmp_path):
     # A fresh directory, killed mid-way.
     out = tmp_path / "data"
     landed = [_kill_generation_midway(_generate_cmd(out), out, rng, tmp_path)]
-    # On a quiet machine the rest of a generation can take less than the random delay: try again,
-    # over the finished set, with shorter delays until one kill lands mid-way.
+    # On a fast machine the rest of a generation can take less than the random delay: try again in a
+    # fresh directory with shorter delays until one kill lands mid-way.
     for attempt in range(1, 5):
         if landed[-1]:
             break
-        landed.append(_kill_generation_midway(_generate_cmd(out, "--overwrite"), out, rng, tmp_path,
+        shutil.rmtree(out)
+        landed.append(_kill_generation_midway(_generate_cmd(out), out, rng, tmp_path,
                                               max_delay=0.8 / 4**attempt))
-    # Regenerating over a complete data set (--overwrite), killed mid-way: the old meta.json is gone
-    # first, so the loader never reads a mix of old and new files.
+    assert landed[-1], f"no kill landed mid-generation (seed {seed}): {landed}"
+    # Regenerating over a complete data set (--overwrite), killed mid-way: the new set is staged
+    # beside it and swapped in last, so the old set stays whole and verifies.
     subprocess.run(_generate_cmd(out, "--overwrite"), cwd=tmp_path, env=_env(), check=True, capture_output=True,
                    timeout=300)
     assert MultiObjectDataset(str(out), "train", verify=True) is not None
-    landed.append(_kill_generation_midway(_generate_cmd(out, "--overwrite", "--seed", "5"), out, rng, tmp_path))
-    assert any(landed), f"no kill landed mid-generation (seed {seed})"
+    # (False: `out` keeps its meta.json and every file of the old set verifies.)
+    assert not _kill_generation_midway(_generate_cmd(out, "--overwrite", "--seed", "5"), out, rng, tmp_path)
     print(f"generation kill seed {seed}: kills landed mid-run: {landed}; "
           f"temporaries left: {sorted(n for n in os.listdir(out) if '.tmp-' in n)}")
 
@@ -307,6 +312,7 @@ def test_interrupted_generation_is_refused_and_a_rerun_completes_it(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".data.")], "a killed replacement's staging is left"
     ds = MultiObjectDataset(str(out), "train", verify=True)
     ref = MultiObjectDataset(str(clean), "train")
     assert len(ds) == 6000 and np.array_equal(np.asarray(ds.images), np.asarray(ref.images))
