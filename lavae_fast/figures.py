@@ -226,9 +226,10 @@ def reconstruction_figure(model, x: torch.Tensor, counts: Optional[Sequence[int]
         true = f"true n = {int(counts[b])}, " if counts is not None else ""
         labels.append(f"image {b + 1}\n{true}inferred n̂ = {k}")
     S = model.sprite_size
-    cols = ["input", "reconstruction", "inferred locations"] + [f"sprite {i + 1} ({S}×{S}, enlarged)"
-                                                                  for i in range(k_max)]
-    none = "" if k_max else " (no object was inferred in these images, so there are no sprites)"
+    # Short column labels: a tile is ~100 px wide, and longer ones run into their neighbours.
+    cols = ["input", "reconstruction", "inferred locations"] + [f"sprite {i + 1}" for i in range(k_max)]
+    none = (f" ({S}×{S}, enlarged)" if k_max else
+            " (no object was inferred in these images, so there are no sprites)")
     title = _title(f"Inference on {SPLIT_NAMES.get(split, split)}: input, reconstruction, inferred locations "
                    f"(white), and the sprite generated from each object's appearance z_app{none}",
                    paper_ref("inference", dataset), dataset)
