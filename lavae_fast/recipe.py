@@ -144,7 +144,8 @@ class Recipe:
 
     @classmethod
     def from_args(cls, model, args, aux: Optional[AuxVAE] = None) -> "Recipe":
-        """The recipe of a training CLI namespace (:func:`lavae_fast.train.build_parser`)."""
+        """The recipe of the training CLI's settings: a :class:`lavae_fast.train_config.TrainConfig`, or
+        the namespace :func:`lavae_fast.train.build_parser` parses (the same attributes)."""
         if args.model == "baseline":
             return cls(model, args.steps, dataset=args.dataset, seed=args.seed, lr=args.lr)
         return cls(model, args.steps, dataset=args.dataset, seed=args.seed, lr=args.lr, loc_lr=args.loc_lr,

@@ -1,5 +1,7 @@
 """Tests of the training schedules, checkpoints and the training CLI (tiny runs, end to end)."""
 
+import argparse
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +13,7 @@ from lavae_fast import schedules
 from lavae_fast import train as T
 from lavae_fast.checkpoint import load_checkpoint, save_checkpoint
 from lavae_fast.train import main as train_main
+from lavae_fast.train_config import TrainConfig
 
 # A tiny configuration: 32×32 multi-dSprites, narrow nets, a few steps. Still the full recipe.
 TINY = ["--dataset", "multi-dsprites", "--canvas", "32", "--n-train", "64", "--n-test", "16", "--n-test7", "8",
@@ -183,6 +186,52 @@ def test_resume_of_a_run_with_the_old_estimator_names_what_changed(tmp_path, cap
     assert "--location-mode straight_through --loc-kl straight_through" in err
     assert train_main(TINY + ["--steps", "2", "--out", run, "--resume"] + old) == 0
     assert load_checkpoint(run)["step"] == 2
+
+
+# The run-defining options as train.py listed them by hand before TrainConfig's metadata named them.
+OLD_RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
+                    "width", "sprite_width", "location_mode", "loc_kl", "warmup_scale", "warmup_peak", "warmup_blur",
+                    "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "lr", "loc_lr",
+                    "loc_lr_decay"]
+
+
+def _parser_dests():
+    """Each option's dest, once (--bf16 and --no-bf16 share one), in the parser's order."""
+    dests = []
+    for action in T.build_parser()._actions:
+        if action.dest != "help" and action.dest not in dests:
+            dests.append(action.dest)
+    return dests
+
+
+def test_train_config_has_one_field_per_parser_option_in_its_order():
+    # In order as well: args.json is written from to_dict() and keeps the namespace's key order.
+    assert list(TrainConfig.cli_fields()) == _parser_dests()
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert fields == _parser_dests() + ["precision", "precision_reason"]  # the two the trainer records
+
+
+def test_run_defining_is_derived_from_the_metadata_and_unchanged():
+    assert set(T.RUN_DEFINING) == set(OLD_RUN_DEFINING) and len(T.RUN_DEFINING) == len(OLD_RUN_DEFINING)
+    assert T.RUN_DEFINING == tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("run_defining"))
+
+
+def test_train_config_round_trip():
+    ns = T.build_parser().parse_args(TINY + ["--out", "r", "--seed", "3", "--bf16", "off", "--no-channels-last"])
+    config = TrainConfig.from_args(ns)
+    assert config.seed == 3 and config.bf16 == "off" and config.channels_last is False and config.precision is None
+    d = config.to_dict()
+    # the namespace's keys and values, in its order, then the recorded precision
+    assert list(d.items()) == list(vars(ns).items()) + [("precision", None), ("precision_reason", None)]
+    assert TrainConfig.from_args(argparse.Namespace(**d)) == config
+    # an old args.json (a plain dict of the same keys) makes the same config
+    assert TrainConfig.from_args(argparse.Namespace(**json.loads(json.dumps(d)))).to_dict() == json.loads(json.dumps(d))
+    with pytest.raises(TypeError):  # an option without a field is an error, not silently dropped
+        TrainConfig.from_args(argparse.Namespace(**d, no_such_option=1))
+    missing = dict(d)
+    del missing["seed"]
+    with pytest.raises(TypeError):
+        TrainConfig.from_args(argparse.Namespace(**missing))
 
 
 def test_resume_refusal_reads_missing_keys_as_the_old_defaults():
