@@ -340,21 +340,47 @@ def image_grid(x: torch.Tensor, lam: torch.Tensor, rows=None, cols=None, n=None,
 
 
 class _Meter:
-    """Running means over a log interval."""
+    """Running means over a log interval, of numbers and of 0-dim tensors. A tensor is summed where
+    it is, in float64 as the numbers are (the same sums), so that a step does not wait for the
+    device; :meth:`totals` reads every sum at once. None and NaN values are skipped."""
 
     def __init__(self):
-        self.sums: Dict[str, float] = {}
-        self.counts: Dict[str, int] = {}
+        self.sums: Dict[str, object] = {}  # float, or a float64 tensor
+        self.counts: Dict[str, object] = {}  # int, or an int64 tensor (the non-NaN values summed)
 
     def add(self, **kv):
         for k, v in kv.items():
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.detach().to(torch.float64)
+                ok = ~torch.isnan(v)
+                self.sums[k] = self.sums.get(k, 0.0) + torch.where(ok, v, 0.0)
+                self.counts[k] = self.counts.get(k, 0) + ok.long()
+                continue
+            if isinstance(v, float) and math.isnan(v):
                 continue
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
             self.counts[k] = self.counts.get(k, 0) + 1
 
+    def totals(self) -> Tuple[Dict[str, float], Dict[str, int]]:
+        """(sums, counts) as numbers, the tensors read in one host sync; a key whose values were all
+        NaN is left out."""
+        tensors = [k for k in self.sums if isinstance(self.sums[k], torch.Tensor)]
+        sums, counts = dict(self.sums), dict(self.counts)
+        if tensors:
+            device = self.sums[tensors[0]].device
+            read = torch.stack([self.sums[k].to(device) for k in tensors] +
+                               [torch.as_tensor(self.counts[k], dtype=torch.float64).to(device)
+                                for k in tensors]).tolist()
+            sums.update(zip(tensors, read[:len(tensors)]))
+            counts.update((k, int(c)) for k, c in zip(tensors, read[len(tensors):]))
+        keep = [k for k in sums if counts[k]]
+        return {k: sums[k] for k in keep}, {k: counts[k] for k in keep}
+
     def means(self) -> Dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+        sums, counts = self.totals()
+        return {k: sums[k] / counts[k] for k in sums}
 
 
 def truncate_metrics(path: str, step: int) -> None:
@@ -710,7 +736,8 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
                 x = x.contiguous(memory_format=torch.channels_last)
             ids = torch.arange(step * config.batch_size + lo, step * config.batch_size + hi)
             probe = config.probe_gradients and (step + 1) % config.log_every == 0
-            loss, out, log = recipe.forward(x, step, ids, counts, forward=net, aux_forward=aux_net, probe=probe)
+            loss, out, log = recipe.forward(x, step, ids, counts, forward=net, aux_forward=aux_net, probe=probe,
+                                          as_tensors=True)  # the logged values stay on the device
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -728,9 +755,10 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
 
             if done % config.log_every == 0 or done == end:
                 now = time.time()
-                means = dist.reduce_meter(meter.sums, meter.counts)  # over every process
+                sums, n_summed = meter.totals()  # the interval's one read of the device's values
+                means = dist.reduce_meter(sums, n_summed)  # over every process
                 means.update({f"lr_{k}": v for k, v in lrs.items()})
-                means["sec_per_step"] = (now - t_last) / max(1, meter.counts.get("loss", 1))
+                means["sec_per_step"] = (now - t_last) / max(1, n_summed.get("loss", 1))
                 if config.model == "lavae":
                     means["threshold"] = 4 * gamma
                 t_last = now

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,6 +269,53 @@ def test_bad_cli_arguments(tmp_path, capsys, bad, match):
     with pytest.raises(SystemExit):
         train_main(TINY + ["--out", str(tmp_path / "r")] + bad)
     assert match in capsys.readouterr().err
+
+
+def test_meter_sums_tensors_on_the_device_as_it_summed_numbers():
+    """The trainer's per-step values stay tensors until a log step; their sums are the float64
+    sums of the Python numbers they used to be converted to, exactly, None and NaN skipped."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(500, generator=g, dtype=torch.float32) * 100  # float32 sums would differ
+    values[[3, 77]] = float("nan")
+    as_numbers, as_tensors = T._Meter(), T._Meter()
+    for i, v in enumerate(values):
+        as_numbers.add(a=v.item(), b=None, c=float("nan"), d=2.0 * i)
+        as_tensors.add(a=v, b=None, c=torch.tensor(float("nan")), d=2.0 * i)
+    sums, counts = as_tensors.totals()
+    assert (sums, counts) == as_numbers.totals() == (as_numbers.sums, as_numbers.counts)
+    assert counts == {"a": 498, "d": 500} and isinstance(sums["a"], float) and isinstance(counts["a"], int)
+    assert sums["a"] != values.nan_to_num(0.0).sum().item()  # (the float32 sum, which it must not be)
+    assert as_tensors.means() == as_numbers.means()
+
+
+def test_recipe_logs_as_tensors_are_its_logged_numbers():
+    """Recipe.forward(as_tensors=True) leaves the device's values as detached tensors; read, they
+    are exactly the floats of the default."""
+    import copy
+
+    from lavae_fast.aux_vae import AuxVAE
+    from lavae_fast.data import load_run_split
+    from lavae_fast.recipe import Recipe
+
+    args = T.build_parser().parse_args(TINY + ["--out", "unused"])
+    torch.manual_seed(0)
+    model, aux = T.build_model(T.model_config(args, 3)), AuxVAE(3)
+    model.train(), aux.train()
+    data = load_run_split(vars(args), "train")
+    counts_all = np.asarray(data.counts)
+    pick = [int(np.flatnonzero(counts_all == 0)[0])] + [int(i) for i in np.flatnonzero(counts_all > 0)[:7]]
+    x, counts = data.get_batch(pick)  # empty images and images with objects: both masked means
+    ids = torch.arange(8)
+    states = [copy.deepcopy(m.state_dict()) for m in (model, aux)]
+    _, _, floats = Recipe.from_args(model, args, aux=aux).forward(x, 0, ids, counts)
+    model.load_state_dict(states[0]), aux.load_state_dict(states[1])
+    _, _, tensors = Recipe.from_args(model, args, aux=aux).forward(x, 0, ids, counts, as_tensors=True)
+    assert list(tensors) == list(floats)
+    on_device = [k for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    assert {"loss", "recon", "count_acc", "hloc_max_obj", "hloc_max_empty", "target_max_empty"} <= set(on_device)
+    assert all(tensors[k].dim() == 0 and not tensors[k].requires_grad for k in on_device)
+    assert all(isinstance(v, float) for v in floats.values())
+    assert {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()} == floats
 
 
 @pytest.mark.parametrize("target", ["map", "cones"])
