@@ -43,6 +43,10 @@ that supports it) and in float32 elsewhere, where bf16 would be emulated and slo
 ``--bf16 off`` force it. The choice and its reason are printed and recorded (``precision``,
 ``precision_reason`` in ``args.json`` and the checkpoint's args); ``--resume`` keeps the recorded one.
 
+The options are parsed into a :class:`~lavae_fast.train_config.TrainConfig` (one field per option;
+the fields marked ``run_defining`` are the settings a ``--resume`` must keep), which the trainer
+runs on and records as ``args.json``.
+
 Outputs in ``--out RUN_DIR``: ``checkpoint.pt`` and ``checkpoint.prev.pt``, ``metrics.jsonl`` (one
 line per log interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
 
@@ -241,8 +245,9 @@ def _flag(key: str, value) -> str:
 
 
 def resume_refusal(old: Dict, new: Dict) -> Optional[str]:
-    """Why a run recorded with args ``old`` cannot be resumed with ``new`` (None if it can): the
-    run-defining settings that differ, each named with the flag that would continue the run as it
+    """Why a run recorded with args ``old`` cannot be resumed with ``new`` (None if it can), both
+    dicts of settings (:meth:`TrainConfig.to_dict`, a run's ``args.json``): the run-defining
+    settings (:data:`RUN_DEFINING`) that differ, each named with the flag that would continue the run as it
     was started — including settings whose default changed since (the training estimator became
     ``relaxed``, SPEC §3) and options that no longer exist."""
     removed = [k for k, keep in REMOVED_OPTIONS.items() if k in old and old[k] != keep]
