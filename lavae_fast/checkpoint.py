@@ -1,7 +1,8 @@
 """Checkpoints that survive a kill at any moment, and reading a model's checkpoint.
 
 A checkpoint is a dict saved with ``torch.save``:
-``{"format": 1, "step", "args" (the training CLI's namespace as a dict), "model_config" (the
+``{"format": 1, "step", "args" (the training CLI's settings as a dict,
+:meth:`lavae_fast.train_config.TrainConfig.to_dict`), "model_config" (the
 constructor keywords plus "kind": "lavae" | "baseline"), "model", "aux" (or None), "optimizer",
 "sha256"}``. ``sha256`` is a digest of everything else (:func:`state_digest`: every tensor's dtype,
 shape and bytes, every other value's repr, in the dict's order); files written before it existed

@@ -63,6 +63,25 @@ def probe_location_gradients(out, terms: Dict[str, torch.Tensor], top: int = 5) 
     return res
 
 
+def _masked_mean(v: torch.Tensor, mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Mean of ``v`` [B] over ``mask`` [B] (bool, on the CPU), as a tensor on ``v``'s device; None for
+    an empty mask. The elements are picked with an index made on the CPU, so ``v``'s device is not
+    waited for (``v[mask]`` would read the mask's count back from it)."""
+    if not mask.any():
+        return None
+    return v.index_select(0, mask.nonzero().squeeze(1).to(v.device)).mean()
+
+
+def _as_floats(log: Dict[str, object]) -> Dict[str, object]:
+    """``log`` with its tensor values as Python floats, read in one host sync."""
+    keys = [k for k, v in log.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return log
+    device = log[keys[0]].device
+    values = torch.stack([log[k].detach().to(device, torch.float64) for k in keys]).tolist()
+    return {**log, **dict(zip(keys, values))}
+
+
 def _auto_or_number(name: str, value, positive: bool) -> Union[str, float]:
     if value == "auto":
         return value
@@ -144,7 +163,8 @@ class Recipe:
 
     @classmethod
     def from_args(cls, model, args, aux: Optional[AuxVAE] = None) -> "Recipe":
-        """The recipe of a training CLI namespace (:func:`lavae_fast.train.build_parser`)."""
+        """The recipe of the training CLI's settings: a :class:`lavae_fast.train_config.TrainConfig`, or
+        the namespace :func:`lavae_fast.train.build_parser` parses (the same attributes)."""
         if args.model == "baseline":
             return cls(model, args.steps, dataset=args.dataset, seed=args.seed, lr=args.lr)
         return cls(model, args.steps, dataset=args.dataset, seed=args.seed, lr=args.lr, loc_lr=args.loc_lr,
@@ -193,7 +213,7 @@ class Recipe:
     # ---- the loss -----------------------------------------------------------------------------
 
     def loss(self, x: torch.Tensor, step: int, ids: torch.Tensor,
-             counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+             counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
         """(scalar loss to minimise, dict of floats to log) of one batch at ``step``.
 
         x [B,C,H,W] in {0, 1} on the model's device; ids [B] the images' global sample indices
@@ -203,12 +223,16 @@ class Recipe:
         return loss, logs
 
     def forward(self, x: torch.Tensor, step: int, ids: torch.Tensor, counts: Optional[torch.Tensor] = None,
-                *, forward=None, aux_forward=None, probe: bool = False):
+                *, forward=None, aux_forward=None, probe: bool = False, as_tensors: bool = False):
         """:meth:`loss` with the model's output: (loss, output, logs). ``forward`` / ``aux_forward``
         run the model and the aux VAE — their DistributedDataParallel wrappers in a distributed run,
         by default the modules themselves. ``probe`` (LAVAE only) also logs
         :func:`probe_location_gradients` of the reconstruction, the two KL terms and the weighted
-        warm-up loss."""
+        warm-up loss. ``as_tensors``: the logged values computed on the device stay there, as detached
+        0-dim tensors, so that a step does not wait for the device to log (the training CLI sums them
+        on the device and reads them at its log steps); otherwise they are Python floats, read in
+        one host sync. Values known on the host (τ, the schedules, the target's scale, the probe's)
+        are Python floats either way; a term with nothing to average (no empty image) is None."""
         model = self.model
         forward = model if forward is None else forward
         device = x.device
@@ -219,9 +243,9 @@ class Recipe:
             beta = schedules.beta(step, self.steps)
             eps = draw_normal(self.seed, step, ids, model.latent_shape(H, W), device=device)
             out = forward(x, eps=eps, beta=beta)
-            log.update(loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl=out.kl.mean().item(),
-                       beta=beta)
-            return out.loss, out, log
+            log.update(loss=out.neg_elbo.detach().mean(), recon=out.recon.detach().mean(),
+                       kl=out.kl.detach().mean(), beta=beta)
+            return out.loss, out, (log if as_tensors else _as_floats(log))
 
         aux_forward = self.aux if aux_forward is None else aux_forward
         gamma = 0.5 * math.log(D)
@@ -233,37 +257,36 @@ class Recipe:
                            aux_shape=AuxVAE.latent_shape(H, W) if w_warm > 0 else None, device=device)
         out = forward(x, noise=noise, tau=tau, force_n_prob=p_force)
         loss = out.loss
-        has = None if counts is None else counts > 0
+        has = None if counts is None else counts > 0  # on the CPU, as counts are
+        counts_here = None if counts is None else counts.to(device)
         if w_warm > 0:
             aux_out = aux_forward(x, noise.aux_eps)
             target, scale = self.warmup_target_of(aux_out.target, x, gamma)
             wl = warmup_loss(out.h_loc, target)
             warm = self.warmup_weight * w_warm * wl
             loss = loss + aux_out.loss + warm
-            log.update(aux_loss=aux_out.loss.item(), warmup_loss=wl.item(), warmup_term=warm.item(),
+            log.update(aux_loss=aux_out.loss.detach(), warmup_loss=wl.detach(), warmup_term=warm.detach(),
                        target_scale=scale)
             if counts is not None:
-                tmax = target.flatten(1).max(1).values.cpu()
-                log.update(target_count_acc=(model.engine.count_objects(target, 4 * gamma, model.max_objects).cpu()
-                                             == counts).float().mean().item(),
-                           target_max_obj=tmax[has].mean().item() if has.any() else None,
-                           target_max_empty=tmax[~has].mean().item() if (~has).any() else None)
+                tmax = target.detach().flatten(1).max(1).values
+                log.update(target_count_acc=(model.engine.count_objects(target, 4 * gamma, model.max_objects)
+                                             == counts_here).float().mean(),
+                           target_max_obj=_masked_mean(tmax, has), target_max_empty=_masked_mean(tmax, ~has))
         if probe:
             terms = {"recon": out.recon.mean(), "kl_loc": out.kl_loc.mean(), "kl_app": out.kl_app.mean()}
             if w_warm > 0:
                 terms["warmup"] = warm
             log.update(probe_location_gradients(out, terms))
-        n_hat = out.n_hat.cpu()
-        log.update(loss=out.neg_elbo.mean().item(), recon=out.recon.mean().item(), kl_app=out.kl_app.mean().item(),
-                   kl_n=out.kl_n.mean().item(), kl_loc=out.kl_loc.mean().item())
+        n_hat = out.n_hat.detach()
+        log.update(loss=out.neg_elbo.detach().mean(), recon=out.recon.detach().mean(),
+                   kl_app=out.kl_app.detach().mean(), kl_n=out.kl_n.detach().mean(), kl_loc=out.kl_loc.detach().mean())
         if counts is not None:
-            hmax = out.h_loc.detach().flatten(1).max(1).values.cpu()
-            log.update(count_acc=(n_hat == counts).float().mean().item(),
-                       hloc_max_obj=hmax[has].mean().item() if has.any() else None,
-                       hloc_max_empty=hmax[~has].mean().item() if (~has).any() else None)
-        log.update(nhat0=(n_hat == 0).float().mean().item(), nhat_mean=n_hat.float().mean().item(),
-                   tau=tau, force_n_prob=p_force, warmup_weight=w_warm, forced=out.forced.float().mean().item())
-        return loss, out, log
+            hmax = out.h_loc.detach().flatten(1).max(1).values
+            log.update(count_acc=(n_hat == counts_here).float().mean(),
+                       hloc_max_obj=_masked_mean(hmax, has), hloc_max_empty=_masked_mean(hmax, ~has))
+        log.update(nhat0=(n_hat == 0).float().mean(), nhat_mean=n_hat.float().mean(),
+                   tau=tau, force_n_prob=p_force, warmup_weight=w_warm, forced=out.forced.detach().float().mean())
+        return loss, out, (log if as_tensors else _as_floats(log))
 
     def warmup_target_of(self, kl_map: torch.Tensor, x: torch.Tensor, gamma: float) -> Tuple[torch.Tensor, float]:
         """h_loc's warm-up target [B,1,H,W] from the aux VAE's KL map [B,1,H,W], and the map's scale."""

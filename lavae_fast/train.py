@@ -43,6 +43,10 @@ that supports it) and in float32 elsewhere, where bf16 would be emulated and slo
 ``--bf16 off`` force it. The choice and its reason are printed and recorded (``precision``,
 ``precision_reason`` in ``args.json`` and the checkpoint's args); ``--resume`` keeps the recorded one.
 
+The options are parsed into a :class:`~lavae_fast.train_config.TrainConfig` (one field per option;
+the fields marked ``run_defining`` are the settings a ``--resume`` must keep), which the trainer
+runs on and records as ``args.json``.
+
 Outputs in ``--out RUN_DIR``: ``checkpoint.pt`` and ``checkpoint.prev.pt``, ``metrics.jsonl`` (one
 line per log interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
 
@@ -90,15 +94,14 @@ from .loading import build_model
 from .metrics import location_accuracy, peak_distances, top_locations
 from .noise import data_indices
 from .recipe import LR, Recipe
+from .train_config import TrainConfig, run_defining_fields
 
 __all__ = ["main", "build_parser"]
 
 
-# Arguments that define the run; a resumed run must agree on them (the rest — logging cadence,
-# device, threads — may change between sessions). The data set directory is compared by content
-# (its fingerprint, stored in the checkpoint), not by the path that names it.
-RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
-                "width", "sprite_width", "location_mode", "loc_kl", "warmup_scale", "warmup_peak", "warmup_blur", "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "lr", "loc_lr", "loc_lr_decay"]
+# The options that define a run (fields marked run_defining in TrainConfig): a resumed run must
+# agree on them. The data set directory is compared by content (its fingerprint), not by its path.
+RUN_DEFINING = run_defining_fields()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,8 +245,9 @@ def _flag(key: str, value) -> str:
 
 
 def resume_refusal(old: Dict, new: Dict) -> Optional[str]:
-    """Why a run recorded with args ``old`` cannot be resumed with ``new`` (None if it can): the
-    run-defining settings that differ, each named with the flag that would continue the run as it
+    """Why a run recorded with args ``old`` cannot be resumed with ``new`` (None if it can), both
+    dicts of settings (:meth:`TrainConfig.to_dict`, a run's ``args.json``): the run-defining
+    settings (:data:`RUN_DEFINING`) that differ, each named with the flag that would continue the run as it
     was started — including settings whose default changed since (the training estimator became
     ``relaxed``, SPEC §3) and options that no longer exist."""
     removed = [k for k, keep in REMOVED_OPTIONS.items() if k in old and old[k] != keep]
@@ -286,33 +290,35 @@ def recorded_precision(run_args: Dict) -> str:
     return "bf16" if run_args.get("bf16") is True else "float32"
 
 
-def model_config(args, channels: int) -> Dict:
-    canvas = list(parse_canvas(args.canvas))
-    if args.model == "baseline":
+def model_config(config, channels: int) -> Dict:
+    """The model's construction config (checkpointed) of a :class:`TrainConfig` (or any object with its
+    attributes, such as the parsed namespace)."""
+    canvas = list(parse_canvas(config.canvas))
+    if config.model == "baseline":
         return {"kind": "baseline", "channels": channels, "canvas": canvas}
-    S = DATASETS[args.dataset].sprite_size
-    return {"kind": "lavae", "channels": channels, "canvas": canvas, "sprite_size": S, "width": args.width,
-            "sprite_width": args.sprite_width, "ops": args.ops, "location_mode": args.location_mode,
-            "loc_kl": args.loc_kl}
+    S = DATASETS[config.dataset].sprite_size
+    return {"kind": "lavae", "channels": channels, "canvas": canvas, "sprite_size": S, "width": config.width,
+            "sprite_width": config.sprite_width, "ops": config.ops, "location_mode": config.location_mode,
+            "loc_kl": config.loc_kl}
 
 
-def _compiled(module, args):
+def _compiled(module, config):
     """``module`` itself, or its ``torch.compile``d wrapper (same parameters) with --compile."""
-    return torch.compile(module) if args.compile else module
+    return torch.compile(module) if config.compile else module
 
 
-def accelerate(module, args) -> None:
+def accelerate(module, config) -> None:
     """Apply the speed flags in place: LAVAE's own :meth:`~lavae_fast.LAVAE.accelerate`;
     channels-last for the baseline and the aux VAE (compiled, with --compile, by the caller)."""
     from .model import LAVAE, use_fused_norm
 
     if isinstance(module, LAVAE):
-        module.accelerate(channels_last=args.channels_last, fused_norm=args.fused_norm, compile=args.compile,
-                          bf16=args.precision == "bf16")
+        module.accelerate(channels_last=config.channels_last, fused_norm=config.fused_norm, compile=config.compile,
+                          bf16=config.precision == "bf16")
         return
-    if args.channels_last:
+    if config.channels_last:
         module.to(memory_format=torch.channels_last)
-    use_fused_norm(module, args.fused_norm)
+    use_fused_norm(module, config.fused_norm)
 
 
 def image_grid(x: torch.Tensor, lam: torch.Tensor, rows=None, cols=None, n=None, count: int = 8) -> torch.Tensor:
@@ -339,21 +345,47 @@ def image_grid(x: torch.Tensor, lam: torch.Tensor, rows=None, cols=None, n=None,
 
 
 class _Meter:
-    """Running means over a log interval."""
+    """Running means over a log interval, of numbers and of 0-dim tensors. A tensor is summed where
+    it is, in float64 as the numbers are (the same sums), so that a step does not wait for the
+    device; :meth:`totals` reads every sum at once. None and NaN values are skipped."""
 
     def __init__(self):
-        self.sums: Dict[str, float] = {}
-        self.counts: Dict[str, int] = {}
+        self.sums: Dict[str, object] = {}  # float, or a float64 tensor
+        self.counts: Dict[str, object] = {}  # int, or an int64 tensor (the non-NaN values summed)
 
     def add(self, **kv):
         for k, v in kv.items():
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.detach().to(torch.float64)
+                ok = ~torch.isnan(v)
+                self.sums[k] = self.sums.get(k, 0.0) + torch.where(ok, v, 0.0)
+                self.counts[k] = self.counts.get(k, 0) + ok.long()
+                continue
+            if isinstance(v, float) and math.isnan(v):
                 continue
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
             self.counts[k] = self.counts.get(k, 0) + 1
 
+    def totals(self) -> Tuple[Dict[str, float], Dict[str, int]]:
+        """(sums, counts) as numbers, the tensors read in one host sync; a key whose values were all
+        NaN is left out."""
+        tensors = [k for k in self.sums if isinstance(self.sums[k], torch.Tensor)]
+        sums, counts = dict(self.sums), dict(self.counts)
+        if tensors:
+            device = self.sums[tensors[0]].device
+            read = torch.stack([self.sums[k].to(device) for k in tensors] +
+                               [torch.as_tensor(self.counts[k], dtype=torch.float64).to(device)
+                                for k in tensors]).tolist()
+            sums.update(zip(tensors, read[:len(tensors)]))
+            counts.update((k, int(c)) for k, c in zip(tensors, read[len(tensors):]))
+        keep = [k for k in sums if counts[k]]
+        return {k: sums[k] for k in keep}, {k: counts[k] for k in keep}
+
     def means(self) -> Dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+        sums, counts = self.totals()
+        return {k: sums[k] / counts[k] for k in sums}
 
 
 def truncate_metrics(path: str, step: int) -> None:
@@ -485,41 +517,41 @@ class StopSignals:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    channels = DATASETS[args.dataset].channels
-    if args.loc_lr is None:
-        args.loc_lr = DATASETS[args.dataset].loc_lr
-    args.canvas = list(parse_canvas(args.canvas))
-    if args.image_every is None:
-        args.image_every = args.eval_every
-    if args.device == "cpu" or args.threads:
-        performance.set_threads(args.threads)
-    if args.tune_allocator:
+    config = TrainConfig.from_args(parser.parse_args(argv))
+    channels = DATASETS[config.dataset].channels
+    if config.loc_lr is None:
+        config.loc_lr = DATASETS[config.dataset].loc_lr
+    config.canvas = list(parse_canvas(config.canvas))
+    if config.image_every is None:
+        config.image_every = config.eval_every
+    if config.device == "cpu" or config.threads:
+        performance.set_threads(config.threads)
+    if config.tune_allocator:
         performance.tune_allocator()
     try:
-        dist = distributed.setup(args.device, args.batch_size, sync_bn=args.sync_bn, backend=args.dist_backend)
+        dist = distributed.setup(config.device, config.batch_size, sync_bn=config.sync_bn, backend=config.dist_backend)
     except distributed.DistributedSetupError as exc:
         parser.error(str(exc))
     device = dist.device
-    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+    ckpt_path = os.path.join(config.out, CHECKPOINT_NAME)
     # ---- the run directory: checked and locked by rank 0 before any long work; every rank
     # learns the verdict, so that none is left waiting for the others.
     lock, problem = None, None
     if dist.is_main:
         try:
-            lock = prepare_run_directory(args.out, args.resume, args.overwrite)
+            lock = prepare_run_directory(config.out, config.resume, config.overwrite)
         except (RunDirectoryError, RunDirectoryInUse, OSError) as exc:
             problem = str(exc)
     problem = dist.broadcast(problem)
     if problem:
         parser.error(problem)
     try:
-        return _train(parser, args, dist, device, channels, ckpt_path)
+        return _train(parser, config, dist, device, channels, ckpt_path)
     except (CheckpointWriteError, OSError) as exc:
         # A full disk, a vanished directory: the previous checkpoint is intact (atomic writes).
         msg = str(exc)
         if not isinstance(exc, CheckpointWriteError) and getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            msg += (f" (the disk holding --out {args.out} is full; its last checkpoint is intact: free some space "
+            msg += (f" (the disk holding --out {config.out} is full; its last checkpoint is intact: free some space "
                     "and continue with --resume)")
         print(f"{parser.prog}: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
@@ -532,40 +564,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             lock.close()
 
 
-def _train(parser, args, dist, device, channels, ckpt_path) -> int:
+def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> int:
     # ---- data
     try:
-        train_data = load_run_split(vars(args), "train")
+        train_data = load_run_split(config.to_dict(), "train")
     except (ValueError, OSError) as exc:  # a missing/damaged --data directory, an impossible --canvas
-        parser.error(f"training data ({'--data ' + args.data if args.data else '--dataset/--canvas'}): {exc}")
+        parser.error(f"training data ({'--data ' + config.data if config.data else '--dataset/--canvas'}): {exc}")
     N = len(train_data.counts)
     if N == 0:
-        parser.error(f"training data ({'--data ' + args.data if args.data else '--n-train'}): the train split "
+        parser.error(f"training data ({'--data ' + config.data if config.data else '--n-train'}): the train split "
                      "holds no images")
     data_fingerprint = None
-    if args.data:
+    if config.data:
         from .data.storage import fingerprint
 
         stored = train_data.meta.get("dataset")
-        if stored != args.dataset:
-            parser.error(f"--data {args.data} holds {stored!r}, not --dataset {args.dataset!r}")
+        if stored != config.dataset:
+            parser.error(f"--data {config.data} holds {stored!r}, not --dataset {config.dataset!r}")
         data_fingerprint = fingerprint(train_data.meta)
     x0, _ = train_data.get_batch([0])
-    if x0.shape[1] != channels or list(x0.shape[-2:]) != list(args.canvas):
-        if args.data:
+    if x0.shape[1] != channels or list(x0.shape[-2:]) != list(config.canvas):
+        if config.data:
             # A data directory fixes the canvas: adopt it rather than failing on the default.
-            args.canvas = list(x0.shape[-2:])
+            config.canvas = list(x0.shape[-2:])
         if x0.shape[1] != channels:
-            parser.error(f"--dataset {args.dataset} expects {channels} channel(s), data has {x0.shape[1]}")
-    H, W = args.canvas
+            parser.error(f"--dataset {config.dataset} expects {channels} channel(s), data has {x0.shape[1]}")
+    H, W = config.canvas
     D = H * W
     eval_splits = []
-    if args.eval_every and dist.is_main:
+    if config.eval_every and dist.is_main:
         # Build the evaluation splits now, so that a canvas too small for one of them (7 objects
         # on 32×32) is reported before training rather than at the first evaluation.
         for split in ("test", "test7"):
             try:
-                if len(load_run_split(vars(args), split).counts):
+                if len(load_run_split(config.to_dict(), split).counts):
                     eval_splits.append(split)
                 else:
                     print(f"periodic evaluation skips the {split} split: it holds no images", file=sys.stderr)
@@ -573,27 +605,27 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
                 print(f"periodic evaluation skips the {split} split: {exc}", file=sys.stderr)
 
     # ---- model, aux VAE, optimiser
-    torch.manual_seed(args.seed)
-    cfg = model_config(args, channels)
+    torch.manual_seed(config.seed)
+    cfg = model_config(config, channels)
     model = build_model(cfg).to(device)
     aux = None
-    if args.model == "lavae":
+    if config.model == "lavae":
         from .aux_vae import AuxVAE
 
         aux = AuxVAE(channels).to(device)
-    if args.sync_bn:
+    if config.sync_bn:
         model = distributed.convert_sync_batchnorm(model)
         if aux is not None:
             aux = distributed.convert_sync_batchnorm(aux)
     bf16_native, bf16_why = performance.bf16_native(device)
-    args.precision, args.precision_reason = choose_precision(args.bf16, bf16_native, bf16_why, args.model)
-    accelerate(model, args)
+    config.precision, config.precision_reason = choose_precision(config.bf16, bf16_native, bf16_why, config.model)
+    accelerate(model, config)
     if aux is not None:
-        accelerate(aux, args)
-    recipe = Recipe.from_args(model, args, aux=aux)
+        accelerate(aux, config)
+    recipe = Recipe.from_args(model, config, aux=aux)
     opt = recipe.optimizer()
     start = 0
-    if args.resume:
+    if config.resume:
         # Rank 0 reads (and verifies) the checkpoint and sends it to the others, so that every
         # process resumes from the same state, whether or not they share a file system.
         found = None
@@ -609,37 +641,37 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
             parser.error(f"--resume: {found}")
         if found is None:
             if dist.is_main:
-                print(f"--resume: no checkpoint in {args.out}, starting from scratch", file=sys.stderr)
+                print(f"--resume: no checkpoint in {config.out}, starting from scratch", file=sys.stderr)
         else:
             ckpt, used = found
             old = ckpt["args"]
-            refusal = resume_refusal(old, vars(args))
+            refusal = resume_refusal(old, config.to_dict())
             if refusal:
                 parser.error(refusal)
             if "data_fingerprint" in ckpt:
                 if ckpt["data_fingerprint"] != data_fingerprint:
                     was = "in-memory data" if ckpt["data_fingerprint"] is None else f"data set {old.get('data')!r}"
-                    now = "in-memory data" if data_fingerprint is None else f"--data {args.data}"
+                    now = "in-memory data" if data_fingerprint is None else f"--data {config.data}"
                     parser.error(f"--resume on different data: the run was trained on {was} (fingerprint "
                                  f"{str(ckpt['data_fingerprint'])[:12]}), {now} has fingerprint "
                                  f"{str(data_fingerprint)[:12]} (regenerated or another set); resume on the "
                                  "original data set or start a new run")
-            elif bool(old.get("data")) != bool(args.data) or (
-                    args.data and os.path.realpath(old["data"]) != os.path.realpath(args.data)):
+            elif bool(old.get("data")) != bool(config.data) or (
+                    config.data and os.path.realpath(old["data"]) != os.path.realpath(config.data)):
                 # A checkpoint from before fingerprints: the directory itself must be the same.
-                parser.error(f"--resume with a different --data: {args.data!r} (checkpoint: {old.get('data')!r})")
+                parser.error(f"--resume with a different --data: {config.data!r} (checkpoint: {old.get('data')!r})")
             # The run keeps the precision it was trained in, whatever this machine would choose: a
             # resumed run continues the same computation (an explicit --bf16 on/off that differs is
             # refused, as other run settings are).
-            if args.model == "lavae":
+            if config.model == "lavae":
                 recorded = recorded_precision(old)
-                if args.bf16 != "auto" and args.precision != recorded:
-                    parser.error(f"--resume with --bf16 {args.bf16}, but the run was trained in {recorded} "
+                if config.bf16 != "auto" and config.precision != recorded:
+                    parser.error(f"--resume with --bf16 {config.bf16}, but the run was trained in {recorded} "
                                  f"(checkpoint); leave --bf16 out (or use auto) to continue it in {recorded}")
-                if recorded != args.precision:
-                    args.precision = recorded
-                    accelerate(model, args)
-                args.precision_reason = ("recorded in the checkpoint: --resume keeps it, without detecting the "
+                if recorded != config.precision:
+                    config.precision = recorded
+                    accelerate(model, config)
+                config.precision_reason = ("recorded in the checkpoint: --resume keeps it, without detecting the "
                                          "machine again")
             model.load_state_dict(ckpt["model"])
             if aux is not None and ckpt.get("aux") is not None:
@@ -649,26 +681,26 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
             if dist.is_main:
                 print(f"resumed from {used} at step {start}", file=sys.stderr)
     if dist.is_main:
-        if args.overwrite:
-            discard_run(args.out)
-        print(f"precision: {args.precision} ({args.precision_reason})", file=sys.stderr)
-        if args.precision == "bf16" and not bf16_native:
+        if config.overwrite:
+            discard_run(config.out)
+        print(f"precision: {config.precision} ({config.precision_reason})", file=sys.stderr)
+        if config.precision == "bf16" and not bf16_native:
             print(f"warning: training in bf16 where it is emulated ({bf16_why}); expect steps ~"
                   f"{performance.BF16_EMULATED_SLOWDOWN}x slower than with native bf16, and slower than "
                   f"float32 (--bf16 off)", file=sys.stderr)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        with open(os.path.join(config.out, "args.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
         # Log lines written after the checkpoint (or, with no checkpoint, by a run killed before
         # its first one) are redone now: they must not stay mixed with this session's.
-        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+        truncate_metrics(os.path.join(config.out, "metrics.jsonl"), start)
     net, aux_net = dist.wrap(model), dist.wrap(aux)
     if dist.world_size == 1:  # LAVAE compiles its nets itself; the others are compiled whole
-        net = model if args.model == "lavae" else _compiled(model, args)
-        aux_net = None if aux is None else _compiled(aux, args)
+        net = model if config.model == "lavae" else _compiled(model, config)
+        aux_net = None if aux is None else _compiled(aux, config)
 
     def save(step):
         save_checkpoint(ckpt_path, {
-            "step": step, "args": vars(args), "model_config": cfg, "model": model.state_dict(),
+            "step": step, "args": config.to_dict(), "model_config": cfg, "model": model.state_dict(),
             "aux": None if aux is None else aux.state_dict(), "optimizer": opt.state_dict(),
             "data_fingerprint": data_fingerprint,
         })
@@ -678,15 +710,15 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         if dist.is_main:
-            writer = SummaryWriter(os.path.join(args.out, "tb"), purge_step=start if start else None)
+            writer = SummaryWriter(os.path.join(config.out, "tb"), purge_step=start if start else None)
     except Exception as exc:  # tensorboard missing: keep training, the JSONL log still works
         print(f"TensorBoard disabled ({exc})", file=sys.stderr)
     # Rank 0 alone writes the log; the others write nowhere.
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl") if dist.is_main else os.devnull, "a")
+    metrics_file = open(os.path.join(config.out, "metrics.jsonl") if dist.is_main else os.devnull, "a")
 
-    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    end = config.steps if config.stop_at is None else min(config.steps, config.stop_at)
     pbar = None
-    if not args.no_progress and dist.is_main:
+    if not config.no_progress and dist.is_main:
         from tqdm import tqdm
 
         pbar = tqdm(total=end, initial=start, dynamic_ncols=True, mininterval=2.0)
@@ -701,15 +733,16 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
         for step in range(start, end):
             lrs = recipe.step(opt, step)
             # The global batch of the step, of which this process takes the slice [lo, hi).
-            lo, hi = dist.shard(args.batch_size)
-            idx = data_indices(args.seed, step, args.batch_size, N)[lo:hi]
+            lo, hi = dist.shard(config.batch_size)
+            idx = data_indices(config.seed, step, config.batch_size, N)[lo:hi]
             x, counts = train_data.get_batch(idx.numpy())
             x = x.to(device, non_blocking=True)
-            if args.channels_last:
+            if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            ids = torch.arange(step * args.batch_size + lo, step * args.batch_size + hi)
-            probe = args.probe_gradients and (step + 1) % args.log_every == 0
-            loss, out, log = recipe.forward(x, step, ids, counts, forward=net, aux_forward=aux_net, probe=probe)
+            ids = torch.arange(step * config.batch_size + lo, step * config.batch_size + hi)
+            probe = config.probe_gradients and (step + 1) % config.log_every == 0
+            loss, out, log = recipe.forward(x, step, ids, counts, forward=net, aux_forward=aux_net, probe=probe,
+                                          as_tensors=True)  # the logged values stay on the device
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -718,19 +751,20 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
             meter.add(**log)
             done = step + 1
 
-            if args.model == "lavae" and (done % args.log_every == 0 or done == end):
+            if config.model == "lavae" and (done % config.log_every == 0 or done == end):
                 centres = np.asarray(train_data.centres)[idx.numpy()]
                 rows, cols = top_locations(out.h_loc, out.n_hat, model.max_objects)
                 m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
                 d = peak_distances(out.h_loc, centres, counts)
                 meter.add(loc_acc=m / t if t else None, peak_dist_median=float(np.median(d)) if len(d) else None)
 
-            if done % args.log_every == 0 or done == end:
+            if done % config.log_every == 0 or done == end:
                 now = time.time()
-                means = dist.reduce_meter(meter.sums, meter.counts)  # over every process
+                sums, n_summed = meter.totals()  # the interval's one read of the device's values
+                means = dist.reduce_meter(sums, n_summed)  # over every process
                 means.update({f"lr_{k}": v for k, v in lrs.items()})
-                means["sec_per_step"] = (now - t_last) / max(1, meter.counts.get("loss", 1))
-                if args.model == "lavae":
+                means["sec_per_step"] = (now - t_last) / max(1, n_summed.get("loss", 1))
+                if config.model == "lavae":
                     means["threshold"] = 4 * gamma
                 t_last = now
                 meter = _Meter()
@@ -744,7 +778,7 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
                     # "loss" in the log is the −ELBO alone (nats per image); the bar says so, and that
                     # it is the mean over the last --log-every steps, and shows the weighted warm-up
                     # term beside it (the optimised loss adds it and the aux VAE's own ELBO).
-                    post = {f"-elbo(avg {args.log_every} steps)": f"{means.get('loss', float('nan')):.1f}"}
+                    post = {f"-elbo(avg {config.log_every} steps)": f"{means.get('loss', float('nan')):.1f}"}
                     if "warmup_term" in means:
                         post["warm"] = f"{means['warmup_term']:.4g}"
                     if "count_acc" in means:
@@ -752,21 +786,21 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
                         post["hmax"] = f"{means.get('hloc_max_obj', float('nan')):.1f}/{4 * gamma:.1f}"
                     pbar.set_postfix(post, refresh=False)
 
-            if writer is not None and args.image_every and (done % args.image_every == 0 or done == end):
+            if writer is not None and config.image_every and (done % config.image_every == 0 or done == end):
                 with torch.no_grad():
-                    if args.model == "lavae":
+                    if config.model == "lavae":
                         grid = image_grid(x, out.lam, out.rows, out.cols, out.n)
                     else:
                         grid = image_grid(x, out.lam)
                 writer.add_image("train/input_over_reconstruction", grid, done)
 
-            if args.eval_every and dist.is_main and (done % args.eval_every == 0 or done == end):
+            if config.eval_every and dist.is_main and (done % config.eval_every == 0 or done == end):
                 from .evaluate import evaluate_split
 
                 ev = {}
                 for split in eval_splits:
-                    r = evaluate_split(model, load_run_split(vars(args), split), K=0, n_eval=args.eval_size,
-                                       batch_size=32, device=device, seed=args.seed)
+                    r = evaluate_split(model, load_run_split(config.to_dict(), split), K=0, n_eval=config.eval_size,
+                                       batch_size=32, device=device, seed=config.seed)
                     ev[split] = r
                     if writer is not None:
                         for k, v in r.items():
@@ -778,7 +812,7 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
                 metrics_file.write(json.dumps({"step": done, "eval": ev}) + "\n")
                 metrics_file.flush()
 
-            if done % args.ckpt_every == 0 or done == end:
+            if done % config.ckpt_every == 0 or done == end:
                 dist.assert_in_sync(model=model, aux=aux)  # collective: every process checks
                 if dist.is_main:
                     save(done)
@@ -787,7 +821,7 @@ def _train(parser, args, dist, device, channels, ckpt_path) -> int:
             # Every process stops at the same step: the signal may have reached only some of them.
             stopped = dist.agree_on_stop(stop.signum)
             if stopped:
-                if not (done % args.ckpt_every == 0 or done == end):
+                if not (done % config.ckpt_every == 0 or done == end):
                     dist.assert_in_sync(model=model, aux=aux)
                     if dist.is_main:
                         save(done)

@@ -1,9 +1,12 @@
 """Tests of the training schedules, checkpoints and the training CLI (tiny runs, end to end)."""
 
+import argparse
+import dataclasses
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from lavae_fast import schedules
 from lavae_fast import train as T
 from lavae_fast.checkpoint import load_checkpoint, save_checkpoint
 from lavae_fast.train import main as train_main
+from lavae_fast.train_config import TrainConfig
 
 # A tiny configuration: 32×32 multi-dSprites, narrow nets, a few steps. Still the full recipe.
 TINY = ["--dataset", "multi-dsprites", "--canvas", "32", "--n-train", "64", "--n-test", "16", "--n-test7", "8",
@@ -185,6 +189,52 @@ def test_resume_of_a_run_with_the_old_estimator_names_what_changed(tmp_path, cap
     assert load_checkpoint(run)["step"] == 2
 
 
+# The run-defining options as train.py listed them by hand before TrainConfig's metadata named them.
+OLD_RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
+                    "width", "sprite_width", "location_mode", "loc_kl", "warmup_scale", "warmup_peak", "warmup_blur",
+                    "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "lr", "loc_lr",
+                    "loc_lr_decay"]
+
+
+def _parser_dests():
+    """Each option's dest, once (--bf16 and --no-bf16 share one), in the parser's order."""
+    dests = []
+    for action in T.build_parser()._actions:
+        if action.dest != "help" and action.dest not in dests:
+            dests.append(action.dest)
+    return dests
+
+
+def test_train_config_has_one_field_per_parser_option_in_its_order():
+    # In order as well: args.json is written from to_dict() and keeps the namespace's key order.
+    assert list(TrainConfig.cli_fields()) == _parser_dests()
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert fields == _parser_dests() + ["precision", "precision_reason"]  # the two the trainer records
+
+
+def test_run_defining_is_derived_from_the_metadata_and_unchanged():
+    assert set(T.RUN_DEFINING) == set(OLD_RUN_DEFINING) and len(T.RUN_DEFINING) == len(OLD_RUN_DEFINING)
+    assert T.RUN_DEFINING == tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("run_defining"))
+
+
+def test_train_config_round_trip():
+    ns = T.build_parser().parse_args(TINY + ["--out", "r", "--seed", "3", "--bf16", "off", "--no-channels-last"])
+    config = TrainConfig.from_args(ns)
+    assert config.seed == 3 and config.bf16 == "off" and config.channels_last is False and config.precision is None
+    d = config.to_dict()
+    # the namespace's keys and values, in its order, then the recorded precision
+    assert list(d.items()) == list(vars(ns).items()) + [("precision", None), ("precision_reason", None)]
+    assert TrainConfig.from_args(argparse.Namespace(**d)) == config
+    # an old args.json (a plain dict of the same keys) makes the same config
+    assert TrainConfig.from_args(argparse.Namespace(**json.loads(json.dumps(d)))).to_dict() == json.loads(json.dumps(d))
+    with pytest.raises(TypeError):  # an option without a field is an error, not silently dropped
+        TrainConfig.from_args(argparse.Namespace(**d, no_such_option=1))
+    missing = dict(d)
+    del missing["seed"]
+    with pytest.raises(TypeError):
+        TrainConfig.from_args(argparse.Namespace(**missing))
+
+
 def test_resume_refusal_reads_missing_keys_as_the_old_defaults():
     args = vars(T.build_parser().parse_args(TINY + ["--out", "unused"]))
     old = {k: args[k] for k in T.RUN_DEFINING if k not in ("location_mode", "loc_kl")}  # written before the options
@@ -219,6 +269,53 @@ def test_bad_cli_arguments(tmp_path, capsys, bad, match):
     with pytest.raises(SystemExit):
         train_main(TINY + ["--out", str(tmp_path / "r")] + bad)
     assert match in capsys.readouterr().err
+
+
+def test_meter_sums_tensors_on_the_device_as_it_summed_numbers():
+    """The trainer's per-step values stay tensors until a log step; their sums are the float64
+    sums of the Python numbers they used to be converted to, exactly, None and NaN skipped."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(500, generator=g, dtype=torch.float32) * 100  # float32 sums would differ
+    values[[3, 77]] = float("nan")
+    as_numbers, as_tensors = T._Meter(), T._Meter()
+    for i, v in enumerate(values):
+        as_numbers.add(a=v.item(), b=None, c=float("nan"), d=2.0 * i)
+        as_tensors.add(a=v, b=None, c=torch.tensor(float("nan")), d=2.0 * i)
+    sums, counts = as_tensors.totals()
+    assert (sums, counts) == as_numbers.totals() == (as_numbers.sums, as_numbers.counts)
+    assert counts == {"a": 498, "d": 500} and isinstance(sums["a"], float) and isinstance(counts["a"], int)
+    assert sums["a"] != values.nan_to_num(0.0).sum().item()  # (the float32 sum, which it must not be)
+    assert as_tensors.means() == as_numbers.means()
+
+
+def test_recipe_logs_as_tensors_are_its_logged_numbers():
+    """Recipe.forward(as_tensors=True) leaves the device's values as detached tensors; read, they
+    are exactly the floats of the default."""
+    import copy
+
+    from lavae_fast.aux_vae import AuxVAE
+    from lavae_fast.data import load_run_split
+    from lavae_fast.recipe import Recipe
+
+    args = T.build_parser().parse_args(TINY + ["--out", "unused"])
+    torch.manual_seed(0)
+    model, aux = T.build_model(T.model_config(args, 3)), AuxVAE(3)
+    model.train(), aux.train()
+    data = load_run_split(vars(args), "train")
+    counts_all = np.asarray(data.counts)
+    pick = [int(np.flatnonzero(counts_all == 0)[0])] + [int(i) for i in np.flatnonzero(counts_all > 0)[:7]]
+    x, counts = data.get_batch(pick)  # empty images and images with objects: both masked means
+    ids = torch.arange(8)
+    states = [copy.deepcopy(m.state_dict()) for m in (model, aux)]
+    _, _, floats = Recipe.from_args(model, args, aux=aux).forward(x, 0, ids, counts)
+    model.load_state_dict(states[0]), aux.load_state_dict(states[1])
+    _, _, tensors = Recipe.from_args(model, args, aux=aux).forward(x, 0, ids, counts, as_tensors=True)
+    assert list(tensors) == list(floats)
+    on_device = [k for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    assert {"loss", "recon", "count_acc", "hloc_max_obj", "hloc_max_empty", "target_max_empty"} <= set(on_device)
+    assert all(tensors[k].dim() == 0 and not tensors[k].requires_grad for k in on_device)
+    assert all(isinstance(v, float) for v in floats.values())
+    assert {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()} == floats
 
 
 @pytest.mark.parametrize("target", ["map", "cones"])
