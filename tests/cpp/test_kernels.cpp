@@ -2,11 +2,16 @@
 // -fsanitize=address,undefined). The kernels are called through the dispatcher, as Python calls
 // them, and checked against brute-force loops written here from the definitions in SPEC §9, on
 // odd shapes that exercise the partial-vector tails, sprites larger than the canvas, more than 12
-// objects (several output blocks) and both dtypes.
+// objects (several output blocks) and both dtypes, on every kernel variant this CPU runs.
 //
-// The op schemas are defined in Python (lavae_fast/ops.py); this executable has no Python, so it
-// defines them again. `test_kernels --print-schemas` prints them, and tests/test_cmake_build.py
-// checks them against the Python definitions so the two cannot drift apart.
+// The op schemas: lavae_fast/op_schemas.inc is their one source. Python defines the ops from it
+// (lavae_fast/_schemas.py); this executable has no Python, so it includes the same file and
+// defines the ops from it. Before any kernel runs, check_registrations() checks csrc/'s CPU
+// registrations against it: every op there has a CPU kernel, and no kernel is registered for an
+// op that is not there (a misspelt or stale name in csrc/dispatch.cpp). The dispatcher itself
+// checks each kernel's C++ signature against its schema when both are registered, and op<Sig>
+// checks the signature this driver calls with. `test_kernels --print-schemas` prints the schemas
+// as compiled in, for tests/test_cmake_build.py to compare with the ops Python defined.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -23,19 +28,7 @@
 #include "kernel_table.h"  // the kernel variants (csrc/dispatch.cpp): every one this CPU runs is tested
 
 static const char* kSchemas[] = {
-    "place_loglik(Tensor x, Tensor sprites, Tensor loc, Tensor n, Tensor? index, float eps)"
-    " -> (Tensor loglik, Tensor canvas)",
-    "place_loglik_backward(Tensor grad_loglik, Tensor? grad_canvas, Tensor x, Tensor sprites,"
-    " Tensor loc, Tensor n, Tensor? index, Tensor canvas, float eps, bool need_sprites,"
-    " bool need_loc) -> (Tensor grad_sprites, Tensor grad_loc)",
-    "gumbel_topk_relaxed(Tensor logits, Tensor n, float tau, int max_objects, Tensor gumbel)"
-    " -> (Tensor relaxed, Tensor log_q, Tensor index)",
-    "gumbel_topk_relaxed_backward(Tensor? grad_relaxed, Tensor? grad_log_q, Tensor logits,"
-    " Tensor index, Tensor relaxed, Tensor n, float tau) -> Tensor",
-    "count_objects(Tensor h_loc, float threshold, int max_objects) -> Tensor",
-    "gather_appearance(Tensor h_app, Tensor loc, Tensor n, Tensor? index) -> Tensor",
-    "gather_appearance_backward(Tensor grad, Tensor h_app, Tensor loc, Tensor n, Tensor? index,"
-    " bool need_h_app, bool need_loc) -> (Tensor grad_h_app, Tensor grad_loc)",
+#include "op_schemas.inc"
 };
 
 TORCH_LIBRARY(lavae_fast, m) {
@@ -329,11 +322,38 @@ static void test_gather(int64_t B, int64_t M, int64_t K, int64_t H, int64_t W) {
   check_throws("gather index out of range", [&] { fwd.call(h, c.loc, c.n, OptT(bad)); });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The registrations of csrc/ against lavae_fast/op_schemas.inc
+// ---------------------------------------------------------------------------------------------
+
+static std::string op_name(const char* schema) { return "lavae_fast::" + std::string(schema, std::strchr(schema, '(')); }
+
+static void check_registrations() {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  for (const char* schema : kSchemas) {
+    const std::string name = op_name(schema);
+    const auto handle = dispatcher.findSchema({name, ""});
+    EXPECT(handle.has_value(), "%s is not defined", name.c_str());
+    if (handle)
+      EXPECT(handle->hasKernelForDispatchKey(c10::DispatchKey::CPU), "%s has no CPU kernel (csrc/dispatch.cpp)",
+             name.c_str());
+  }
+  // A kernel registered under a name that has no schema: misspelt, or an op removed from the file.
+  for (const c10::OperatorHandle& h : dispatcher.findDanglingImpls()) {
+    const std::string name = h.operator_name().name;
+    EXPECT(name.rfind("lavae_fast::", 0) != 0, "%s has a kernel but no schema in lavae_fast/op_schemas.inc",
+           name.c_str());
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--print-schemas") == 0) {
     for (const char* s : kSchemas) std::printf("lavae_fast::%s\n", s);
     return 0;
   }
+  check_registrations();
+  std::printf("registrations: %d ops, %d failures\n", static_cast<int>(sizeof(kSchemas) / sizeof(kSchemas[0])),
+              g_failures);
   // Every kernel variant this CPU runs (default, avx2, avx512: each compiled with its own vector
   // width and register tiles), so that the sanitizer build checks the bounds of each.
   for (const std::string& variant : lavae_fast::available_cpu_capabilities()) {
