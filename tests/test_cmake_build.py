@@ -1,7 +1,8 @@
-"""The CMake build of csrc/ (CMakeLists.txt) and its C++ test executable, so that they cannot rot.
+"""The op schemas' one source (lavae_fast/op_schemas.inc), and the CMake build of csrc/
+(CMakeLists.txt) with its C++ test executable, so that they cannot rot.
 
-The schema check runs by default (it parses tests/cpp/test_kernels.cpp, no build needed). The
-builds take minutes on a 2-core machine and are marked slow:  pytest -m slow tests/test_cmake_build.py
+The schema checks run by default (no build needed). The builds take minutes on a 2-core machine
+and are marked slow:  pytest -m slow tests/test_cmake_build.py
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import subprocess
 import pytest
 import torch
 
-import lavae_fast.ops  # noqa: F401  (defines the schemas)
+import lavae_fast.norm  # noqa: F401  (with lavae_fast.ops, defines every op of the namespace)
+from lavae_fast import _backends, _schemas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_SOURCE = os.path.join(ROOT, "tests", "cpp", "test_kernels.cpp")
@@ -24,27 +26,53 @@ def _normalise(schema: str) -> str:
     return str(torch._C.parse_schema(schema))
 
 
-def _python_schemas() -> list[str]:
-    names = ["place_loglik", "place_loglik_backward", "gumbel_topk_relaxed", "gumbel_topk_relaxed_backward",
-             "count_objects", "gather_appearance", "gather_appearance_backward"]
-    return [_normalise(str(getattr(torch.ops.lavae_fast, n).default._schema)) for n in names]
+def _file_schemas() -> list[str]:
+    return [_normalise("lavae_fast::" + s) for s in _schemas.SCHEMAS.values()]
 
 
-def test_cpp_test_schemas_match_python_definitions():
-    # The C++ test defines the op schemas again (it runs without Python): they must be the ones
-    # lavae_fast/ops.py defines, or the executable would test a different contract.
+def _defined_schemas() -> dict[str, str]:
+    # Every op of the lavae_fast namespace that Python defined (lavae_fast.ops and lavae_fast.norm).
+    return {s.name: _normalise(str(s)) for s in torch._C._jit_get_all_schemas() if s.name.startswith("lavae_fast::")}
+
+
+def test_python_defines_exactly_the_schema_file():
+    # ops.py and norm.py define their ops from lavae_fast/op_schemas.inc: every op of the file, and
+    # no op that is not in it.
+    defined = _defined_schemas()
+    assert sorted(defined.values()) == sorted(_file_schemas())
+    assert set(defined) == {"lavae_fast::" + n for n in _schemas.SCHEMAS}
+
+
+def test_schema_file_is_strict(tmp_path):
+    # A line the C++ driver would read differently (wrapped, without its comma, two literals) is an
+    # error, not skipped; so is a repeated op name.
+    for bad in ['"f(Tensor x) -> Tensor"', '"f(Tensor x)" " -> Tensor",', "f(Tensor x) -> Tensor,",
+                '"f(Tensor x) -> Tensor",\n"f(Tensor y) -> Tensor",']:
+        path = tmp_path / "s.inc"
+        path.write_text("// comment\n\n" + bad + "\n")
+        with pytest.raises(ValueError):
+            _schemas.read(str(path))
+    path.write_text('// c\n"f(Tensor x) -> Tensor",\n"g(Tensor x) -> Tensor",\n')
+    assert _schemas.read(str(path)) == {"f": "f(Tensor x) -> Tensor", "g": "g(Tensor x) -> Tensor"}
+
+
+def test_cpp_driver_reads_the_schema_file():
+    # The C++ driver defines the ops from the same file (no second copy of any schema), and the
+    # CMake build gives it the file's directory.
     src = open(TEST_SOURCE).read()
-    block = re.search(r"kSchemas\[\]\s*=\s*\{(.*?)\};", src, re.S).group(1)
-    schemas, current = [], ""
-    # Adjacent string literals concatenate; a comma after a literal ends the entry.
-    for literal, comma in re.findall(r'"((?:[^"\\]|\\.)*)"\s*(,?)', block):
-        current += literal
-        if comma:
-            schemas.append(_normalise("lavae_fast::" + current))
-            current = ""
-    if current:
-        schemas.append(_normalise("lavae_fast::" + current))
-    assert schemas == _python_schemas()
+    assert re.search(r'kSchemas\[\]\s*=\s*\{\s*#include "op_schemas.inc"\s*\};', src)
+    assert "check_registrations();" in src
+    for name in _schemas.SCHEMAS:
+        assert f'"{name}(' not in src, name
+    assert "${CMAKE_CURRENT_SOURCE_DIR}/lavae_fast" in open(os.path.join(ROOT, "CMakeLists.txt")).read()
+
+
+def test_every_schema_has_a_cpu_kernel_and_every_cpu_kernel_a_schema(ext):
+    # What the C++ driver checks at start-up, checked here in the process Python runs.
+    for name in _schemas.SCHEMAS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lavae_fast::{name}", "CPU"), name
+    dangling = [str(d) for d in torch._C._dispatch_find_dangling_impls()]
+    assert not [d for d in dangling if "lavae_fast::" in d], dangling
 
 
 def _build(tmp_path, sanitize: bool) -> str:
@@ -68,9 +96,9 @@ def _run(exe: str, extra_env=None) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-8000:]
     assert "ALL OK" in out and " 0 failures" in out, out[-4000:]
-    # Every kernel variant this CPU runs was exercised (each has its own vector width and tiles).
-    from lavae_fast import _backends
-
+    # The registrations of csrc/ were checked against the schema file, then every kernel variant
+    # this CPU runs was exercised (each has its own vector width and tiles).
+    assert re.search(rf"^registrations: {len(_schemas.SCHEMAS)} ops, 0 failures$", out, re.M), out[-4000:]
     ran = re.findall(r"^variant (\S+): 0 failures$", out, re.M)
     assert ran, out[-4000:]
     if _backends.cpu_kernels_loaded:
@@ -82,8 +110,9 @@ def _run(exe: str, extra_env=None) -> str:
 def test_cmake_build_and_run(tmp_path):
     exe = _build(tmp_path, sanitize=False)
     _run(exe)
+    # The schemas compiled into the driver are the ones Python defined.
     printed = subprocess.run([exe, "--print-schemas"], capture_output=True, text=True, check=True).stdout
-    assert [_normalise(s) for s in printed.splitlines()] == _python_schemas()
+    assert sorted(_normalise(s) for s in printed.splitlines()) == sorted(_defined_schemas().values())
 
 
 @pytest.mark.slow

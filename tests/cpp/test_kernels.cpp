@@ -1,12 +1,19 @@
 // Standalone C++ test of the CPU kernels, built by CMakeLists.txt (optionally with
 // -fsanitize=address,undefined). The kernels are called through the dispatcher, as Python calls
-// them, and checked against brute-force loops written here from the definitions in SPEC §9, on
-// odd shapes that exercise the partial-vector tails, sprites larger than the canvas, more than 12
-// objects (several output blocks) and both dtypes.
+// them, and checked against brute-force loops written here from the definitions in SPEC §9 (and,
+// for the fused Leaky ReLU + batch norm, lavae_fast/norm.py's formulas), on odd shapes that
+// exercise the partial-vector tails, sprites larger than the canvas, more than 12 objects (several
+// output blocks), channel counts that are not a multiple of the vector width, both memory layouts
+// and every dtype, on every kernel variant this CPU runs.
 //
-// The op schemas are defined in Python (lavae_fast/ops.py); this executable has no Python, so it
-// defines them again. `test_kernels --print-schemas` prints them, and tests/test_cmake_build.py
-// checks them against the Python definitions so the two cannot drift apart.
+// The op schemas: lavae_fast/op_schemas.inc is their one source. Python defines the ops from it
+// (lavae_fast/_schemas.py); this executable has no Python, so it includes the same file and
+// defines the ops from it. Before any kernel runs, check_registrations() checks csrc/'s CPU
+// registrations against it: every op there has a CPU kernel, and no kernel is registered for an
+// op that is not there (a misspelt or stale name in csrc/dispatch.cpp). The dispatcher itself
+// checks each kernel's C++ signature against its schema when both are registered, and op<Sig>
+// checks the signature this driver calls with. `test_kernels --print-schemas` prints the schemas
+// as compiled in, for tests/test_cmake_build.py to compare with the ops Python defined.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -23,19 +30,7 @@
 #include "kernel_table.h"  // the kernel variants (csrc/dispatch.cpp): every one this CPU runs is tested
 
 static const char* kSchemas[] = {
-    "place_loglik(Tensor x, Tensor sprites, Tensor loc, Tensor n, Tensor? index, float eps)"
-    " -> (Tensor loglik, Tensor canvas)",
-    "place_loglik_backward(Tensor grad_loglik, Tensor? grad_canvas, Tensor x, Tensor sprites,"
-    " Tensor loc, Tensor n, Tensor? index, Tensor canvas, float eps, bool need_sprites,"
-    " bool need_loc) -> (Tensor grad_sprites, Tensor grad_loc)",
-    "gumbel_topk_relaxed(Tensor logits, Tensor n, float tau, int max_objects, Tensor gumbel)"
-    " -> (Tensor relaxed, Tensor log_q, Tensor index)",
-    "gumbel_topk_relaxed_backward(Tensor? grad_relaxed, Tensor? grad_log_q, Tensor logits,"
-    " Tensor index, Tensor relaxed, Tensor n, float tau) -> Tensor",
-    "count_objects(Tensor h_loc, float threshold, int max_objects) -> Tensor",
-    "gather_appearance(Tensor h_app, Tensor loc, Tensor n, Tensor? index) -> Tensor",
-    "gather_appearance_backward(Tensor grad, Tensor h_app, Tensor loc, Tensor n, Tensor? index,"
-    " bool need_h_app, bool need_loc) -> (Tensor grad_h_app, Tensor grad_loc)",
+#include "op_schemas.inc"
 };
 
 TORCH_LIBRARY(lavae_fast, m) {
@@ -329,11 +324,205 @@ static void test_gather(int64_t B, int64_t M, int64_t K, int64_t H, int64_t W) {
   check_throws("gather index out of range", [&] { fwd.call(h, c.loc, c.n, OptT(bad)); });
 }
 
+// ---------------------------------------------------------------------------------------------
+// lrelu_batch_norm: fused Leaky ReLU → batch norm with batch statistics
+// ---------------------------------------------------------------------------------------------
+
+using T3 = std::tuple<Tensor, Tensor, Tensor>;
+
+static double lrelu(double y, double slope) { return y > 0 ? y : y * slope; }
+
+// By definition, in float64 loops over the logical [N,C,H,W] indices (any strides): a = lrelu(y);
+// mean and biased variance of a per channel over (N,H,W); invstd = 1/sqrt(var + eps);
+// out = (a − mean)·invstd·weight + bias.
+static T3 brute_norm_forward(const Tensor& y, const Tensor& weight, const Tensor& bias, double slope, double eps) {
+  const int64_t N = y.size(0), C = y.size(1), H = y.size(2), W = y.size(3);
+  const double n = static_cast<double>(N * H * W);
+  const Tensor yd = y.to(at::kDouble), wd = weight.to(at::kDouble), bd = bias.to(at::kDouble);
+  Tensor out = at::empty({N, C, H, W}, at::kDouble), mean = at::empty({C}, at::kDouble);
+  Tensor invstd = at::empty({C}, at::kDouble);
+  auto Y = yd.accessor<double, 4>();
+  auto O = out.accessor<double, 4>();
+  auto w = wd.accessor<double, 1>(), b = bd.accessor<double, 1>();
+  auto m = mean.accessor<double, 1>(), is = invstd.accessor<double, 1>();
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0, v = 0;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t x = 0; x < W; ++x) s += lrelu(Y[i][c][h][x], slope);
+    m[c] = s / n;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t x = 0; x < W; ++x) v += std::pow(lrelu(Y[i][c][h][x], slope) - m[c], 2);
+    is[c] = 1 / std::sqrt(v / n + eps);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t x = 0; x < W; ++x) O[i][c][h][x] = (lrelu(Y[i][c][h][x], slope) - m[c]) * is[c] * w[c] + b[c];
+  }
+  return {out, mean, invstd};
+}
+
+// With the mean and invstd given and x̂ = (a − mean)·invstd: grad_bias = Σg, grad_weight = Σg·x̂
+// over (N,H,W), grad_y = weight·invstd·(g − Σg/n − x̂·Σg·x̂/n)·(y > 0 ? 1 : slope).
+static T3 brute_norm_backward(const Tensor& grad, const Tensor& y, const Tensor& weight, const Tensor& mean,
+                              const Tensor& invstd, double slope) {
+  const int64_t N = y.size(0), C = y.size(1), H = y.size(2), W = y.size(3);
+  const double n = static_cast<double>(N * H * W);
+  const Tensor yd = y.to(at::kDouble), gd = grad.to(at::kDouble), wd = weight.to(at::kDouble);
+  const Tensor md = mean.to(at::kDouble), sd = invstd.to(at::kDouble);
+  Tensor gy = at::empty({N, C, H, W}, at::kDouble), gw = at::empty({C}, at::kDouble), gb = at::empty({C}, at::kDouble);
+  auto Y = yd.accessor<double, 4>(), G = gd.accessor<double, 4>();
+  auto GY = gy.accessor<double, 4>();
+  auto w = wd.accessor<double, 1>(), m = md.accessor<double, 1>(), is = sd.accessor<double, 1>();
+  auto aw = gw.accessor<double, 1>(), ab = gb.accessor<double, 1>();
+  for (int64_t c = 0; c < C; ++c) {
+    double sg = 0, sgx = 0;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t x = 0; x < W; ++x) {
+          sg += G[i][c][h][x];
+          sgx += G[i][c][h][x] * (lrelu(Y[i][c][h][x], slope) - m[c]) * is[c];
+        }
+    ab[c] = sg;
+    aw[c] = sgx;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t x = 0; x < W; ++x) {
+          const double xhat = (lrelu(Y[i][c][h][x], slope) - m[c]) * is[c];
+          const double v = w[c] * is[c] * (G[i][c][h][x] - sg / n - xhat * sgx / n);
+          GY[i][c][h][x] = Y[i][c][h][x] > 0 ? v : v * slope;
+        }
+  }
+  return {gy, gw, gb};
+}
+
+// The layout of out and grad_y (lavae_fast/norm.py output_memory_format): NCHW when y is
+// contiguous, channels-last when y is channels-last only, NCHW otherwise.
+static at::MemoryFormat norm_output_format(const Tensor& y) {
+  if (y.is_contiguous()) return at::MemoryFormat::Contiguous;
+  return y.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+static void test_norm(int64_t N, int64_t C, int64_t H, int64_t W, double slope) {
+  using FwdSig = T3(const Tensor&, const Tensor&, const Tensor&, double, double);
+  using BwdSig = T3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool, bool, bool);
+  auto fwd = op<FwdSig>("lavae_fast::lrelu_batch_norm");
+  auto bwd = op<BwdSig>("lavae_fast::lrelu_batch_norm_backward");
+  const double eps = 1e-5;
+  // Each channel with its own offset and spread; the last one (C > 2) far from zero, |mean| ≫ std,
+  // which the kernel's shifted sums must survive.
+  Tensor offset = at::randn({1, C, 1, 1}, at::kDouble) * 2;
+  if (C > 2) offset[0][C - 1] = 30;
+  const Tensor y64 = at::randn({N, C, H, W}, at::kDouble) * (0.5 + at::rand({1, C, 1, 1}, at::kDouble)) + offset;
+  const Tensor g64 = at::randn({N, C, H, W}, at::kDouble);
+  const Tensor w64 = at::randn({C}, at::kDouble), b64 = at::randn({C}, at::kDouble);
+  for (at::ScalarType dt : {at::kDouble, at::kFloat, at::kBFloat16}) {
+    const at::ScalarType st = dt == at::kDouble ? at::kDouble : at::kFloat;  // weight, bias, mean, invstd
+    // The reference starts from exactly the values the kernel gets (y and g rounded to dt).
+    const Tensor y = y64.to(dt), g = g64.to(dt), w = w64.to(st), b = b64.to(st);
+    auto [out_want, mean_want, invstd_want] = brute_norm_forward(y, w, b, slope, eps);
+    const Tensor mean = mean_want.to(st), invstd = invstd_want.to(st);
+    auto [gy_want, gw_want, gb_want] = brute_norm_backward(g, y, w, mean, invstd, slope);
+    // out and grad_y are rounded to dt (bfloat16: 8 bits); the statistics and sums are in st.
+    const double rtol = dt == at::kDouble ? 1e-10 : dt == at::kFloat ? 1e-4 : 1e-2;
+    const double stol = dt == at::kDouble ? 1e-10 : 1e-4;
+    // NCHW; channels-last (y and grad_out); a strided view that is neither (y, made contiguous by
+    // the kernel) with a channels-last grad_out.
+    for (int layout = 0; layout < 3; ++layout) {
+      Tensor yl, gl;
+      if (layout == 0) {
+        yl = y.contiguous();
+        gl = g.contiguous();
+      } else if (layout == 1) {
+        yl = y.contiguous(at::MemoryFormat::ChannelsLast);
+        gl = g.contiguous(at::MemoryFormat::ChannelsLast);
+      } else {
+        Tensor wide = at::zeros({N, C, H, 2 * W}, y.options());
+        yl = wide.slice(3, 0, 2 * W, 2);
+        yl.copy_(y);
+        gl = g.contiguous(at::MemoryFormat::ChannelsLast);
+      }
+      const at::MemoryFormat fmt = norm_output_format(yl);
+      auto [out, m, s] = fwd.call(yl, w, b, slope, eps);
+      check_close("norm out", out, out_want, rtol);
+      check_close("norm mean", m, mean_want, stol);
+      check_close("norm invstd", s, invstd_want, stol);
+      EXPECT(out.scalar_type() == dt && m.scalar_type() == st && s.scalar_type() == st, "norm forward dtypes (%s)",
+             c10::toString(dt));
+      EXPECT(out.is_contiguous(fmt), "norm out layout (layout %d, C=%lld)", layout, (long long)C);
+      auto [gy, gw, gb] = bwd.call(gl, yl, w, mean, invstd, slope, true, true, true);
+      check_close("norm grad_y", gy, gy_want, rtol);
+      check_close("norm grad_weight", gw, gw_want, stol);
+      check_close("norm grad_bias", gb, gb_want, stol);
+      EXPECT(gy.is_contiguous(fmt), "norm grad_y layout (layout %d, C=%lld)", layout, (long long)C);
+      // An output not asked for is an empty tensor; the others are unchanged.
+      auto [gy_w, gw_w, gb_w] = bwd.call(gl, yl, w, mean, invstd, slope, false, true, false);
+      EXPECT(gy_w.numel() == 0 && gb_w.numel() == 0, "norm backward: outputs not asked for are empty");
+      check_close("norm grad_weight alone", gw_w, gw_want, stol);
+      auto [gy_y, gw_y, gb_y] = bwd.call(gl, yl, w, mean, invstd, slope, true, false, false);
+      EXPECT(gw_y.numel() == 0 && gb_y.numel() == 0, "norm backward: outputs not asked for are empty");
+      check_close("norm grad_y alone", gy_y, gy_want, rtol);
+    }
+  }
+  check_throws("norm weight shape", [&] { fwd.call(y64, at::randn({C + 1}, at::kDouble), b64, slope, eps); });
+  check_throws("norm weight dtype", [&] { fwd.call(y64, w64.to(at::kFloat), b64.to(at::kFloat), slope, eps); });
+  check_throws("norm y dim", [&] { fwd.call(y64[0], w64, b64, slope, eps); });
+  check_throws("norm y dtype", [&] { fwd.call(y64.to(at::kHalf), w64.to(at::kFloat), b64.to(at::kFloat), slope, eps); });
+  check_throws("norm grad_out shape",
+               [&] { bwd.call(g64.narrow(0, 0, N - 1), y64, w64, b64, b64, slope, true, true, true); });
+}
+
+// No values per channel (N = 0): the statistics are 0/0 (NaN, as the reference's var_mean gives)
+// and the sums of the backward pass are 0; and C = 0.
+static void test_norm_empty() {
+  using FwdSig = T3(const Tensor&, const Tensor&, const Tensor&, double, double);
+  using BwdSig = T3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool, bool, bool);
+  auto fwd = op<FwdSig>("lavae_fast::lrelu_batch_norm");
+  auto bwd = op<BwdSig>("lavae_fast::lrelu_batch_norm_backward");
+  const Tensor y = at::empty({0, 3, 4, 5}), w = at::ones({3}), b = at::zeros({3});
+  auto [out, m, s] = fwd.call(y, w, b, 0.01, 1e-5);
+  EXPECT(out.sizes() == y.sizes() && m.isnan().all().item<bool>() && s.isnan().all().item<bool>(),
+         "norm with N = 0: empty out, NaN statistics");
+  auto [gy, gw, gb] = bwd.call(y, y, w, b, w, 0.01, true, true, true);
+  EXPECT(gy.sizes() == y.sizes() && gw.eq(0).all().item<bool>() && gb.eq(0).all().item<bool>() && gw.numel() == 3,
+         "norm backward with N = 0: zero sums");
+  const Tensor y0 = at::empty({2, 0, 3, 3});
+  auto [out0, m0, s0] = fwd.call(y0, at::empty({0}), at::empty({0}), 0.01, 1e-5);
+  EXPECT(out0.sizes() == y0.sizes() && m0.numel() == 0 && s0.numel() == 0, "norm with C = 0");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The registrations of csrc/ against lavae_fast/op_schemas.inc
+// ---------------------------------------------------------------------------------------------
+
+static std::string op_name(const char* schema) { return "lavae_fast::" + std::string(schema, std::strchr(schema, '(')); }
+
+static void check_registrations() {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  for (const char* schema : kSchemas) {
+    const std::string name = op_name(schema);
+    const auto handle = dispatcher.findSchema({name, ""});
+    EXPECT(handle.has_value(), "%s is not defined", name.c_str());
+    if (handle)
+      EXPECT(handle->hasKernelForDispatchKey(c10::DispatchKey::CPU), "%s has no CPU kernel (csrc/dispatch.cpp)",
+             name.c_str());
+  }
+  // A kernel registered under a name that has no schema: misspelt, or an op removed from the file.
+  for (const c10::OperatorHandle& h : dispatcher.findDanglingImpls()) {
+    const std::string name = h.operator_name().name;
+    EXPECT(name.rfind("lavae_fast::", 0) != 0, "%s has a kernel but no schema in lavae_fast/op_schemas.inc",
+           name.c_str());
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--print-schemas") == 0) {
     for (const char* s : kSchemas) std::printf("lavae_fast::%s\n", s);
     return 0;
   }
+  check_registrations();
+  std::printf("registrations: %d ops, %d failures\n", static_cast<int>(sizeof(kSchemas) / sizeof(kSchemas[0])),
+              g_failures);
   // Every kernel variant this CPU runs (default, avx2, avx512: each compiled with its own vector
   // width and register tiles), so that the sanitizer build checks the bounds of each.
   for (const std::string& variant : lavae_fast::available_cpu_capabilities()) {
@@ -356,6 +545,15 @@ int main(int argc, char** argv) {
     test_gather(2, 13, 64, 6, 11);
     test_gather(2, 13, 37, 19, 23);  // several column chunks, partial chunk, tile and row group
     test_gather(3, 4, 0, 5, 7);       // K = 0: no feature planes, grad_loc must still be written
+    test_norm(2, 44, 5, 7, 0.01);    // the model's C = 44: channels-last period of 4 rows
+    test_norm(3, 5, 3, 3, 0.2);      // C = 5: one 16-row period and a tail
+    test_norm(2, 16, 3, 5, 0.01);    // C a multiple of every vector width
+    test_norm(1, 19, 4, 5, 0.01);    // batch 1
+    test_norm(6, 13, 1, 1, 0.01);    // spatial size 1 (channels-last is also contiguous)
+    test_norm(1, 3, 1, 1, 0.01);     // one value per channel: variance 0
+    test_norm(2, 1, 9, 11, 0.01);    // C = 1
+    test_norm(4, 44, 20, 21, 0.01);  // several parallel blocks and chunk flushes; planes of many vectors
+    test_norm_empty();
     std::printf("variant %s: %d failures\n", variant.c_str(), g_failures - before);
   }
   std::printf("%d checks, %d failures\n", g_checks, g_failures);

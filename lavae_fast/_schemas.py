@@ -1,0 +1,51 @@
+"""The schemas of the ``lavae_fast`` ops, read from ``op_schemas.inc`` beside this module.
+
+That file is the one source of the ops' names and schemas: :mod:`lavae_fast.ops` and
+:mod:`lavae_fast.norm` define their ops from it (:func:`define`), and the C++ test driver
+(``tests/cpp/test_kernels.cpp``, built by CMakeLists.txt) includes the same file, defines the ops
+from it and checks the CPU kernels that ``csrc/dispatch.cpp`` registers against it. It is a file
+both languages read as is (one C string literal per line), so neither side generates anything, the
+Python side needs no C++ build (the reference fallback defines the same ops), and an installed
+package finds it as package data (setup.py). This module imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "op_schemas.inc")
+
+_SCHEMA_LINE = re.compile(r'"([^"\\]+)",')
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def read(path: str = PATH) -> dict[str, str]:
+    """{op name: schema} in file order. Raises ValueError on a line that is not a schema line (the
+    C++ driver would read it differently) or a repeated name."""
+    schemas: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            text = line.strip()
+            if not text or text.startswith("//"):
+                continue
+            m = _SCHEMA_LINE.fullmatch(text)
+            if m is None:
+                raise ValueError(f"{path}:{lineno}: expected a line '\"<schema>\",', got {text!r}")
+            schema = m.group(1)
+            name = schema.split("(", 1)[0]
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"{path}:{lineno}: {name!r} is not an op name")
+            if name in schemas:
+                raise ValueError(f"{path}:{lineno}: op {name!r} is defined twice")
+            schemas[name] = schema
+    return schemas
+
+
+SCHEMAS: dict[str, str] = read()
+
+
+def define(lib, names) -> None:
+    """Define the ops ``names`` (of :data:`SCHEMAS`) on the ``torch.library.Library`` ``lib``."""
+    for name in names:
+        lib.define(SCHEMAS[name])
