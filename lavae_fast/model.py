@@ -145,6 +145,21 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+class HeadConv2d(nn.Conv2d):
+    """A head's last convolution: in its parameters' dtype even under bf16 autocast.
+
+    A bf16 h_loc is rounded to steps of ~0.06 nats near the peaks; on a broad peak neighbouring
+    pixels then tie, and every tie is one more counted 3×3 local maximum. Measured on the shipped
+    dSprites model (500 test images per split), counted right on the 0–3 / 7-object splits: 0.98 /
+    0.33 with bf16 heads, 0.99 / 0.46 with float32 heads under bf16, 0.99 / 0.45 all in float32.
+    The heads are a few % of the inference nets' FLOPs. Same parameters as nn.Conv2d (checkpoints
+    are unchanged)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))
+
+
 class ConvAct(nn.Sequential):
     """conv 3×3 (same padding) → Leaky ReLU → batch norm (the paper's order).
 
@@ -395,7 +410,7 @@ class LAVAE(nn.Module):
         self.set_loc_kl(loc_kl)
 
         self.app_net = ResidualNet(channels, width)
-        self.app_head = nn.Conv2d(width, 2 * latent_size, 3, padding=1)
+        self.app_head = HeadConv2d(width, 2 * latent_size, 3, padding=1)
         # Start q(z_app) at the prior: μ ≈ 0 and log σ² ≈ 0 at every pixel, so KL ≈ 0 at step 1.
         # With PyTorch's default init the head read features of the batch-normed residual net whose
         # rare-firing channels normalise to |h| ~ 10–20 on sparse binary images, and its outputs
@@ -408,7 +423,7 @@ class LAVAE(nn.Module):
             self.app_head.weight.mul_(APP_HEAD_INIT_SCALE)
             self.app_head.bias.zero_()
         self.loc_net = ResidualNet(channels, width)
-        self.loc_head = nn.Sequential(ConvAct(width, width), ConvAct(width, width), nn.Conv2d(width, 1, 3, padding=1))
+        self.loc_head = nn.Sequential(ConvAct(width, width), ConvAct(width, width), HeadConv2d(width, 1, 3, padding=1))
         self.sprite_decoder = SpriteDecoder(latent_size, channels, sprite_size, sprite_width)
         self.prior_logits = nn.Parameter(torch.zeros(max_objects + 1))
         self._speed = SpeedConfig()

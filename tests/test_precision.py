@@ -220,3 +220,20 @@ def test_resume_of_a_run_from_before_the_record(tmp_path, capsys, machine):
     assert T.main(TINY + ["--out", run, "--resume"]) == 0
     assert machine.bf16[-1] is True and load_checkpoint(run)["args"]["precision"] == "bf16"
     assert T.recorded_precision({}) == "float32" and T.recorded_precision({"bf16": False}) == "float32"
+
+
+def test_bf16_heads_are_float32_so_the_counter_sees_no_rounding_ties():
+    # Under bf16 autocast the nets run in bf16 but the heads' last convolutions in float32: a bf16
+    # h_loc sits on bf16's grid (steps of ~0.06 nats near a peak), neighbouring pixels of a broad
+    # peak tie, and every tie is one more counted 3×3 maximum (see LAVAE._inference_nets).
+    torch.manual_seed(0)
+    model = LAVAE(channels=1, canvas=(16, 16), sprite_size=5, width=8, sprite_width=40).eval()
+    model.accelerate(bf16=True)
+    x = (torch.rand(4, 1, 16, 16) < 0.2).float()
+    with torch.no_grad():
+        h_app, h_loc, _ = model.encode(x)
+        raw = h_loc / model.gamma_for(16, 16)
+    for name, v in (("h_app", h_app), ("h_loc", raw)):
+        assert v.dtype == torch.float32
+        on_grid = (v == v.bfloat16().float()).float().mean().item()
+        assert on_grid < 0.5, f"{name}: {on_grid:.0%} of the values lie on bf16's grid (a bf16 head)"

@@ -223,8 +223,11 @@ def test_bf16_loss_curve_tracks_float32_over_training():
         wa, wb = a.view(-1, 20).median(1).values, b.view(-1, 20).median(1).values
         return ((wa - wb).abs() / wb).mean().item()
 
+    # Measured here (Zen 4, bf16 native) with the relaxed location term of the current defaults:
+    # bf16 6.6% from float32, another noise seed 7.3%. (A 5% cap held under the old straight-through
+    # term; under the relaxed one it failed even before the heads ran in float32: 5.7% against 7.3%.)
     g_bf16, g_noise = gap(bf16, f32), gap(f32_other_noise, f32)
-    assert g_bf16 < 0.05 and g_bf16 < max(1.5 * g_noise, 0.01), (
+    assert g_bf16 < 0.1 and g_bf16 < max(1.5 * g_noise, 0.01), (
         f"bf16 curve {100 * g_bf16:.1f}% from float32's; another noise seed: {100 * g_noise:.1f}%")
     # Not vacuous: the bf16 path really rounds (its first step's loss is not float32's bit for bit).
     assert bf16[0] != f32[0]
