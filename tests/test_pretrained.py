@@ -233,3 +233,23 @@ def test_a_pickle_with_code_is_not_executed(run, tmp_path):
     loaded = torch.load(str(evil), weights_only=False)  # noqa: S614 — on purpose, to prove the payload
     loaded["payload"].close()
     assert marker.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--dataset", "multi-dsprites", "--canvas", "48", "--steps", "7000", "--width", "32", "--threads", "1"],
+    ["--dataset", "multi-mnist-1k", "--no-bf16", "--location-mode", "straight_through", "--no-progress"],
+    ["--model", "baseline", "--dataset", "multi-dsprites", "--bf16", "on", "--no-channels-last"],
+])
+def test_training_command_parses_back_to_the_same_settings(argv):
+    # The provenance's command is what was run: parsed again it gives the recorded settings (a flag
+    # that shares its setting with another, like --no-bf16 for --bf16 off, only when it was used).
+    import shlex
+
+    from lavae_fast.pretrained.shipping import training_command
+    from lavae_fast.train import build_parser
+
+    args = vars(build_parser().parse_args(argv + ["--out", "runs/x"]))
+    cmd = shlex.split(training_command(args))
+    assert cmd[:3] == ["python", "-m", "lavae_fast.train"]
+    assert vars(build_parser().parse_args(cmd[3:])) == args
+    assert ("--no-bf16" in cmd) == ("--no-bf16" in argv)

@@ -52,6 +52,8 @@ def training_command(args: Dict[str, Any]) -> str:
             value = "x".join(str(v) for v in value)
         elif value == default and not action.required:
             continue
+        if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction) and value != action.const:
+            continue  # a flag that sets another value of a shared dest (--no-bf16 sets bf16 = "off")
         flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
         if isinstance(action, argparse.BooleanOptionalAction):
             parts.append(f"--{'' if value else 'no-'}{action.dest.replace('_', '-')}")
