@@ -26,7 +26,7 @@ from .generator import CHUNK, SPLITS, SpriteTable, generate, generate_arrays, pa
 from .mnist import MnistFormatError, MnistNotFoundError, load_mnist_train
 from .placement import PlacementError
 from .registry import DATASETS, DataSetInfo
-from .runs import check_data_fits, load_run_split
+from .runs import check_data_fits, generate_split, load_run_split
 from .storage import DataFormatError, load_split, read_meta
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "parse_canvas",
     "load_mnist_train",
     "load_split",
-    "load_run_split",
+    "load_run_split", "generate_split",
     "check_data_fits",
     "read_meta",
     "PlacementError",

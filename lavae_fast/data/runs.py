@@ -17,7 +17,7 @@ from .dataset import MultiObjectDataset
 from .generator import generate_arrays, parse_canvas
 from .storage import fingerprint, read_meta
 
-__all__ = ["load_run_split", "check_data_fits"]
+__all__ = ["load_run_split", "generate_split", "check_data_fits"]
 
 _SPLIT_CACHE: Dict[tuple, MultiObjectDataset] = {}
 
@@ -38,10 +38,16 @@ def load_run_split(args: Dict, split: str) -> MultiObjectDataset:
     n = {"train": args.get("n_train", 20000), "test": args.get("n_test", 1000), "test7": args.get("n_test7", 1000)}[split]
     key = ("mem", args["dataset"], canvas, int(args.get("data_seed", 0)), split, n)
     if key not in _SPLIT_CACHE:
-        kw = {"fixed": 7} if split == "test7" else {"counts": (0, 3)}
-        arr = generate_arrays(args["dataset"], n, int(args.get("data_seed", 0)), canvas=canvas, split=split, **kw)
-        _SPLIT_CACHE[key] = MultiObjectDataset.from_arrays(arr, split)
+        _SPLIT_CACHE[key] = generate_split(args["dataset"], n, int(args.get("data_seed", 0)), canvas, split)
     return _SPLIT_CACHE[key]
+
+
+def generate_split(dataset: str, n: int, seed: int, canvas, split: str) -> MultiObjectDataset:
+    """``n`` images of ``split`` generated in memory: 0–3 objects ("train", "test") or exactly 7
+    ("test7"), the same images as that split of a set generated on disk with ``seed``."""
+    kw = {"fixed": 7} if split == "test7" else {"counts": (0, 3)}
+    arr = generate_arrays(dataset, n, seed, canvas=parse_canvas(canvas), split=split, **kw)
+    return MultiObjectDataset.from_arrays(arr, split)
 
 
 def check_data_fits(ckpt: Dict, data, explicit: bool = False) -> None:
