@@ -522,6 +522,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if config.loc_lr is None:
         config.loc_lr = DATASETS[config.dataset].loc_lr
     config.canvas = list(parse_canvas(config.canvas))
+    if config.model == "lavae":
+        import inspect
+
+        from .model import LAVAE
+
+        latent = inspect.signature(LAVAE).parameters["latent_size"].default
+        if config.sprite_width <= latent:  # its residual blocks carry the latent_size z_app channels
+            parser.error(f"--sprite-width must exceed LAVAE's latent size {latent}, got {config.sprite_width}")
     if config.image_every is None:
         config.image_every = config.eval_every
     if config.device == "cpu" or config.threads:

@@ -264,6 +264,7 @@ def test_baseline_cli_runs(tmp_path):
     (["--warmup-target", "blobs"], "invalid choice"),
     (["--warmup-radius", "0"], "auto"),
     (["--warmup-anchor", "centre"], "invalid choice"),
+    (["--sprite-width", "32"], "--sprite-width must exceed LAVAE's latent size 32"),
 ])
 def test_bad_cli_arguments(tmp_path, capsys, bad, match):
     with pytest.raises(SystemExit):
