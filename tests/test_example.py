@@ -28,7 +28,7 @@ def test_train_loop_example_learns_to_count(tmp_path):
     # The example's defaults (48×48 multi-dSprites, batch 16, width 32, 1500 steps; ~10 min on 2
     # cores): the plain loop on lavae_fast.Recipe must learn what the CLI learns at that size (0.77
     # of the 0–3 test images counted right, docs/recipe.md; always one count scores 0.25). Measured
-    # with this example: see MEASURED below.
+    # with this example (Zen 4, bf16 native, 2 threads): 0.843 after 1500 steps.
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_loop.py")], cwd=tmp_path, env=env,
