@@ -53,12 +53,14 @@ from ._process import pid_alive
 __all__ = ["save_checkpoint", "load_checkpoint", "load_run_checkpoint", "read_model_checkpoint", "restore_model",
            "state_digest",
            "previous_path", "remove_stale_temporaries", "CheckpointError", "CheckpointWriteError",
-           "RunDirectoryInUse", "lock_run_directory", "CHECKPOINT_NAME", "PREVIOUS_NAME", "LOCK_NAME",
+           "RunDirectoryInUse", "lock_run_directory", "CHECKPOINT_NAME", "PREVIOUS_NAME", "BEST_NAME", "LOCK_NAME",
            "TRAINING_KEYS"]
 
 FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
+# The checkpoint the trainer chose on the validation split (lavae_fast.train): what a run ships.
+BEST_NAME = "checkpoint.best.pt"
 LOCK_NAME = ".lock"
 _TMP_PREFIX = ".tmp-"
 # Temporaries are named .tmp-PID-XXXX.pt so that cleanup can tell a dead writer's file from a live one's.

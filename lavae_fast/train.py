@@ -47,8 +47,9 @@ The options are parsed into a :class:`~lavae_fast.train_config.TrainConfig` (one
 the fields marked ``run_defining`` are the settings a ``--resume`` must keep), which the trainer
 runs on and records as ``args.json``.
 
-Outputs in ``--out RUN_DIR``: ``checkpoint.pt`` and ``checkpoint.prev.pt``, ``metrics.jsonl`` (one
-line per log interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
+Outputs in ``--out RUN_DIR``: ``checkpoint.pt`` and ``checkpoint.prev.pt``, ``checkpoint.best.pt``
+(the best on the validation split so far, see ``--n-val``), ``metrics.jsonl`` (one line per log
+interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
 
 Safety of the run directory (:func:`prepare_run_directory`, checked before any long work): one
 process owns it at a time (``RUN_DIR/.lock``, an ``fcntl.flock`` the kernel releases on any exit;
@@ -86,7 +87,7 @@ from ._cli import nonneg_int as _nonneg_int
 from ._cli import positive_float as _positive_float
 from ._cli import positive_int as _positive_int
 from ._io import atomic_write
-from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEYS, CheckpointError, CheckpointWriteError,
+from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEYS, CheckpointError, CheckpointWriteError,
                          RunDirectoryInUse, load_run_checkpoint, lock_run_directory, remove_stale_temporaries,
                          save_checkpoint)
 from .data import DATASETS, load_run_split, parse_canvas
@@ -144,8 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "default: generate a small one in memory")
     p.add_argument("--canvas", type=_parse_canvas, default=(64, 64), help="N or HxW (in-memory data only)")
     p.add_argument("--n-train", type=_positive_int, default=20000, help="in-memory training images")
-    p.add_argument("--n-test", type=_positive_int, default=1000, help="in-memory 0–3-object test images")
-    p.add_argument("--n-test7", type=_positive_int, default=1000, help="in-memory 7-object test images")
+    p.add_argument("--n-test", type=_nonneg_int, default=1000, help="in-memory 0–3-object test images (0: none)")
+    p.add_argument("--n-test7", type=_nonneg_int, default=1000,
+                   help="in-memory 7-object test images (0: none, e.g. on a canvas too small for 7)")
+    p.add_argument("--n-val", type=_nonneg_int, default=500,
+                   help="validation images (0–3 objects, generated in memory from the data's settings and a "
+                        "stream of their own: held out from training and testing); at each --eval-every the "
+                        "model is evaluated on them and the best so far (count accuracy, then -ELBO) is kept "
+                        "as RUN_DIR/checkpoint.best.pt, the checkpoint to ship; 0: no validation")
     p.add_argument("--data-seed", type=_nonneg_int, default=0)
     p.add_argument("--steps", type=_positive_int, default=100_000, help="budget; 100000 = the paper's schedule")
     p.add_argument("--batch-size", type=_positive_int, default=64,
@@ -414,7 +421,31 @@ def truncate_metrics(path: str, step: int) -> None:
 # 2 a usage error (argparse's), 128 + the signal's number after SIGINT (130) or SIGTERM (143),
 # once the checkpoint of the step reached is written.
 EXIT_ERROR = 1
-RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, "metrics.jsonl", "args.json")
+RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, BEST_NAME, "metrics.jsonl", "args.json")
+
+
+def validation_score(result: Dict) -> tuple:
+    """What the best checkpoint maximises, from :func:`lavae_fast.evaluate.evaluate_split` on the
+    validation split: count accuracy (LAVAE; the baseline has none), then the −ELBO, lower better."""
+    return (float(result.get("count_accuracy", 0.0)), -float(result["neg_elbo"]["mean"]))
+
+
+def _best_on_record(path: str, start: int):
+    """The validation score of the run's ``checkpoint.best.pt``, None if there is none to beat. A
+    best checkpoint from beyond the step the run continues from belongs to steps that are about to
+    be redone (a run killed between its evaluation and its next checkpoint): it is removed."""
+    if not os.path.isfile(path):
+        return None
+    state = None
+    if start:
+        try:
+            state = load_run_checkpoint(path)[0]
+        except (CheckpointError, OSError) as exc:
+            print(f"warning: {path} is unreadable ({exc}); the validation starts a new best", file=sys.stderr)
+    if state is None or int(state["step"]) > start or "validation" not in state:
+        os.remove(path)
+        return None
+    return validation_score(state["validation"])
 
 
 class RunDirectoryError(ValueError):
@@ -603,7 +634,7 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
     if config.eval_every and dist.is_main:
         # Build the evaluation splits now, so that a canvas too small for one of them (7 objects
         # on 32×32) is reported before training rather than at the first evaluation.
-        for split in ("test", "test7"):
+        for split in (("val",) if config.n_val else ()) + ("test", "test7"):
             try:
                 if len(load_run_split(config.to_dict(), split).counts):
                     eval_splits.append(split)
@@ -706,12 +737,15 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
         net = model if config.model == "lavae" else _compiled(model, config)
         aux_net = None if aux is None else _compiled(aux, config)
 
-    def save(step):
-        save_checkpoint(ckpt_path, {
+    def save(step, path=ckpt_path, **extra):
+        save_checkpoint(path, {
             "step": step, "args": config.to_dict(), "model_config": cfg, "model": model.state_dict(),
             "aux": None if aux is None else aux.state_dict(), "optimizer": opt.state_dict(),
-            "data_fingerprint": data_fingerprint,
-        })
+            "data_fingerprint": data_fingerprint, **extra,
+        }, keep_previous=path == ckpt_path)
+
+    best_path = os.path.join(config.out, BEST_NAME)
+    best_score = _best_on_record(best_path, start) if dist.is_main else None
 
     writer = None
     try:
@@ -807,7 +841,8 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
 
                 ev = {}
                 for split in eval_splits:
-                    r = evaluate_split(model, load_run_split(config.to_dict(), split), K=0, n_eval=config.eval_size,
+                    r = evaluate_split(model, load_run_split(config.to_dict(), split), K=0,
+                                       n_eval=None if split == "val" else config.eval_size,
                                        batch_size=32, device=device, seed=config.seed)
                     ev[split] = r
                     if writer is not None:
@@ -817,6 +852,10 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
                             if isinstance(v, (int, float)) and k not in ("images", "bound_images", "K"):
                                 writer.add_scalar(f"eval_{split}/{k}", v, done)
                 model.train()
+                if "val" in ev and (best_score is None or validation_score(ev["val"]) > best_score):
+                    best_score = validation_score(ev["val"])
+                    save(done, best_path, validation=ev["val"])
+                    ev["val"]["best"] = True
                 metrics_file.write(json.dumps({"step": done, "eval": ev}) + "\n")
                 metrics_file.flush()
 

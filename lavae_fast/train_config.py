@@ -39,6 +39,7 @@ class TrainConfig:
     n_train: int = field(metadata=_RUN)
     n_test: int
     n_test7: int
+    n_val: int
     data_seed: int = field(metadata=_RUN)
     steps: int = field(metadata=_RUN)
     batch_size: int = field(metadata=_RUN)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -145,6 +146,72 @@ def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     train_main(TINY + ["--steps", "6", "--out", other, "--seed", "1"])
     c = load_checkpoint(other)
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"] if a["model"][k].is_floating_point())
+
+
+def _scripted_evaluation(monkeypatch, val_accuracies):
+    """Replace the trainer's evaluation by one whose validation count accuracies are given."""
+    import lavae_fast.evaluate as E
+
+    scores = iter(val_accuracies)
+
+    def fake(model, data, **kw):
+        acc = next(scores) if data.split == "val" else 0.0
+        return {"images": len(data.counts), "bound_images": 0, "K": 0, "neg_elbo": {"mean": 1.0, "sem": 0.0},
+                "count_accuracy": acc}
+
+    monkeypatch.setattr(E, "evaluate_split", fake)
+
+
+def test_validation_keeps_the_best_checkpoint(tmp_path, monkeypatch):
+    args = TINY + ["--steps", "6", "--eval-every", "2", "--n-val", "8", "--ckpt-every", "100"]
+    _scripted_evaluation(monkeypatch, [0.2, 0.6, 0.4])
+    run = str(tmp_path / "run")
+    assert train_main(args + ["--out", run]) == 0
+    best = load_checkpoint(os.path.join(run, "checkpoint.best.pt"))
+    assert best["step"] == 4 and best["validation"]["count_accuracy"] == 0.6
+    assert [r["step"] for r in read_metrics(run) if r.get("eval", {}).get("val", {}).get("best")] == [2, 4]
+    # the best checkpoint holds the model of step 4, not the last one
+    _scripted_evaluation(monkeypatch, [0.0, 0.0])
+    at4 = str(tmp_path / "at4")
+    assert train_main(args + ["--out", at4, "--stop-at", "4"]) == 0
+    last, four = load_checkpoint(run), load_checkpoint(at4)
+    assert all(torch.equal(best["model"][k], four["model"][k]) for k in best["model"])
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"]
+               if best["model"][k].is_floating_point())
+    # it is what a run ships: the exporter and the loader take it
+    from lavae_fast import LAVAE
+
+    assert not LAVAE.from_pretrained(os.path.join(run, "checkpoint.best.pt")).training
+
+
+def test_a_resume_forgets_a_best_checkpoint_from_the_steps_it_redoes(tmp_path, monkeypatch):
+    args = TINY + ["--steps", "6", "--eval-every", "2", "--n-val", "8", "--ckpt-every", "100"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    _scripted_evaluation(monkeypatch, [0.2, 0.6, 0.4])
+    train_main(args + ["--out", full])
+    _scripted_evaluation(monkeypatch, [0.5, 0.5])  # steps 2 and 3 (a run evaluates where it stops)
+    train_main(args + ["--out", part, "--stop-at", "3"])
+    assert load_checkpoint(os.path.join(part, "checkpoint.best.pt"))["step"] == 2
+    # as if the run had been killed after its evaluation at step 4 and before a checkpoint there
+    shutil.copy(os.path.join(full, "checkpoint.best.pt"), os.path.join(part, "checkpoint.best.pt"))
+    _scripted_evaluation(monkeypatch, [0.3, 0.1])
+    assert train_main(args + ["--out", part, "--resume"]) == 0
+    best = load_checkpoint(os.path.join(part, "checkpoint.best.pt"))
+    assert best["step"] == 4 and best["validation"]["count_accuracy"] == 0.3
+
+
+def test_the_validation_split_is_its_own_reproducible_stream():
+    from lavae_fast.data import load_run_split
+
+    cfg = {"dataset": "multi-dsprites", "canvas": [32, 32], "data_seed": 0, "n_val": 12, "n_test": 12, "n_train": 12}
+    val, test, train = (load_run_split(cfg, s) for s in ("val", "test", "train"))
+    assert len(val.counts) == 12 and set(val.counts.tolist()) <= {0, 1, 2, 3}
+    x = lambda d: d.get_batch(list(range(12)))[0]
+    assert not torch.equal(x(val), x(test)) and not torch.equal(x(val), x(train))
+    from lavae_fast.data.runs import _SPLIT_CACHE
+
+    _SPLIT_CACHE.clear()
+    assert torch.equal(x(load_run_split(cfg, "val")), x(val))
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):

