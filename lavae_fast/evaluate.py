@@ -12,7 +12,7 @@ For the 0–3-object test split and the 7-object split it reports
 * the median distance from each true centre to the nearest of the top-(true count) local maxima
   of h_loc, whatever their height: SPEC §5's "peaks next to rather than on the objects" check.
 
-The table is printed and written to ``RUN_DIR/eval.json``. The metrics are defined in
+The table is printed and written to ``RUN_DIR/eval.json`` (``NAME.eval.json`` beside a checkpoint file). The metrics are defined in
 :mod:`lavae_fast.metrics` (shared with the training loop's running diagnostics).
 """
 
@@ -151,7 +151,8 @@ def format_table(results: Dict[str, Dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lavae_fast.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="a run directory written by lavae_fast.train (holds checkpoint.pt)")
+    p.add_argument("run_dir", help="a run directory written by lavae_fast.train (its checkpoint.pt), or one of its "
+                                   "checkpoint files (e.g. RUN_DIR/checkpoint.best.pt, the best on validation)")
     p.add_argument("--data", default=None, help="data set directory (default: the run's own data)")
     p.add_argument("--K", type=nonneg_int, default=100, help="importance samples for the −log p(x) bound (0: skip)")
     p.add_argument("--n-eval", type=positive_int, default=None, help="images per split for accuracies (default all)")
@@ -162,8 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", choices=["fused", "reference"], default=None, help="engine (default: the run's)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise")
     p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/eval.json)")
+    p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/eval.json; for a checkpoint file "
+                                               "NAME.pt, NAME.eval.json beside it)")
     return p
+
+
+def default_results_path(run: str) -> str:
+    """Where the results of evaluating ``run`` go by default: RUN_DIR/eval.json for a run directory,
+    NAME.eval.json beside a checkpoint file NAME.pt (so the best and the last checkpoint of one run
+    keep their own results)."""
+    if os.path.isdir(run) or not run.endswith(".pt"):
+        return os.path.join(run, "eval.json")
+    return run[: -len(".pt")] + ".eval.json"
 
 
 def _check_writable(path: str) -> None:
@@ -190,9 +201,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     splits = [s for s in args.splits.split(",") if s]
-    bad = [s for s in splits if s not in ("train", "test", "test7")]
+    bad = [s for s in splits if s not in ("train", "val", "test", "test7")]
     if bad or not splits:
-        parser.error(f"--splits must be a comma-separated subset of train,test,test7, got {args.splits!r}")
+        parser.error(f"--splits must be a comma-separated subset of train,val,test,test7, got {args.splits!r}")
     try:
         torch.device(args.device)
     except (RuntimeError, ValueError) as exc:
@@ -203,7 +214,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     from .loading import load_model
 
     # Where the results go is checked (and its folder made) before the long work.
-    out = args.out or os.path.join(args.run_dir, "eval.json")
+    out = args.out or default_results_path(args.run_dir)
     try:
         _check_writable(out)
     except OSError as exc:

@@ -88,6 +88,19 @@ def test_evaluate_cli_on_a_tiny_run(tmp_path, capsys, model):
     assert "−log p(x)" in printed
 
 
+def test_evaluate_cli_on_a_checkpoint_file_writes_beside_it_and_the_exporter_finds_it(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    train_main(TINY + ["--steps", "2", "--out", run, "--eval-every", "2", "--n-val", "6"])
+    best = os.path.join(run, "checkpoint.best.pt")
+    assert eval_main([best, "--K", "0", "--splits", "val,test", "--batch-size", "4", "--threads", "1"]) == 0
+    res = json.load(open(os.path.join(run, "checkpoint.best.eval.json")))
+    assert res["results"]["val"]["images"] == 6 and not os.path.exists(os.path.join(run, "eval.json"))
+    from lavae_fast.pretrained.shipping import export
+
+    shipped = export(best, out=str(tmp_path / "m.pt"))
+    assert torch.load(shipped, weights_only=True)["provenance"]["metrics"] == res
+
+
 def test_evaluate_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         eval_main([str(tmp_path)])

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     dest = ex.add_mutually_exclusive_group(required=True)
     dest.add_argument("--name", help=f"registered name: the file goes into {HERE}")
     dest.add_argument("--out", help="write to this file instead")
-    ex.add_argument("--metrics", default=None, help="JSON of measured results (default: RUN/eval.json)")
+    ex.add_argument("--metrics", default=None, help="JSON of measured results (default: RUN/eval.json, or NAME.eval.json beside a checkpoint file NAME.pt)")
     ex.add_argument("--no-metrics", action="store_true", help="export without measured results")
     ex.add_argument("--train-commit", default=None, help="the commit the run was trained with (runs do not record it)")
     ex.add_argument("--note", default=None, help="free text kept in the provenance")

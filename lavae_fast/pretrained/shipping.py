@@ -82,8 +82,8 @@ def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, m
     its path.
 
     Destination: ``out``, or with ``name`` the registry's file for (the run's model kind, name) in
-    this package folder. ``metrics``: a JSON file of measured results (default: the run's
-    ``eval.json``); without one the export is refused unless ``no_metrics`` — a shipped model says
+    this package folder. ``metrics``: a JSON file of measured results (default: where
+    ``python -m lavae_fast.evaluate RUN`` writes them, :func:`lavae_fast.evaluate.default_results_path`); without one the export is refused unless ``no_metrics`` — a shipped model says
     how well it counts. An existing destination is replaced only with ``overwrite``.
     """
     if (name is None) == (out is None):
@@ -98,12 +98,13 @@ def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, m
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
 
-    run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
     if metrics is None and not no_metrics:
-        metrics = os.path.join(run_dir, "eval.json")
+        from ..evaluate import default_results_path
+
+        metrics = default_results_path(run)
         if not os.path.isfile(metrics):
-            raise FileNotFoundError(f"no measured metrics for {run}: run `python -m lavae_fast.evaluate {run_dir}` "
-                                    "first (it writes eval.json), pass --metrics FILE, or --no-metrics")
+            raise FileNotFoundError(f"no measured metrics for {run}: run `python -m lavae_fast.evaluate {run}` "
+                                    f"first (it writes {metrics}), pass --metrics FILE, or --no-metrics")
     measured = None
     if metrics is not None and not no_metrics:
         with open(metrics) as f:
