@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="test,test7", help="comma-separated splits")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ops", choices=["fused", "reference"], default=None, help="engine (default: the run's)")
-    p.add_argument("--count-window", type=odd_positive_int, default=None,
+    p.add_argument("--count-window", type=odd_positive_int, default=None, metavar="N",
                    help="LAVAE's counter neighbourhood N×N for n̂, N odd (default: the model's own, 3 for a "
                         "checkpoint that does not say; SPEC §2's 3×3)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise")

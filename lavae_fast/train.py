@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="location term log q in training (SPEC §3): log q at the relaxed sample (default), the exact "
                         "log q of the hard draws plus the straight-through gradient, or the exact log q with its own "
                         "gradient only (see lavae_fast.model.LAVAE)")
-    p.add_argument("--count-window", type=_odd_positive_int, default=3,
+    p.add_argument("--count-window", type=_odd_positive_int, default=3, metavar="N",
                    help="the counter's neighbourhood (odd): n̂ counts the points of h_loc above 4γ that are maxima of "
                         "their N×N window (default 3, SPEC §2's 3×3; see lavae_fast.ops.count_objects)")
     p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
