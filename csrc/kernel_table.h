@@ -21,7 +21,7 @@ using OptTensor = std::optional<at::Tensor>;
 
 struct KernelTable {
   const char* name;
-  Tensor (*count_objects)(const Tensor& h_loc, double threshold, int64_t max_objects);
+  Tensor (*count_objects)(const Tensor& h_loc, double threshold, int64_t max_objects, int64_t window);
   std::tuple<Tensor, Tensor> (*place_loglik)(const Tensor& x, const Tensor& sprites, const Tensor& loc, const Tensor& n,
                                              const OptTensor& index, double eps);
   std::tuple<Tensor, Tensor> (*place_loglik_backward)(const Tensor& grad_loglik, const OptTensor& grad_canvas,

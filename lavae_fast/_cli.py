@@ -10,7 +10,7 @@ import argparse
 import math
 import re
 
-__all__ = ["positive_int", "nonneg_int", "positive_float", "canvas", "accept_negative_numbers"]
+__all__ = ["positive_int", "nonneg_int", "odd_positive_int", "positive_float", "canvas", "accept_negative_numbers"]
 
 
 def _int(s) -> int:
@@ -33,6 +33,14 @@ def _int_at_least(lo: int, what: str):
 
 positive_int = _int_at_least(1, "a positive integer")  # an integer >= 1
 nonneg_int = _int_at_least(0, "a non-negative integer")  # an integer >= 0
+
+
+def odd_positive_int(s) -> int:
+    """An odd integer >= 1 (the counter's window: 1, 3, 5, ...)."""
+    v = _int(s)
+    if v < 1 or v % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be an odd positive integer (1, 3, 5, ...), got {s}")
+    return v
 
 
 def positive_float(s) -> float:

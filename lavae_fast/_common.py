@@ -1,9 +1,10 @@
 """Definitions that the engine's implementations and its users share, each in one place.
 
 * :func:`object_mask`: which of the M object slots of an image hold an object (slot i < n);
-* :func:`local_maxima_mask` and :func:`counted_peaks`: the 3×3 local-maximum rule of the counter
-  (SPEC §2, §9.3) — ``count_objects`` counts the points of :func:`counted_peaks`, and the
-  metrics (:mod:`lavae_fast.metrics`) find h_loc's peaks with :func:`local_maxima_mask`;
+* :func:`local_maxima_mask` and :func:`counted_peaks`: the local-maximum rule of the counter
+  (SPEC §2, §9.3; a window × window neighbourhood, 3×3 by default, :func:`check_window`) —
+  ``count_objects`` counts the points of :func:`counted_peaks`, and the metrics
+  (:mod:`lavae_fast.metrics`) find h_loc's peaks with :func:`local_maxima_mask`;
 * :func:`grad_h_app_layout`: the memory layout of the appearance gather's gradient to h_app.
 
 Imported by :mod:`lavae_fast.reference` and :mod:`lavae_fast.ops` (which re-export them); it
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["object_mask", "local_maxima_mask", "counted_peaks", "grad_h_app_layout"]
+__all__ = ["object_mask", "local_maxima_mask", "counted_peaks", "check_window", "grad_h_app_layout"]
 
 
 def object_mask(n: Tensor, max_objects: int) -> Tensor:
@@ -24,16 +25,26 @@ def object_mask(n: Tensor, max_objects: int) -> Tensor:
     return torch.arange(max_objects, device=n.device)[None, :] < n[:, None]
 
 
-def local_maxima_mask(h: Tensor) -> Tensor:
-    """h [B,1,H,W] → bool [B,1,H,W]: true where h ≥ max-pool₃ₓ₃(h) (−∞ outside the canvas, i.e.
-    max_pool2d's own padding; ties are maxima too)."""
-    return h >= F.max_pool2d(h, kernel_size=3, stride=1, padding=1)
+def check_window(window) -> int:
+    """The counter's neighbourhood size ``window`` as an int, or a ValueError naming it: an odd
+    int ≥ 1 (the window × window neighbourhood centred on the point; SPEC §2 uses 3)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be an odd int >= 1 (the counter's window × window neighbourhood), "
+                         f"got {window!r}")
+    return int(window)
 
 
-def counted_peaks(h: Tensor, threshold: float) -> Tensor:
+def local_maxima_mask(h: Tensor, window: int = 3) -> Tensor:
+    """h [B,1,H,W] → bool [B,1,H,W]: true where h ≥ max-pool_{window×window}(h) (−∞ outside the
+    canvas, i.e. max_pool2d's own padding; ties are maxima too). ``window``: odd, ≥ 1."""
+    window = check_window(window)
+    return h >= F.max_pool2d(h, kernel_size=window, stride=1, padding=window // 2)
+
+
+def counted_peaks(h: Tensor, threshold: float, window: int = 3) -> Tensor:
     """The points ``count_objects`` counts, as a mask: h [B,1,H,W] → bool [B,1,H,W], true at the
-    3×3 local maxima of :func:`local_maxima_mask` with h > threshold."""
-    return local_maxima_mask(h) & (h > threshold)
+    window × window local maxima of :func:`local_maxima_mask` with h > threshold."""
+    return local_maxima_mask(h, window) & (h > threshold)
 
 
 def grad_h_app_layout(h_app: Tensor, grad_h: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ._cli import nonneg_int, positive_int
+from ._cli import nonneg_int, odd_positive_int, positive_int
 from ._io import atomic_write
 from .metrics import location_accuracy, peak_distances
 
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="test,test7", help="comma-separated splits")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ops", choices=["fused", "reference"], default=None, help="engine (default: the run's)")
+    p.add_argument("--count-window", type=odd_positive_int, default=None, metavar="N",
+                   help="LAVAE's counter neighbourhood N×N for n̂, N odd (default: the model's own, 3 for a "
+                        "checkpoint that does not say; SPEC §2's 3×3)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/eval.json; for a checkpoint file "
@@ -227,6 +230,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"error: {exc}")
     if args.ops and hasattr(model, "set_ops"):
         model.set_ops(args.ops)
+    if args.count_window is not None:
+        if not hasattr(model, "set_count_window"):
+            raise SystemExit(f"error: --count-window: {args.run_dir} holds a {ckpt['model_config']['kind']} model, "
+                             "which does not count")
+        model.set_count_window(args.count_window)
     train_args = dict(ckpt["args"])
     if args.data:
         train_args["data"] = args.data
@@ -248,6 +256,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                                         progress=sys.stderr.isatty())
     meta = {"run_dir": os.path.abspath(args.run_dir), "step": ckpt["step"], "model": ckpt["model_config"]["kind"],
             "dataset": train_args.get("dataset"), "canvas": train_args.get("canvas"), "K": args.K,
+            "count_window": getattr(model, "count_window", None),
             "seconds": round(time.time() - t0, 1)}
     print(f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {args.K}")
     print(format_table(results))

@@ -5,9 +5,10 @@
   (:func:`max_matching`, a maximum bipartite matching, so one inferred location never serves two
   objects);
 * :func:`top_locations`: the top-n locations of h_loc (sequential argmax without replacement);
-* :func:`local_maxima` and :func:`peak_distances`: h_loc's 3×3 local maxima, whatever their
-  height, and the distance from each true centre to the nearest of the top-(true count) of them
-  (SPEC §5's "peaks next to rather than on the objects" check). The 3×3 rule is the counter's
+* :func:`local_maxima` and :func:`peak_distances`: h_loc's 3×3 local maxima (``window`` × ``window``
+  with :func:`local_maxima`'s ``window``), whatever their height, and the distance from each true
+  centre to the nearest of the top-(true count) of them (SPEC §5's "peaks next to rather than on
+  the objects" check). The rule is the counter's
   (:func:`lavae_fast.ops.local_maxima_mask`; :func:`lavae_fast.ops.count_objects` counts the maxima
   above its threshold, :func:`lavae_fast.ops.counted_peaks`).
 
@@ -69,12 +70,13 @@ def location_accuracy(pred_rows, pred_cols, pred_n, centres, counts, radius: flo
     return matched, total
 
 
-def local_maxima(h_loc: torch.Tensor, k: int):
-    """Rows, cols [B,k] of the k highest 3×3 local maxima of h_loc [B,1,H,W] (the counter's peaks,
-    without its threshold); −1 where an image has fewer than k."""
+def local_maxima(h_loc: torch.Tensor, k: int, window: int = 3):
+    """Rows, cols [B,k] of the k highest ``window`` × ``window`` (odd; 3×3 by default) local maxima
+    of h_loc [B,1,H,W] (the counter's peaks, without its threshold); −1 where an image has fewer
+    than k."""
     h = h_loc.detach().float()
     B, _, H, W = h.shape
-    score = torch.where(local_maxima_mask(h), h, torch.full_like(h, float("-inf"))).flatten(1)
+    score = torch.where(local_maxima_mask(h, window), h, torch.full_like(h, float("-inf"))).flatten(1)
     k = min(k, H * W)
     vals, idx = score.topk(k, dim=1)
     ok = torch.isfinite(vals)

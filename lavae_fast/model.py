@@ -347,6 +347,10 @@ class LAVAE(nn.Module):
             "straight_through" the exact log q of the hard draws plus the relaxed sample's
             straight-through gradient; "hard" the exact log q of the hard draws with only its own
             (score-function-free) gradient. Evaluation always uses the exact log q of hard draws.
+        count_window: the counter's neighbourhood, an odd int ≥ 1: n̂ counts the points of h_loc
+            above 4γ that are maxima of their count_window × count_window neighbourhood
+            (:func:`lavae_fast.ops.count_objects`). Default 3, SPEC §2's 3×3; changeable after
+            loading (:meth:`set_count_window` or ``model.count_window = 5``).
     """
 
     # Measured (bench/estimators.py's second table, exact ∂E_q[log q]/∂h by enumeration): "hard"
@@ -384,6 +388,7 @@ class LAVAE(nn.Module):
         ops: str = "fused",
         location_mode: str = "relaxed",
         loc_kl: str = "relaxed",
+        count_window: int = 3,
     ):
         super().__init__()
         from .ops import MAX_OBJECTS
@@ -408,6 +413,7 @@ class LAVAE(nn.Module):
         self.set_ops(ops)
         self.set_location_mode(location_mode)
         self.set_loc_kl(loc_kl)
+        self.set_count_window(count_window)
 
         self.app_net = ResidualNet(channels, width)
         self.app_head = HeadConv2d(width, 2 * latent_size, 3, padding=1)
@@ -431,13 +437,14 @@ class LAVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, canvas: Union[None, int, Sequence[int]] = None,
-                        device="cpu") -> "LAVAE":
+                        device="cpu", count_window: Optional[int] = None) -> "LAVAE":
         """A trained LAVAE in eval mode.
 
         ``name_or_path``: a shipped model's name ("multi-dsprites", "multi-mnist-10k"; see
         ``python -m lavae_fast.pretrained list``), a run directory written by ``lavae_fast.train``,
         or a checkpoint file. ``canvas``: (H, W) or N to run the model on another canvas size (it is
-        fully convolutional); default: the canvas it was trained on.
+        fully convolutional); default: the canvas it was trained on. ``count_window``: the counter's
+        neighbourhood (see the class); default: the checkpoint's own (3 for one that does not say).
 
         Only tensors and plain data are read (no arbitrary pickled objects) and the checkpoint's
         digest is verified. Raises ValueError for an unknown name,
@@ -449,7 +456,10 @@ class LAVAE(nn.Module):
         from .checkpoint import read_model_checkpoint, restore_model
 
         state, path = read_model_checkpoint(name_or_path, "lavae")
-        return restore_model(cls, state, path, canvas=canvas, device=device)
+        model = restore_model(cls, state, path, canvas=canvas, device=device)
+        if count_window is not None:
+            model.set_count_window(count_window)
+        return model
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -475,6 +485,22 @@ class LAVAE(nn.Module):
         if loc_kl not in self.LOC_KL_CHOICES:
             raise ValueError(f"loc_kl must be one of {', '.join(map(repr, self.LOC_KL_CHOICES))}, got {loc_kl!r}")
         self.loc_kl = loc_kl
+
+    def set_count_window(self, window: int) -> None:
+        """The counter's neighbourhood for n̂: an odd int ≥ 1 (window × window; SPEC §2's 3×3 is the
+        default). Raises ValueError naming ``count_window`` otherwise."""
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+            raise ValueError(f"count_window must be an odd int >= 1, got {window!r}")
+        self._count_window = int(window)
+
+    @property
+    def count_window(self) -> int:
+        """The counter's neighbourhood side (see :meth:`set_count_window`, which setting it calls)."""
+        return self._count_window
+
+    @count_window.setter
+    def count_window(self, window: int) -> None:
+        self.set_count_window(window)
 
     def accelerate(self, *, channels_last: bool = True, fused_norm: bool = True, compile: bool = False,
                    bf16: bool = False, compile_mode: Optional[str] = None) -> "LAVAE":
@@ -522,6 +548,7 @@ class LAVAE(nn.Module):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("_count_window", 3)  # pickled before the option existed: the 3×3 counter
         super().__setstate__(state)
         self.set_ops(self.ops_name)
 
@@ -581,7 +608,7 @@ class LAVAE(nn.Module):
         if self._speed.bf16:  # the engine ops and everything after them stay float32
             h_app, h_loc = h_app.float(), h_loc.float()
         h_loc = h_loc * gamma
-        n_hat = self._ops.count_objects(h_loc.float(), 4.0 * gamma, self.max_objects)
+        n_hat = self._ops.count_objects(h_loc.float(), 4.0 * gamma, self.max_objects, self._count_window)
         return h_app, h_loc, n_hat
 
     def _inference_nets(self, x: Tensor):

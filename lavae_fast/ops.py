@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import _backends, _schemas
 from . import reference as _ref
-from ._common import counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask
+from ._common import check_window, counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask
 
 __all__ = ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance", "object_mask",
            "counted_peaks", "local_maxima_mask", "engine", "ENGINES", "register_triton_kernels"]
@@ -94,7 +94,7 @@ def _(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau):
 
 
 @torch.library.register_fake("lavae_fast::count_objects")
-def _(h_loc, threshold, max_objects):
+def _(h_loc, threshold, max_objects, window=3):
     return h_loc.new_empty(h_loc.shape[0], dtype=torch.long)
 
 
@@ -414,13 +414,17 @@ def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int,
     return index, relaxed, log_q
 
 
-def count_objects(h_loc: Tensor, threshold: float, max_objects: int) -> Tensor:
+def count_objects(h_loc: Tensor, threshold: float, max_objects: int, window: int = 3) -> Tensor:
     """Count local maxima of ``h_loc`` above ``threshold`` (SPEC §2, §9.3). No gradient.
+
+    A point counts when h ≥ every neighbour of its ``window`` × ``window`` neighbourhood inside
+    the canvas (ties count every tied point) and h > threshold.
 
     Args:
         h_loc: [B,H,W] or [B,1,H,W] location logits.
         threshold: strict lower bound (the model uses 4γ).
         max_objects: the count is clipped to this.
+        window: the neighbourhood's side, an odd int ≥ 1; 3 (SPEC §2's 3×3) by default.
 
     Returns:
         n [B] int64.
@@ -434,7 +438,9 @@ def count_objects(h_loc: Tensor, threshold: float, max_objects: int) -> Tensor:
     _check_max_objects(max_objects)
     if float(threshold) != float(threshold):
         _fail("threshold must be a number, got NaN")
-    return torch.ops.lavae_fast.count_objects(h_loc.detach().contiguous(), float(threshold), int(max_objects))
+    window = check_window(window)
+    return torch.ops.lavae_fast.count_objects(h_loc.detach().contiguous(), float(threshold), int(max_objects),
+                                              window)
 
 
 def gather_appearance(h_app: Tensor, loc: Tensor, n: Tensor, *, index: Optional[Tensor] = None) -> Tensor:

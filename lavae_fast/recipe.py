@@ -269,7 +269,8 @@ class Recipe:
                        target_scale=scale)
             if counts is not None:
                 tmax = target.detach().flatten(1).max(1).values
-                log.update(target_count_acc=(model.engine.count_objects(target, 4 * gamma, model.max_objects)
+                log.update(target_count_acc=(model.engine.count_objects(target, 4 * gamma, model.max_objects,
+                                                                         model.count_window)
                                              == counts_here).float().mean(),
                            target_max_obj=_masked_mean(tmax, has), target_max_empty=_masked_mean(tmax, ~has))
         if probe:

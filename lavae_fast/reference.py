@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 # One definition of each, shared with lavae_fast.ops (re-exported here for the reference's users).
-from ._common import counted_peaks, grad_h_app_layout, object_mask
+from ._common import check_window, counted_peaks, grad_h_app_layout, object_mask
 
 __all__ = [
     "place_and_loglik",
@@ -161,18 +161,20 @@ def gumbel_topk_relaxed(logits, n, tau: float, max_objects: int, gumbel):
 # ---------------------------------------------------------------------------------------------
 
 
-def count_objects(h_loc, threshold: float, max_objects: int):
+def count_objects(h_loc, threshold: float, max_objects: int, window: int = 3):
     """Reference of ``lavae_fast.ops.count_objects`` (SPEC §2, §9.3). No gradient.
 
-    h_loc [B,H,W] or [B,1,H,W] -> n [B] int64: the points with h ≥ max-pool₃ₓ₃(h) (−∞ outside the
-    canvas, i.e. max_pool2d's own padding) and h > threshold, clipped to ``max_objects``.
+    h_loc [B,H,W] or [B,1,H,W] -> n [B] int64: the points with h ≥ max-pool_{window×window}(h)
+    (−∞ outside the canvas, i.e. max_pool2d's own padding) and h > threshold, clipped to
+    ``max_objects``. ``window``: odd, ≥ 1; SPEC §2's counter is 3×3, the default.
     """
+    window = check_window(window)
     h = h_loc.detach()
     if h.dim() == 3:
         h = h[:, None]
     if h.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=h.device)
-    return counted_peaks(h, threshold).flatten(1).sum(1).clamp(max=max_objects).long()
+    return counted_peaks(h, threshold, window).flatten(1).sum(1).clamp(max=max_objects).long()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +300,8 @@ def _fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, ind
     return grad
 
 
-def _fallback_count_objects(h_loc, threshold, max_objects):
-    return count_objects(h_loc, threshold, max_objects)
+def _fallback_count_objects(h_loc, threshold, max_objects, window=3):
+    return count_objects(h_loc, threshold, max_objects, window)
 
 
 def _fallback_gather_appearance(h_app, loc, n, index):

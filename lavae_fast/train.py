@@ -84,6 +84,7 @@ from . import distributed, performance
 from ._cli import accept_negative_numbers as _accept_negative_numbers
 from ._cli import canvas as _parse_canvas
 from ._cli import nonneg_int as _nonneg_int
+from ._cli import odd_positive_int as _odd_positive_int
 from ._cli import positive_float as _positive_float
 from ._cli import positive_int as _positive_int
 from ._io import atomic_write
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="location term log q in training (SPEC §3): log q at the relaxed sample (default), the exact "
                         "log q of the hard draws plus the straight-through gradient, or the exact log q with its own "
                         "gradient only (see lavae_fast.model.LAVAE)")
+    p.add_argument("--count-window", type=_odd_positive_int, default=3, metavar="N",
+                   help="the counter's neighbourhood (odd): n̂ counts the points of h_loc above 4γ that are maxima of "
+                        "their N×N window (default 3, SPEC §2's 3×3; see lavae_fast.ops.count_objects)")
     p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
     p.add_argument("--sprite-width", type=_positive_int, default=48)
     p.add_argument("--lr", type=_positive_float, default=LR)
@@ -243,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Run settings whose default changed, with the value of the versions before the change: a run
 # directory written then may lack the key, and is compared against the old value, not today's.
 LEGACY_DEFAULTS = {"location_mode": "straight_through", "loc_kl": "straight_through"}
+# Run settings added later whose default is what the versions before them did: a run directory
+# written then lacks the key and is compared against that value (the counter was 3×3).
+ADDED_SETTINGS = {"count_window": 3}
 # Options that were removed, with the only value this version still trains with.
 REMOVED_OPTIONS = {"warmup_reduction": "sum"}
 
@@ -261,7 +268,8 @@ def resume_refusal(old: Dict, new: Dict) -> Optional[str]:
     if removed:
         return ("--resume: this run was trained with " + ", ".join(f"{_flag(k, old[k])}" for k in removed) +
                 ", an option this version no longer has (see the training docstring); start a new run")
-    recorded = {k: old.get(k, LEGACY_DEFAULTS.get(k)) for k in RUN_DEFINING if k in old or k in LEGACY_DEFAULTS}
+    earlier = {**ADDED_SETTINGS, **LEGACY_DEFAULTS}
+    recorded = {k: old.get(k, earlier.get(k)) for k in RUN_DEFINING if k in old or k in earlier}
     diff = [k for k, v in recorded.items() if v != new[k]]
     if not diff:
         return None
@@ -306,7 +314,7 @@ def model_config(config, channels: int) -> Dict:
     S = DATASETS[config.dataset].sprite_size
     return {"kind": "lavae", "channels": channels, "canvas": canvas, "sprite_size": S, "width": config.width,
             "sprite_width": config.sprite_width, "ops": config.ops, "location_mode": config.location_mode,
-            "loc_kl": config.loc_kl}
+            "loc_kl": config.loc_kl, "count_window": config.count_window}
 
 
 def _compiled(module, config):

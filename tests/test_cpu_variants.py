@@ -119,6 +119,10 @@ def test_count_objects_matches_reference(variant):
             got = ops.count_objects(h.to(dtype), 2.0, 10)
             want = ref.count_objects(h.to(dtype), 2.0, 10)
             assert torch.equal(got, want), f"{variant} {(B, H, W)} {dtype}: {got.tolist()} != {want.tolist()}"
+            for window in (1, 5, 7):  # the counter's window (3×3 by default)
+                got = ops.count_objects(h.to(dtype), 2.0, 10, window)
+                want = ref.count_objects(h.to(dtype), 2.0, 10, window)
+                assert torch.equal(got, want), f"{variant} {(B, H, W)} {dtype} window {window}"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, indirect=True)

@@ -166,6 +166,9 @@ def test_count_model_shapes():
         for thr in (0.0, 4 * 0.5 * math.log(H * W)):
             got = ops.count_objects(dev(h.to(dtype)), thr, 10)
             assert torch.equal(got.cpu(), reference.count_objects(h.to(dtype), thr, 10))
+            for window in (1, 5, 7):  # the counter's window (3×3 by default, SPEC §2)
+                got = ops.count_objects(dev(h.to(dtype)), thr, 10, window)
+                assert torch.equal(got.cpu(), reference.count_objects(h.to(dtype), thr, 10, window)), window
 
 
 @pytest.mark.parametrize("mode", ["index", "dense"])
@@ -210,6 +213,7 @@ def test_opcheck_all_ops():
         torch.ops.lavae_fast.gumbel_topk_relaxed.default, (logits.requires_grad_(), n2, 0.3, 4, gumbel)
     )
     torch.library.opcheck(torch.ops.lavae_fast.count_objects.default, (dev(torch.randn(2, H, W)), 0.5, 3))
+    torch.library.opcheck(torch.ops.lavae_fast.count_objects.default, (dev(torch.randn(2, H, W)), 0.5, 3, 5))
     h_app = dev(torch.randn(2, 8, H, W, dtype=torch.float64))
     for idx in (index, None):
         torch.library.opcheck(

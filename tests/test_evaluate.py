@@ -86,6 +86,17 @@ def test_evaluate_cli_on_a_tiny_run(tmp_path, capsys, model):
         else:
             assert "count_accuracy" not in r
     assert "−log p(x)" in printed
+    assert res["meta"]["count_window"] == (3 if model == "lavae" else None)  # the model's own
+    args = [run, "--K", "0", "--n-eval", "6", "--batch-size", "4", "--threads", "1", "--splits", "test"]
+    if model == "lavae":
+        assert eval_main(args + ["--count-window", "5", "--out", str(tmp_path / "w5.json")]) == 0
+        assert json.load(open(tmp_path / "w5.json"))["meta"]["count_window"] == 5
+    else:
+        with pytest.raises(SystemExit, match="count-window"):
+            eval_main(args + ["--count-window", "5"])
+    with pytest.raises(SystemExit):
+        eval_main(args + ["--count-window", "4"])
+    assert "--count-window: must be an odd positive integer" in capsys.readouterr().err
 
 
 def test_evaluate_cli_on_a_checkpoint_file_writes_beside_it_and_the_exporter_finds_it(tmp_path, capsys):

@@ -359,6 +359,67 @@ def test_count_objects_matches_brute_force_loop():
         assert impl(h[:, None], thr, 2).tolist() == [min(e, 2) for e in expected]
 
 
+@pytest.mark.parametrize("ops_name", ["reference", "fused"])
+def test_count_window_reaches_n_hat(ops_name):
+    import copy
+    import pickle
+
+    H, W = 9, 11
+    torch.manual_seed(5)
+    m = tiny((H, W), ops=ops_name, max_objects=6)
+    m.eval()
+    assert m.count_window == 3  # SPEC §2's 3×3 by default
+    x = images(3, 1, H, W, p=0.3)
+    gamma = m.gamma_for(H, W)
+    # Two peaks 2 px apart in image 0, one peak in image 1, none in image 2: the 3×3 counter sees
+    # two in image 0, the 5×5 one (its window holds both) one.
+    h_fixed = torch.zeros(3, 1, H, W)
+    h_fixed[0, 0, 4, 3], h_fixed[0, 0, 4, 5] = 6 * gamma, 5 * gamma
+    h_fixed[1, 0, 2, 2] = 6 * gamma
+    m.loc_head.register_forward_hook(lambda mod, inp, out: h_fixed / gamma)
+    with torch.no_grad():
+        assert m.encode(x)[2].tolist() == [2, 1, 0]
+        m.count_window = 5
+        _, h_loc, n_hat = m.encode(x)
+        assert n_hat.tolist() == [1, 1, 0]
+        assert torch.equal(n_hat, ref.count_objects(h_loc, 4 * gamma, m.max_objects, 5))
+        m.set_count_window(1)
+        assert m.encode(x)[2].tolist() == [2, 1, 0]
+    for bad in (0, 2, -1, 4, 3.0, True):
+        with pytest.raises(ValueError, match="count_window"):
+            m.set_count_window(bad)
+        with pytest.raises(ValueError, match="count_window"):
+            m.count_window = bad
+        with pytest.raises(ValueError, match="count_window"):
+            tiny((H, W), count_window=bad)
+    assert m.count_window == 1
+    assert copy.deepcopy(m).count_window == 1
+    m7 = tiny((H, W), count_window=7)  # without the test's hook, which does not pickle
+    assert pickle.loads(pickle.dumps(m7)).count_window == 7
+    state = m7.__getstate__()
+    del state["_count_window"]  # a model pickled before the option existed counted 3×3
+    old = LAVAE.__new__(LAVAE)
+    old.__setstate__(state)
+    assert old.count_window == 3
+
+
+def test_count_window_on_a_model_of_its_own_h_loc():
+    # An untrained model's own h_loc (no planted peaks): n̂ of a count_window=5 model is the
+    # reference's 5×5 count of that h_loc, for both engines.
+    H, W = 10, 9
+    for ops_name in ("reference", "fused"):
+        torch.manual_seed(6)
+        m = tiny((H, W), ops=ops_name, count_window=5, max_objects=10)
+        m.eval()
+        x = images(4, 1, H, W, p=0.3, seed=3)
+        with torch.no_grad():
+            _, h_loc, n_hat = m.encode(x)
+        for thr in (4 * m.gamma_for(H, W), float(h_loc.median())):  # the model's, and one that counts
+            assert torch.equal(m.engine.count_objects(h_loc, thr, 10, m.count_window),
+                               ref.count_objects(h_loc, thr, 10, 5))
+        assert torch.equal(n_hat, ref.count_objects(h_loc, 4 * m.gamma_for(H, W), 10, 5))
+
+
 def test_learned_prior_is_a_distribution_and_learns():
     m = tiny()
     with torch.no_grad():

@@ -503,6 +503,85 @@ def test_count_non_contiguous_and_bad_inputs(ext):
         torch.ops.lavae_fast.count_objects(h, 5.0, -1)
 
 
+WINDOWS = (1, 3, 5, 7)
+
+
+def _count_window_cases(seed: int):
+    """Random h_loc [B,H,W] of odd sizes and sizes below the windows, with plateaus, ties, NaN and
+    peaks on the borders, and B = 0."""
+    g = torch.Generator().manual_seed(seed)
+    for H, W in [(1, 1), (1, 6), (2, 3), (4, 2), (5, 7), (6, 6), (9, 13), (17, 11)]:
+        h = torch.randn(5, H, W, generator=g) * 3
+        h[0] = h[0].round()  # plateaus and ties
+        h[1] = 2.0  # flat: every pixel is a maximum of any window
+        h[2, 0, 0], h[2, -1, -1], h[2, 0, -1] = 20.0, 21.0, 20.0  # corners
+        h[3, (H - 1) // 2, (W - 1) // 2] = float("nan")
+        h[4, 0, :] = 19.0  # a plateau along the border
+        yield h
+    yield torch.randn(0, 5, 5, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_count_window_matches_reference(ext, dtype):
+    for h in _count_window_cases(7):
+        for window in WINDOWS:
+            for threshold, max_objects in [(0.5, 1000), (0.5, 2), (-100.0, 3), (1.9, 0)]:
+                got = ops.count_objects(h.to(dtype), threshold, max_objects, window)
+                want = ref.count_objects(h.to(dtype), threshold, max_objects, window)
+                assert got.dtype == torch.long and torch.equal(got, want), (tuple(h.shape), window, threshold)
+                raw = torch.ops.lavae_fast.count_objects(h.to(dtype).contiguous(), threshold, max_objects, window)
+                assert torch.equal(raw, want)
+
+
+def _two_peaks_2px_apart():
+    h = torch.zeros(1, 7, 9, dtype=torch.float64)
+    h[0, 3, 3], h[0, 3, 5] = 5.0, 6.0
+    return h
+
+
+def test_count_window_reaches_the_kernel(ext):
+    # Two peaks 2 px apart: each is the maximum of its 3×3 window, only the higher one of its 5×5.
+    h = _two_peaks_2px_apart()
+    for count in (ops.count_objects, ref.count_objects):
+        assert count(h, 1.0, 10).tolist() == [2]  # the default is SPEC §2's 3×3
+        assert [count(h, 1.0, 10, w).item() for w in WINDOWS] == [2, 2, 1, 1]
+        assert count(h, 1.0, 10, window=5).tolist() == [1]
+    assert torch.ops.lavae_fast.count_objects(h, 1.0, 10).tolist() == [2]  # the schema's default
+    assert torch.ops.lavae_fast.count_objects(h, 1.0, 10, 5).tolist() == [1]
+    assert torch.ops.lavae_fast.count_objects(h, 1.0, 10, window=5).tolist() == [1]
+
+
+@pytest.mark.parametrize("window", [0, 2, 4, -1, -3, 3.0, True, None])
+def test_count_window_refused(window):
+    h = _two_peaks_2px_apart()
+    for count in (ops.count_objects, ref.count_objects):
+        with pytest.raises(ValueError, match="window"):
+            count(h, 1.0, 10, window)
+
+
+@pytest.mark.parametrize("window", [0, 2, 4, -1])
+def test_count_window_refused_by_the_kernel(ext, window):
+    # The registered op itself (the C++ kernel's check), not only the Python boundary.
+    with pytest.raises(RuntimeError, match="window must be an odd integer >= 1"):
+        torch.ops.lavae_fast.count_objects(_two_peaks_2px_apart(), 1.0, 10, window)
+
+
+def test_local_maxima_window():
+    from lavae_fast.metrics import local_maxima
+
+    h = _two_peaks_2px_apart()[:, None]
+    assert int(ops.counted_peaks(h, 1.0).sum()) == 2 and int(ops.counted_peaks(h, 1.0, 5).sum()) == 1
+    peaks = ops.local_maxima_mask(h, 5) & (h > 0)
+    assert peaks.nonzero().tolist() == [[0, 0, 3, 5]]
+    # A background falling away from the corner (0, 0): its one local maximum is that corner.
+    r, c = torch.meshgrid(torch.arange(7.0), torch.arange(9.0), indexing="ij")
+    hb = torch.where(h > 0, h, -0.01 * (r + c).double())
+    rows, cols = local_maxima(hb, 3)
+    assert rows.tolist() == [[3, 3, 0]] and cols.tolist() == [[5, 3, 0]]
+    rows, cols = local_maxima(hb, 3, window=5)
+    assert rows.tolist() == [[3, 0, -1]] and cols.tolist() == [[5, 0, -1]]
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. gather_appearance
 # ---------------------------------------------------------------------------------------------
@@ -635,6 +714,7 @@ def _opcheck_cases():
         ("gumbel_topk_relaxed_backward", (torch.randn_like(relaxed), torch.randn_like(log_q), logits, gidx, relaxed, gn, 0.5)),
         ("gumbel_topk_relaxed_backward", (None, torch.randn_like(log_q), logits, gidx, relaxed, gn, 0.5)),
         ("count_objects", (torch.randn(3, 6, 7) * 5, 2.0, 4)),
+        ("count_objects", (torch.randn(3, 6, 7) * 5, 2.0, 4, 5)),
         ("gather_appearance", (rg(h_app), rg(gloc), gathn, None)),
         ("gather_appearance", (rg(h_app), rg(gloc), gathn, gathidx)),
         ("gather_appearance_backward", (gg, h_app, gloc, gathn, None, True, True)),
@@ -642,7 +722,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("k", range(12))
+@pytest.mark.parametrize("k", range(13))
 def test_opcheck(ext, k):
     name, args = _opcheck_cases()[k]
     torch.library.opcheck(getattr(torch.ops.lavae_fast, name).default, args)
@@ -650,7 +730,7 @@ def test_opcheck(ext, k):
 
 def test_opcheck_covers_every_op():
     assert {name for name, _ in _opcheck_cases()} == set(OP_NAMES)
-    assert len(_opcheck_cases()) == 12
+    assert len(_opcheck_cases()) == 13
 
 
 # ---------------------------------------------------------------------------------------------

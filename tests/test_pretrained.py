@@ -93,6 +93,29 @@ def test_loads_a_run_by_directory_and_by_checkpoint_file(run, by):
     torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x))
 
 
+def test_count_window_from_the_checkpoint_and_overridden(run, tmp_path):
+    d, model = run
+    # The checkpoint's model_config does not name count_window (written before it existed): 3×3.
+    assert "count_window" not in load_checkpoint(str(d / CHECKPOINT_NAME))["model_config"]
+    assert LAVAE.from_pretrained(d).count_window == 3
+    loaded = LAVAE.from_pretrained(d, count_window=5)
+    assert loaded.count_window == 5
+    _same_weights(loaded, model)
+    with pytest.raises(ValueError, match="count_window"):
+        LAVAE.from_pretrained(d, count_window=4)
+    # A checkpoint that records it builds that counter.
+    state = load_checkpoint(str(d / CHECKPOINT_NAME))
+    state["model_config"] = dict(state["model_config"], count_window=7)
+    other = tmp_path / "run7"
+    save_checkpoint(str(other / CHECKPOINT_NAME), state)
+    assert LAVAE.from_pretrained(other).count_window == 7
+    assert LAVAE.from_pretrained(other, count_window=3).count_window == 3
+    from lavae_fast.loading import build_model, load_model
+
+    assert load_model(str(other))[0].count_window == 7
+    assert build_model({k: v for k, v in state["model_config"].items() if k != "count_window"}).count_window == 3
+
+
 def test_baseline_loads_in_eval_mode(baseline_run):
     d, model = baseline_run
     loaded = BetaVAE.from_pretrained(d)

@@ -256,11 +256,33 @@ def test_resume_of_a_run_with_the_old_estimator_names_what_changed(tmp_path, cap
     assert load_checkpoint(run)["step"] == 2
 
 
+def test_count_window_flag_reaches_the_model_and_defines_the_run(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert train_main(TINY + ["--steps", "2", "--out", run, "--stop-at", "1", "--count-window", "5"]) == 0
+    state = load_checkpoint(run)
+    assert state["model_config"]["count_window"] == 5 and state["args"]["count_window"] == 5
+    from lavae_fast.loading import build_model
+
+    assert build_model(state["model_config"]).count_window == 5
+    with pytest.raises(SystemExit):  # the default (3) is another run
+        train_main(TINY + ["--steps", "2", "--out", run, "--resume"])
+    assert "count_window=3 (checkpoint: 5)" in capsys.readouterr().err
+    assert train_main(TINY + ["--steps", "2", "--out", run, "--resume", "--count-window", "5"]) == 0
+    assert load_checkpoint(run)["step"] == 2
+    for bad in ("4", "0", "-1", "x"):
+        with pytest.raises(SystemExit):
+            train_main(TINY + ["--steps", "2", "--out", str(tmp_path / "bad"), "--count-window", bad])
+        assert "--count-window: must be" in capsys.readouterr().err
+
+
 # The run-defining options as train.py listed them by hand before TrainConfig's metadata named them.
 OLD_RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
                     "width", "sprite_width", "location_mode", "loc_kl", "warmup_scale", "warmup_peak", "warmup_blur",
                     "warmup_target", "warmup_radius", "warmup_anchor", "warmup_weight", "lr", "loc_lr",
                     "loc_lr_decay"]
+# Run-defining options added since, each with the value that runs written before it used
+# (train.ADDED_SETTINGS): a run directory without the key resumes with that value.
+ADDED_RUN_DEFINING = {"count_window": 3}
 
 
 def _parser_dests():
@@ -280,7 +302,9 @@ def test_train_config_has_one_field_per_parser_option_in_its_order():
 
 
 def test_run_defining_is_derived_from_the_metadata_and_unchanged():
-    assert set(T.RUN_DEFINING) == set(OLD_RUN_DEFINING) and len(T.RUN_DEFINING) == len(OLD_RUN_DEFINING)
+    expected = OLD_RUN_DEFINING + list(ADDED_RUN_DEFINING)
+    assert set(T.RUN_DEFINING) == set(expected) and len(T.RUN_DEFINING) == len(expected)
+    assert T.ADDED_SETTINGS == ADDED_RUN_DEFINING
     assert T.RUN_DEFINING == tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("run_defining"))
 
 
@@ -310,6 +334,12 @@ def test_resume_refusal_reads_missing_keys_as_the_old_defaults():
     assert T.resume_refusal(dict(old, location_mode="relaxed", loc_kl="relaxed"), args) is None
     assert "no longer has" in T.resume_refusal(dict(old, warmup_reduction="mean"), args)
     assert T.resume_refusal(dict(old, location_mode="relaxed", loc_kl="relaxed", warmup_reduction="sum"), args) is None
+    # A run written before --count-window counted with 3×3: it resumes with the default, not with 5.
+    current = dict(old, location_mode="relaxed", loc_kl="relaxed")
+    del current["count_window"]
+    assert T.resume_refusal(current, args) is None
+    msg = T.resume_refusal(current, dict(args, count_window=5))
+    assert msg and "count_window=5 (checkpoint: 3)" in msg and "estimator" not in msg
 
 
 def test_baseline_cli_runs(tmp_path):

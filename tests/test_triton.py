@@ -166,7 +166,8 @@ def test_every_kernel_compiles_for_sm90_without_spills():
             L["gumbel_topk_relaxed_backward"], relaxed, n.to(dt), logits, torch.zeros(2, 10, dtype=torch.long),
             relaxed, n, 0.5,
         )
-        records += testing.record_launches(L["count_objects"], logits.view(2, H, W), 1.0, 10)
+        for window in (3, 5):  # the default 3×3 counter and the 5×5 one (evaluate --count-window 5)
+            records += testing.record_launches(L["count_objects"], logits.view(2, H, W), 1.0, 10, window)
         h_app = torch.zeros(2, 64, H, W, dtype=dt)
         for idx in (index, None):
             records += testing.record_launches(L["gather_appearance"], h_app, loc, n, idx)

@@ -270,27 +270,39 @@ static void test_gumbel(int64_t B, int64_t D, int64_t M, double tau) {
 // ---------------------------------------------------------------------------------------------
 
 static void test_count(int64_t B, int64_t H, int64_t W) {
-  auto count = op<Tensor(const Tensor&, double, int64_t)>("lavae_fast::count_objects");
-  for (at::ScalarType dt : {at::kDouble, at::kFloat}) {
-    const Tensor h = (at::randn({B, H, W}, at::kDouble) * 3).to(dt);
-    const Tensor got = count.call(h, 2.0, 7);
-    const Tensor hd = h.to(at::kDouble);
-    auto a = hd.accessor<double, 3>();
-    for (int64_t b = 0; b < B; ++b) {
-      int64_t c = 0;
-      for (int64_t y = 0; y < H; ++y)
-        for (int64_t x = 0; x < W; ++x) {
-          bool peak = a[b][y][x] > 2.0;
-          for (int64_t dy = -1; dy <= 1; ++dy)
-            for (int64_t dx = -1; dx <= 1; ++dx) {
-              const int64_t yy = y + dy, xx = x + dx;
-              if (yy >= 0 && yy < H && xx >= 0 && xx < W && a[b][yy][xx] > a[b][y][x]) peak = false;
-            }
-          c += peak;
-        }
-      EXPECT(got[b].item<int64_t>() == std::min<int64_t>(c, 7), "count image %lld", (long long)b);
+  auto count = op<Tensor(const Tensor&, double, int64_t, int64_t)>("lavae_fast::count_objects");
+  for (int64_t window : {1, 3, 5, 7}) {
+    const int64_t r = window / 2;
+    for (at::ScalarType dt : {at::kDouble, at::kFloat}) {
+      const Tensor h = (at::randn({B, H, W}, at::kDouble) * 3).to(dt);
+      const Tensor got = count.call(h, 2.0, 7, window);
+      const Tensor hd = h.to(at::kDouble);
+      auto a = hd.accessor<double, 3>();
+      for (int64_t b = 0; b < B; ++b) {
+        int64_t c = 0;
+        for (int64_t y = 0; y < H; ++y)
+          for (int64_t x = 0; x < W; ++x) {
+            bool peak = a[b][y][x] > 2.0;
+            for (int64_t dy = -r; dy <= r; ++dy)
+              for (int64_t dx = -r; dx <= r; ++dx) {
+                const int64_t yy = y + dy, xx = x + dx;
+                if (yy >= 0 && yy < H && xx >= 0 && xx < W && a[b][yy][xx] > a[b][y][x]) peak = false;
+              }
+            c += peak;
+          }
+        EXPECT(got[b].item<int64_t>() == std::min<int64_t>(c, 7), "count image %lld window %lld", (long long)b,
+               (long long)window);
+      }
     }
   }
+  // Two peaks 2 px apart: two 3x3 maxima, one 5x5 maximum.
+  const Tensor two = at::zeros({1, 7, 9}, at::kDouble);
+  two[0][3][3] = 5.0;
+  two[0][3][5] = 6.0;
+  EXPECT(count.call(two, 1.0, 10, 3).item<int64_t>() == 2, "count window 3 of two peaks 2 px apart");
+  EXPECT(count.call(two, 1.0, 10, 5).item<int64_t>() == 1, "count window 5 of two peaks 2 px apart");
+  check_throws("count even window", [&] { count.call(two, 1.0, 10, 4); });
+  check_throws("count zero window", [&] { count.call(two, 1.0, 10, 0); });
 }
 
 static void test_gather(int64_t B, int64_t M, int64_t K, int64_t H, int64_t W) {
@@ -541,6 +553,7 @@ int main(int argc, char** argv) {
     test_gumbel(3, 70, 4, 0.02);
     test_count(4, 7, 9);
     test_count(2, 1, 1);
+    test_count(3, 2, 5);              // a canvas narrower than the 5x5 and 7x7 windows
     test_gather(3, 4, 5, 5, 7);
     test_gather(2, 13, 64, 6, 11);
     test_gather(2, 13, 37, 19, 23);  // several column chunks, partial chunk, tile and row group

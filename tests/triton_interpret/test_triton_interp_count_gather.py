@@ -45,6 +45,39 @@ def test_count_threshold_is_not_rounded_to_float32():
     assert ops.count_objects(h, thr, 10).tolist() == [1] == reference.count_objects(h, thr, 10).tolist()
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (1, 6), (2, 3), (4, 2), (7, 5), (9, 13)], ids=lambda s: "{}x{}".format(*s))
+@pytest.mark.parametrize("window", [1, 3, 5, 7])
+def test_count_window_matches_reference(hw, window):
+    # Canvases smaller than the window included; plateaus, a flat image, a NaN, border peaks.
+    H, W = hw
+    g = torch.Generator().manual_seed(H * 100 + W + window)
+    h = torch.randn(5, H, W, generator=g, dtype=torch.float64) * 3
+    h[0] = h[0].round()
+    h[1] = 2.0
+    h[2, 0, 0], h[2, -1, -1], h[2, 0, -1] = 20.0, 21.0, 20.0
+    h[3, (H - 1) // 2, (W - 1) // 2] = float("nan")
+    h[4, 0, :] = 19.0
+    for dtype in (torch.float64, torch.float32):
+        for threshold, max_objects in [(0.5, 1000), (0.5, 2), (-100.0, 3)]:
+            got = ops.count_objects(h.to(dtype), threshold, max_objects, window)
+            want = reference.count_objects(h.to(dtype), threshold, max_objects, window)
+            assert torch.equal(got, want), (dtype, threshold, max_objects, got, want)
+    assert ops.count_objects(torch.zeros(0, H, W), 0.0, 5, window).shape == (0,)
+
+
+def test_count_window_reaches_the_kernel(launchers):
+    # Two peaks 2 px apart: two 3×3 maxima, one 5×5 maximum.
+    h = torch.zeros(1, 7, 9, dtype=torch.float64)
+    h[0, 3, 3], h[0, 3, 5] = 5.0, 6.0
+    assert [launchers["count_objects"](h, 1.0, 10, w).item() for w in (1, 3, 5, 7)] == [2, 2, 1, 1]
+    assert launchers["count_objects"](h, 1.0, 10).tolist() == [2]
+    assert torch.ops.lavae_fast.count_objects(h, 1.0, 10, 5).tolist() == [1]
+    assert ops.count_objects(h, 1.0, 10, window=5).tolist() == [1]
+    for bad in (0, 2, 4, -1):
+        with pytest.raises(ValueError, match="window"):
+            launchers["count_objects"](h, 1.0, 10, bad)
+
+
 # ------------------------------------------------------------------------------------------------
 # gather_appearance
 # ------------------------------------------------------------------------------------------------
@@ -154,6 +187,7 @@ def test_opcheck_count_and_gather():
             torch.ops.lavae_fast.gather_appearance.default, (h_app.requires_grad_(), loc.requires_grad_(), n, idx)
         )
     torch.library.opcheck(torch.ops.lavae_fast.count_objects.default, (torch.randn(2, 4, 5), 0.5, 3))
+    torch.library.opcheck(torch.ops.lavae_fast.count_objects.default, (torch.randn(2, 4, 5), 0.5, 3, 5))
 
 
 def test_launchers_reject_bad_inputs(launchers):
