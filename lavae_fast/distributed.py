@@ -162,7 +162,13 @@ class DistContext:
             torch.distributed.barrier()
 
     def close(self) -> None:
+        """End of a completed run: every process waits for the others, then tears down."""
         if self.enabled and torch.distributed.is_initialized():
+            # Rank 0 writes the last checkpoint while the others reach this point first. Once (a CI
+            # run with the cores shared by a training job) rank 0 aborted in teardown ("terminate
+            # called without an active exception") after its peer had destroyed its group and
+            # exited; the barrier makes every rank finish its work before any of them tears down.
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

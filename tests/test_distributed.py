@@ -123,6 +123,18 @@ def test_setup_reads_the_environment_and_refuses_bad_launches(monkeypatch):
         distributed.setup("cpu", 4)
 
 
+def test_close_waits_for_every_process_before_tearing_down(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    distributed.DistContext(rank=1, world_size=2, backend="gloo").close()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.DistContext().close()  # a single process has no group to close
+    assert calls == []
+
+
 def test_cli_refuses_sync_bn_on_cpu_and_an_indivisible_batch(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         T.main(ARGS + ["--out", str(tmp_path / "a"), "--sync-bn"])
