@@ -470,7 +470,7 @@ def test_cli_runtime_errors(tmp_path, capsys):
         (dict(counts=(3, 1)), ValueError, "counts"),
         (dict(counts=5), ValueError, "counts"),
         (dict(fixed=-2), ValueError, "fixed"),
-        (dict(split="val"), ValueError, "split"),
+        (dict(split="validation"), ValueError, "split"),
         (dict(workers=0), ValueError, "workers"),
     ],
 )
