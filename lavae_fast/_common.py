@@ -25,11 +25,11 @@ def object_mask(n: Tensor, max_objects: int) -> Tensor:
     return torch.arange(max_objects, device=n.device)[None, :] < n[:, None]
 
 
-def check_window(window) -> int:
-    """The counter's neighbourhood size ``window`` as an int, or a ValueError naming it: an odd
-    int ≥ 1 (the window × window neighbourhood centred on the point; SPEC §2 uses 3)."""
+def check_window(window, name: str = "window") -> int:
+    """The counter's neighbourhood size ``window`` as an int, or a ValueError naming it (as
+    ``name``): an odd int ≥ 1 (the window × window neighbourhood centred on the point; SPEC §2 uses 3)."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be an odd int >= 1 (the counter's window × window neighbourhood), "
+        raise ValueError(f"{name} must be an odd int >= 1 (the counter's window × window neighbourhood), "
                          f"got {window!r}")
     return int(window)
 

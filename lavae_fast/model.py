@@ -489,9 +489,7 @@ class LAVAE(nn.Module):
     def set_count_window(self, window: int) -> None:
         """The counter's neighbourhood for n̂: an odd int ≥ 1 (window × window; SPEC §2's 3×3 is the
         default). Raises ValueError naming ``count_window`` otherwise."""
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-            raise ValueError(f"count_window must be an odd int >= 1, got {window!r}")
-        self._count_window = int(window)
+        self._count_window = _ops_api.check_window(window, "count_window")
 
     @property
     def count_window(self) -> int:
