@@ -5,6 +5,8 @@
   (SPEC §2, §9.3; a window × window neighbourhood, 3×3 by default, :func:`check_window`) —
   ``count_objects`` counts the points of :func:`counted_peaks`, and the metrics
   (:mod:`lavae_fast.metrics`) find h_loc's peaks with :func:`local_maxima_mask`;
+* :func:`peak_index`: the flat indices of the counted peaks, highest first — where
+  :meth:`lavae_fast.LAVAE.infer` puts the objects it counted;
 * :func:`grad_h_app_layout`: the memory layout of the appearance gather's gradient to h_app.
 
 Imported by :mod:`lavae_fast.reference` and :mod:`lavae_fast.ops` (which re-export them); it
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["object_mask", "local_maxima_mask", "counted_peaks", "check_window", "grad_h_app_layout"]
+__all__ = ["object_mask", "local_maxima_mask", "counted_peaks", "check_window", "peak_index", "grad_h_app_layout"]
 
 
 def object_mask(n: Tensor, max_objects: int) -> Tensor:
@@ -45,6 +47,24 @@ def counted_peaks(h: Tensor, threshold: float, window: int = 3) -> Tensor:
     """The points ``count_objects`` counts, as a mask: h [B,1,H,W] → bool [B,1,H,W], true at the
     window × window local maxima of :func:`local_maxima_mask` with h > threshold."""
     return local_maxima_mask(h, window) & (h > threshold)
+
+
+def peak_index(h: Tensor, threshold: float, n: Tensor, max_objects: int, window: int = 3) -> Tensor:
+    """The first n[b] of the points of :func:`counted_peaks` in order of height, as flat indices:
+    h [B,1,H,W], n [B] → index [B, max_objects] int64, −1 from slot n[b] on.
+
+    With n = the counter's n̂ (``count_objects(h, threshold, max_objects, window)``) these are
+    exactly the peaks it counted (the highest ``max_objects`` when it clipped). Ties in height keep
+    the lower flat index first, as ``topk`` on CPU does not promise: a stable sort makes it so."""
+    B, _, H, W = h.shape
+    D = H * W
+    score = torch.where(counted_peaks(h, threshold, window), h, torch.full_like(h, float("-inf"))).flatten(1)
+    k = min(max_objects, D)
+    vals, idx = torch.sort(score, dim=1, descending=True, stable=True)
+    idx = torch.where(torch.isfinite(vals[:, :k]), idx[:, :k], -1)  # n larger than the peaks: no location
+    if k < max_objects:
+        idx = torch.cat([idx, idx.new_full((B, max_objects - k), -1)], 1)
+    return torch.where(object_mask(n.to(idx.device), max_objects), idx, idx.new_full((), -1))
 
 
 def grad_h_app_layout(h_app: Tensor, grad_h: Tensor) -> Tensor:

@@ -4,7 +4,8 @@
   :data:`RADIUS` = 2 px (Euclidean) of their centre, under a one-to-one matching
   (:func:`max_matching`, a maximum bipartite matching, so one inferred location never serves two
   objects);
-* :func:`top_locations`: the top-n locations of h_loc (sequential argmax without replacement);
+* :func:`peak_locations`: the first n of the counter's peaks, highest first — where
+  :meth:`lavae_fast.LAVAE.infer` puts the objects by default;
 * :func:`local_maxima` and :func:`peak_distances`: h_loc's 3×3 local maxima (``window`` × ``window``
   with :func:`local_maxima`'s ``window``), whatever their height, and the distance from each true
   centre to the nearest of the top-(true count) of them (SPEC §5's "peaks next to rather than on
@@ -20,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ops import local_maxima_mask
+from .ops import local_maxima_mask, peak_index
 
-__all__ = ["RADIUS", "max_matching", "location_accuracy", "top_locations", "local_maxima", "peak_distances"]
+__all__ = ["RADIUS", "max_matching", "location_accuracy", "peak_locations", "local_maxima", "peak_distances"]
 
 RADIUS = 2.0
 
@@ -109,10 +110,9 @@ def peak_distances(h_loc: torch.Tensor, centres, counts) -> np.ndarray:
     return np.asarray(out)
 
 
-def top_locations(h_loc: torch.Tensor, n: torch.Tensor, M: int):
-    """Rows, cols [B,M] of the top-n of h_loc (= sequential argmax without replacement); −1 after."""
-    B, _, H, W = h_loc.shape
-    idx = h_loc.detach().flatten(1).topk(min(M, H * W), dim=1).indices
-    keep = torch.arange(idx.shape[1])[None, :] < n[:, None].cpu()
-    idx = torch.where(keep, idx.cpu(), -1)
+def peak_locations(h_loc: torch.Tensor, n: torch.Tensor, M: int, threshold: float, window: int = 3):
+    """Rows, cols [B,M] of the first n of the counted peaks of h_loc [B,1,H,W] (window × window
+    local maxima above ``threshold``, highest first; :func:`lavae_fast.ops.peak_index`); −1 after."""
+    W = h_loc.shape[-1]
+    idx = peak_index(h_loc.detach().float(), threshold, n, M, window).cpu()
     return torch.where(idx >= 0, idx // W, -1), torch.where(idx >= 0, idx % W, -1)

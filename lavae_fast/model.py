@@ -796,17 +796,37 @@ class LAVAE(nn.Module):
 
     # -- deterministic inference, decoding, manipulation -----------------------------------
 
+    INFER_LOCATIONS = ("peaks", "top")
+
     @torch.no_grad()
-    def infer(self, x: Tensor) -> Latents:
-        """Most probable scene: n̂, the top-n̂ locations of h_loc (sequential argmax without
-        replacement), z_app = μ there. Batch norm runs in eval mode (a model in training mode is
-        left as it was, running statistics included)."""
+    def infer(self, x: Tensor, *, locations: str = "peaks") -> Latents:
+        """Most probable scene: n̂ objects, their locations, and z_app = μ at each. Batch norm runs
+        in eval mode (a model in training mode is left as it was, running statistics included).
+
+        ``locations``: where the n̂ objects are put.
+            "peaks" (default): at the n̂ peaks the counter counted (local maxima of h_loc above 4γ,
+            ``count_window``), highest first.
+            "top": at the top-n̂ pixels of h_loc (sequential argmax without replacement, the mode
+            of the draws) — on a blunt peak its neighbours outrank a lower object's peak, so this
+            puts two objects on one and misses another.
+        The paper samples the locations and does not define a point estimate. Measured on the
+        shipped multi-dSprites model (fresh scenes, seed 2026, 500 per split, 48×48): location
+        accuracy 0.851 with "top" and 0.981 with "peaks" on the 0–3 split (0.452 and 0.697 on the
+        7-object one); 15% of the "top" locations were not a local maximum. Multi-MNIST-10k:
+        0.593 → 0.915.
+        """
+        if locations not in self.INFER_LOCATIONS:
+            raise ValueError(f"locations must be one of {self.INFER_LOCATIONS}, got {locations!r}")
         x = self._input(x)
         B, C, H, W = x.shape
         with _EvalMode(self):
             h_app, h_loc, n_hat = self.encode(x, check=False)
-        logits = h_loc.flatten(1)
-        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits))
+        if locations == "peaks":
+            gamma = self.gamma_for(H, W)
+            index = _ops_api.peak_index(h_loc.float(), 4.0 * gamma, n_hat, self.max_objects, self._count_window)
+        else:
+            logits = h_loc.flatten(1)
+            index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits))
         maps = self._one_hot(index, H * W, h_app.dtype).view(B, self.max_objects, H, W)
         app = self._ops.gather_appearance(h_app, maps, n_hat, index=index)
         mu = app[..., : self.latent_size]

@@ -34,10 +34,10 @@ from torch import Tensor
 
 from . import _backends, _schemas
 from . import reference as _ref
-from ._common import check_window, counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask
+from ._common import check_window, counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask, peak_index
 
 __all__ = ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance", "object_mask",
-           "counted_peaks", "local_maxima_mask", "engine", "ENGINES", "register_triton_kernels"]
+           "counted_peaks", "local_maxima_mask", "peak_index", "engine", "ENGINES", "register_triton_kernels"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 

@@ -9,7 +9,7 @@ import torch
 
 from lavae_fast.evaluate import format_table
 from lavae_fast.evaluate import main as eval_main
-from lavae_fast.metrics import local_maxima, location_accuracy, max_matching, peak_distances
+from lavae_fast.metrics import local_maxima, location_accuracy, max_matching, peak_distances, peak_locations
 from lavae_fast.train import main as train_main
 
 from test_train import TINY
@@ -62,6 +62,21 @@ def test_local_maxima_and_peak_distances():
     np.testing.assert_allclose(d, [1.0, 0.0, np.sqrt(32)])
 
 
+def test_peak_locations_are_the_counted_peaks_highest_first():
+    h = torch.zeros(3, 1, 6, 7)
+    h[0, 0, 1, 1], h[0, 0, 1, 2] = 9.0, 8.5  # a blunt peak: its neighbour is no local maximum
+    h[0, 0, 4, 5] = 6.0
+    h[0, 0, 4, 0] = 4.5  # a local maximum below the threshold 5: not counted
+    h[1, 0, 3, 3] = 7.0
+    rows, cols = peak_locations(h, torch.tensor([2, 1, 0]), 4, 5.0)
+    assert rows.tolist() == [[1, 4, -1, -1], [3, -1, -1, -1], [-1] * 4]
+    assert cols.tolist() == [[1, 5, -1, -1], [3, -1, -1, -1], [-1] * 4]
+    # The second peak of image 0 is 3 rows and 3 columns from the blunt peak's shoulder: a 5×5 window
+    # keeps it, a 7×7 one does not.
+    assert peak_locations(h, torch.tensor([2, 1, 0]), 4, 5.0, window=5)[0][0].tolist() == [1, 4, -1, -1]
+    assert peak_locations(h, torch.tensor([1, 1, 0]), 4, 5.0, window=7)[0][0].tolist() == [1, -1, -1, -1]
+
+
 def test_format_table():
     t = format_table({"test": {"images": 3, "count_accuracy": 0.5, "nll_bound": {"mean": 40.0, "sem": 1.0}},
                       "test7": {"images": 3, "count_accuracy": 0.25}})
@@ -83,8 +98,9 @@ def test_evaluate_cli_on_a_tiny_run(tmp_path, capsys, model):
         assert np.isfinite(r["nll_bound"]["mean"]) and r["nll_bound"]["mean"] > 0
         if model == "lavae":
             assert 0 <= r["count_accuracy"] <= 1 and 0 <= r["location_accuracy"] <= 1
+            assert 0 <= r["location_accuracy_draws"] <= 1
         else:
-            assert "count_accuracy" not in r
+            assert "count_accuracy" not in r and "location_accuracy_draws" not in r
     assert "−log p(x)" in printed
     assert res["meta"]["count_window"] == (3 if model == "lavae" else None)  # the model's own
     args = [run, "--K", "0", "--n-eval", "6", "--batch-size", "4", "--threads", "1", "--splits", "test"]

@@ -47,6 +47,52 @@ def with_peaks(model, x, peaks):
 
 
 # ---------------------------------------------------------------------------------------------
+# Deterministic inference: where infer() puts the objects
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ops", ["reference", "fused"])
+def test_infer_puts_the_objects_at_the_counted_peaks_not_at_a_blunt_peaks_neighbour(ops):
+    H, W = 9, 10
+    D = H * W
+    torch.manual_seed(0)
+    m = tiny((H, W), ops=ops).eval()
+    g = m.gamma_for(H, W)
+    h = torch.zeros(4, 1, H, W)
+    hv = h.view(4, D)
+    hv[0, 12], hv[0, 13], hv[0, 75] = 8 * g, 7.5 * g, 6 * g  # 13: the blunt peak's neighbour, above 75
+    hv[2, 40], hv[2, 41] = 6 * g, 6 * g  # a tie: both are 3×3 maxima, both counted
+    hv[3, 12], hv[3, 34] = 8 * g, 5 * g  # 2 px apart: two peaks for 3×3, one for 5×5
+    m.loc_head.register_forward_hook(lambda mod, inp, out: h / g)
+    x = images(4, 1, H, W)
+    lat = m.infer(x)
+    assert lat.n.tolist() == [2, 0, 2, 2]
+    assert lat.index.tolist() == [[12, 75, -1, -1], [-1] * 4, [40, 41, -1, -1], [12, 34, -1, -1]]
+    top = m.infer(x, locations="top")  # the mode of the draws: two objects on one blunt peak
+    assert top.index[0].tolist() == [12, 13, -1, -1] and torch.equal(top.n, lat.n)
+    # the appearance is μ of h_app read at the chosen locations
+    h_app = m.encode(x)[0].flatten(2)
+    for b in range(4):
+        for i in range(int(lat.n[b])):
+            torch.testing.assert_close(lat.z_app[b, i], h_app[b, : m.latent_size, lat.index[b, i]])
+    m.set_count_window(5)
+    lat5 = m.infer(x)
+    assert lat5.n[3] == 1 and lat5.index[3].tolist() == [12, -1, -1, -1]
+    with pytest.raises(ValueError, match="locations must be one of"):
+        m.infer(x, locations="mode")
+
+
+def test_peak_index_pads_a_canvas_smaller_than_the_slots_and_leaves_a_too_large_n_without_location():
+    from lavae_fast.ops import peak_index
+
+    h = torch.tensor([[[[3.0, 1.0]]], [[[0.0, 0.0]]]])  # D = 2 < M = 4
+    idx = peak_index(h, 2.0, torch.tensor([1, 0]), 4)
+    assert idx.tolist() == [[0, -1, -1, -1], [-1] * 4] and idx.dtype == torch.int64
+    assert peak_index(h, 2.0, torch.tensor([2, 1]), 4).tolist() == [[0, -1, -1, -1], [-1] * 4]
+    assert peak_index(h[:0], 2.0, torch.zeros(0, dtype=torch.long), 4).shape == (0, 4)
+
+
+# ---------------------------------------------------------------------------------------------
 # Shapes, parameters, ops switch
 # ---------------------------------------------------------------------------------------------
 

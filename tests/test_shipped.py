@@ -48,11 +48,12 @@ def test_the_models_are_shipped_in_the_package_with_their_provenance(name):
 def test_the_shipped_dsprites_model_counts_fresh_scenes():
     # Measured on 256 fresh scenes (seed 2026): 0.99 of the 0–3-object ones. The 7-object scenes at
     # 48×48 are crowded (objects touch) and are counted right only about half the time: the README
-    # says so; this test guards what the shipped model does reach.
+    # says so; this test guards what the shipped model does reach. Location accuracy on 500 fresh
+    # scenes: 0.981 at the counted peaks, 0.851 at the mode of the draws (blunt peaks, README).
     model = LAVAE.from_pretrained(NAME)
     r = evaluate_split(model, _fresh(200, (48, 48), "test"), K=0)
     assert r["count_accuracy"] >= 0.95, r
-    assert r["location_accuracy"] >= 0.7, r
+    assert r["location_accuracy"] >= 0.95 and r["location_accuracy_draws"] >= 0.7, r
 
 
 @torch.no_grad()
