@@ -15,6 +15,7 @@ The Triton kernels (kernels/, shipped as lavae_fast.kernels) need no build step.
 """
 
 import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -29,7 +30,12 @@ def get_extensions():
     debug = os.environ.get("DEBUG") == "1"
     if os.environ.get("LAVAE_FAST_PORTABLE") == "1":
         print("lavae_fast: LAVAE_FAST_PORTABLE=1 is no longer needed: every build is portable")
-    cxx = ["-std=c++17", "-fopenmp"]
+    # The schemas' digest is stamped into the module (csrc/module.cpp) so that lavae_fast finds a
+    # stale build before loading it (lavae_fast/_schemas.py). _schemas imports nothing of the package.
+    spec = importlib.util.spec_from_file_location("_lavae_fast_schemas", os.path.join("lavae_fast", "_schemas.py"))
+    schemas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(schemas)
+    cxx = ["-std=c++17", "-fopenmp", f"-DLAVAE_FAST_SCHEMA_DIGEST={schemas.digest()}"]
     cxx += ["-O0", "-g"] if debug else ["-O3", "-ffp-contract=fast"]
     # Sorted, the ISA variants link in increasing order (isa_0_baseline first): see isa_0_baseline.cpp.
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))

@@ -8,6 +8,17 @@
 
 #include "kernel_table.h"
 
+// The digest of the op schemas this build was compiled against (setup.py passes it; see
+// lavae_fast/_schemas.py). Python reads these bytes from the file before loading it: a build from
+// other schemas would fail the dispatcher's schema check inside a static initialiser, which aborts.
+#ifndef LAVAE_FAST_SCHEMA_DIGEST
+#define LAVAE_FAST_SCHEMA_DIGEST unknown
+#endif
+#define LAVAE_FAST_STR2(x) #x
+#define LAVAE_FAST_STR(x) LAVAE_FAST_STR2(x)
+extern "C" __attribute__((used, visibility("default"))) const char lavae_fast_op_schemas_stamp[] =
+    "lavae_fast-op-schemas:" LAVAE_FAST_STR(LAVAE_FAST_SCHEMA_DIGEST) ";";
+
 namespace {
 
 PyObject* py_cpu_capability(PyObject*, PyObject*) {

@@ -30,6 +30,12 @@ def load_cpu_kernels() -> bool:
     if os.environ.get("LAVAE_FAST_DISABLE_EXTENSION") == "1":
         cpu_kernels_error = "disabled by LAVAE_FAST_DISABLE_EXTENSION=1"
         return False
+    stale = _stale_extension()
+    if stale is not None:
+        cpu_kernels_error = stale
+        warnings.warn(f"lavae_fast: {stale}; CPU tensors use the slower PyTorch reference ops. To get the fused "
+                      f"CPU kernels, {BUILD_HINT} again.", RuntimeWarning, stacklevel=3)
+        return False
     try:
         importlib.import_module("lavae_fast._C")
         cpu_kernels_loaded = True
@@ -43,6 +49,26 @@ def load_cpu_kernels() -> bool:
             stacklevel=3,
         )
     return cpu_kernels_loaded
+
+
+def _stale_extension() -> str | None:
+    """Why the built ``lavae_fast._C`` must not be loaded, or None (also when there is none to find,
+    which the import then reports): it was built from other op schemas than this package's."""
+    from . import _schemas
+
+    spec = importlib.util.find_spec("lavae_fast._C")
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None
+    try:
+        built = _schemas.extension_digest(spec.origin)
+    except (OSError, ValueError) as exc:
+        return f"the C++ extension lavae_fast._C ({spec.origin}) cannot be read ({exc})"
+    want = _schemas.digest()
+    if built != want:
+        return (f"the C++ extension lavae_fast._C ({spec.origin}) was built from other op schemas than this package's "
+                f"(a stale build: schema digest {built or 'absent'}, the package's {want}); loading it would "
+                "abort the process")
+    return None
 
 
 def cpu_capability() -> str | None:

@@ -44,6 +44,33 @@ def read(path: str = PATH) -> dict[str, str]:
 
 SCHEMAS: dict[str, str] = read()
 
+# The C++ extension carries the digest of the schemas it was built from as the bytes
+# STAMP_PREFIX + digest + b";" (csrc/module.cpp; setup.py passes the digest), so that a build older
+# than the schemas is found by reading the file, before loading it: loading it would abort the
+# process (its kernels' registration fails a schema check inside a static initialiser).
+STAMP_PREFIX = b"lavae_fast-op-schemas:"
+
+
+def digest(schemas: dict[str, str] | None = None) -> str:
+    """16 hex digits of the SHA-256 of the schemas (one per line, file order): comments and blank
+    lines of op_schemas.inc do not change it."""
+    import hashlib
+
+    text = "\n".join((SCHEMAS if schemas is None else schemas).values())
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def extension_digest(path: str) -> str | None:
+    """The schema digest stamped into the compiled extension at ``path``, or None if it has none."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        i = m.find(STAMP_PREFIX)
+        if i < 0:
+            return None
+        j = m.find(b";", i, i + len(STAMP_PREFIX) + 64)
+        return m[i + len(STAMP_PREFIX): j].decode("ascii", "replace") if j > 0 else None
+
 
 def define(lib, names) -> None:
     """Define the ops ``names`` (of :data:`SCHEMAS`) on the ``torch.library.Library`` ``lib``."""

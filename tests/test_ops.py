@@ -818,14 +818,14 @@ _SUBPROCESS_CHECK = textwrap.dedent(
 )
 
 
-def _run_without_extension(how):
+def _run_without_extension(how, cwd=ROOT):
     env = dict(os.environ)
     env.pop("LAVAE_FAST_REQUIRE_EXT", None)
     if how == "disabled":
         env["LAVAE_FAST_DISABLE_EXTENSION"] = "1"
     else:
         env.pop("LAVAE_FAST_DISABLE_EXTENSION", None)
-    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS_CHECK, how], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS_CHECK, how], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
@@ -837,6 +837,45 @@ def test_disabled_extension_falls_back_to_reference():
     assert out["WARNINGS"] == "0"  # disabling on purpose is not worth a warning
     assert "LAVAE_FAST_DISABLE_EXTENSION" in out["DESCRIBE"]
     assert out["MATCH"] == "True"
+
+
+def test_a_stale_extension_is_not_loaded_and_the_reference_serves(ext, tmp_path):
+    """A build from other op schemas (the package changed a schema after the build) aborts the
+    process when loaded; lavae_fast finds it from the digest stamped into the file and does not
+    load it. Here: a copy of the package whose count_objects has no window argument, as before the
+    build's (measured: without the check, importing that copy kills the process with SIGABRT)."""
+    import shutil
+
+    from lavae_fast import _C, _schemas
+
+    assert _schemas.extension_digest(_C.__file__) == _schemas.digest()  # the build in use is current
+    pkg = os.path.dirname(_schemas.__file__)
+    shutil.copytree(pkg, tmp_path / "lavae_fast", ignore=shutil.ignore_patterns("pretrained", "__pycache__"))
+    inc = tmp_path / "lavae_fast" / "op_schemas.inc"
+    text = inc.read_text()
+    assert "int window=3) -> Tensor" in text
+    inc.write_text(text.replace(", int window=3) -> Tensor", ") -> Tensor"))
+    out = _run_without_extension("stale", cwd=tmp_path)
+    assert out["WARNINGS"] == "1", out
+    assert "stale build" in out["MESSAGE"] and "pip install" in out["MESSAGE"], out["MESSAGE"]
+    assert out["LOADED"] == "False" and out["CPU_KERNEL"] == "False"
+    assert out["MATCH"] == "True"
+
+
+def test_the_schema_digest_ignores_comments_and_follows_the_schemas(tmp_path):
+    from lavae_fast import _schemas
+
+    path = tmp_path / "op_schemas.inc"
+    text = open(_schemas.PATH).read()
+    path.write_text("// another comment\n\n" + text)
+    assert _schemas.digest(_schemas.read(str(path))) == _schemas.digest()
+    path.write_text(text.replace("float eps)", "float eps, int extra)", 1))
+    assert _schemas.digest(_schemas.read(str(path))) != _schemas.digest()
+    blob = tmp_path / "blob.so"
+    blob.write_bytes(b"\0" * 100 + _schemas.STAMP_PREFIX + b"0123abcd;" + b"\0" * 10)
+    assert _schemas.extension_digest(str(blob)) == "0123abcd"
+    blob.write_bytes(b"\0" * 100)
+    assert _schemas.extension_digest(str(blob)) is None
 
 
 def test_missing_extension_warns_once_and_falls_back():
