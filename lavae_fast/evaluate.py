@@ -105,7 +105,7 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
             matched, total = matched + m, total + t
             lat = model.infer(x, locations="top")  # the mode of q's draws
             matched_top += location_accuracy(lat.rows, lat.cols, lat.n, centres_all[idx], counts)[0]
-            dists.extend(peak_distances(out.h_loc, centres_all[idx], counts).tolist())
+            dists.extend(peak_distances(out.h_loc, centres_all[idx], counts, model.count_window).tolist())
         nb = int(max(0, min(len(idx), n_bound - b0)))
         if nb > 0 and K > 0:
             nll.extend((-model.log_likelihood(x[:nb], K=K, generator=gen)).cpu().tolist())

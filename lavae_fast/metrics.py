@@ -86,14 +86,15 @@ def local_maxima(h_loc: torch.Tensor, k: int, window: int = 3):
     return rows, cols
 
 
-def peak_distances(h_loc: torch.Tensor, centres, counts) -> np.ndarray:
-    """Distance (px) from each true centre to the nearest of the top-(true count) local maxima of
-    h_loc. Returns a flat array over all objects (empty if none)."""
+def peak_distances(h_loc: torch.Tensor, centres, counts, window: int = 3) -> np.ndarray:
+    """Distance (px) from each true centre to the nearest of the top-(true count) ``window`` ×
+    ``window`` local maxima of h_loc (the counter's window). Returns a flat array over all objects
+    (empty if none)."""
     cen, cnt = _as_np(centres), _as_np(counts)
     kmax = int(cnt.max()) if len(cnt) else 0
     if kmax == 0:
         return np.zeros(0)
-    rows, cols = local_maxima(h_loc, kmax)
+    rows, cols = local_maxima(h_loc, kmax, window)
     rows, cols = _as_np(rows), _as_np(cols)
     out = []
     for b in range(len(cnt)):

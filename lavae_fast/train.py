@@ -807,7 +807,7 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
                 rows, cols = peak_locations(out.h_loc, out.n_hat, model.max_objects, 4.0 * model.gamma_for(H, W),
                                             model.count_window)
                 m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
-                d = peak_distances(out.h_loc, centres, counts)
+                d = peak_distances(out.h_loc, centres, counts, model.count_window)
                 meter.add(loc_acc=m / t if t else None, peak_dist_median=float(np.median(d)) if len(d) else None)
 
             if done % config.log_every == 0 or done == end:

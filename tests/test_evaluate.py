@@ -60,6 +60,9 @@ def test_local_maxima_and_peak_distances():
     centres = np.array([[[2, 3], [6, 5]], [[0, 0], [-1, -1]]])
     d = peak_distances(h - 1.0 * (h == 0), centres, np.array([2, 1]))
     np.testing.assert_allclose(d, [1.0, 0.0, np.sqrt(32)])
+    # a 9×9 window leaves (2, 2) the only maximum of image 0 (the peak at (6, 5) lies in its window)
+    d9 = peak_distances(h - 1.0 * (h == 0), centres, np.array([2, 1]), window=9)
+    np.testing.assert_allclose(d9, [1.0, np.sqrt(16 + 9), np.sqrt(32)])
 
 
 def test_peak_locations_are_the_counted_peaks_highest_first():
