@@ -31,7 +31,7 @@ import torch
 
 from ._cli import nonneg_int, odd_positive_int, positive_int
 from ._io import atomic_write
-from .metrics import location_accuracy, peak_distances
+from .metrics import index_rows_cols, location_accuracy, peak_distances
 
 __all__ = ["evaluate_split", "format_table", "main"]
 
@@ -100,11 +100,13 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
             ok = out.n_hat.cpu() == counts
             right.extend(ok.tolist())
             correct += int(ok.sum())
-            lat = model.infer(x)  # at the counted peaks
-            m, t = location_accuracy(lat.rows, lat.cols, lat.n, centres_all[idx], counts)
+            # Where model.infer puts the objects, from this pass's h_loc (no second encoding): at the
+            # counted peaks, and at the mode of q's draws.
+            rows, cols = index_rows_cols(model.locate(out.h_loc, out.n_hat, "peaks"), W)
+            m, t = location_accuracy(rows, cols, out.n_hat, centres_all[idx], counts)
             matched, total = matched + m, total + t
-            lat = model.infer(x, locations="top")  # the mode of q's draws
-            matched_top += location_accuracy(lat.rows, lat.cols, lat.n, centres_all[idx], counts)[0]
+            rows, cols = index_rows_cols(model.locate(out.h_loc, out.n_hat, "top"), W)
+            matched_top += location_accuracy(rows, cols, out.n_hat, centres_all[idx], counts)[0]
             dists.extend(peak_distances(out.h_loc, centres_all[idx], counts, model.count_window).tolist())
         nb = int(max(0, min(len(idx), n_bound - b0)))
         if nb > 0 and K > 0:

@@ -4,8 +4,8 @@
   :data:`RADIUS` = 2 px (Euclidean) of their centre, under a one-to-one matching
   (:func:`max_matching`, a maximum bipartite matching, so one inferred location never serves two
   objects);
-* :func:`peak_locations`: the first n of the counter's peaks, highest first — where
-  :meth:`lavae_fast.LAVAE.infer` puts the objects by default;
+* :func:`index_rows_cols`: flat pixel indices (e.g. :meth:`lavae_fast.LAVAE.locate`'s) as rows
+  and columns;
 * :func:`local_maxima` and :func:`peak_distances`: h_loc's 3×3 local maxima (``window`` × ``window``
   with :func:`local_maxima`'s ``window``), whatever their height, and the distance from each true
   centre to the nearest of the top-(true count) of them (SPEC §5's "peaks next to rather than on
@@ -21,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ops import local_maxima_mask, peak_index
+from .ops import local_maxima_mask
 
-__all__ = ["RADIUS", "max_matching", "location_accuracy", "peak_locations", "local_maxima", "peak_distances"]
+__all__ = ["RADIUS", "max_matching", "location_accuracy", "index_rows_cols", "local_maxima", "peak_distances"]
 
 RADIUS = 2.0
 
@@ -111,9 +111,8 @@ def peak_distances(h_loc: torch.Tensor, centres, counts, window: int = 3) -> np.
     return np.asarray(out)
 
 
-def peak_locations(h_loc: torch.Tensor, n: torch.Tensor, M: int, threshold: float, window: int = 3):
-    """Rows, cols [B,M] of the first n of the counted peaks of h_loc [B,1,H,W] (window × window
-    local maxima above ``threshold``, highest first; :func:`lavae_fast.ops.peak_index`); −1 after."""
-    W = h_loc.shape[-1]
-    idx = peak_index(h_loc.detach().float(), threshold, n, M, window).cpu()
+def index_rows_cols(index: torch.Tensor, W: int):
+    """Flat pixel indices [B,M] (−1 = absent) on a canvas W wide → rows, cols [B,M] on the CPU (−1
+    where absent), e.g. of :meth:`lavae_fast.LAVAE.locate`."""
+    idx = index.cpu()
     return torch.where(idx >= 0, idx // W, -1), torch.where(idx >= 0, idx % W, -1)

@@ -821,16 +821,24 @@ class LAVAE(nn.Module):
         B, C, H, W = x.shape
         with _EvalMode(self):
             h_app, h_loc, n_hat = self.encode(x, check=False)
-        if locations == "peaks":
-            gamma = self.gamma_for(H, W)
-            index = _ops_api.peak_index(h_loc.float(), 4.0 * gamma, n_hat, self.max_objects, self._count_window)
-        else:
-            logits = h_loc.flatten(1)
-            index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits))
+        index = self.locate(h_loc, n_hat, locations)
         maps = self._one_hot(index, H * W, h_app.dtype).view(B, self.max_objects, H, W)
         app = self._ops.gather_appearance(h_app, maps, n_hat, index=index)
         mu = app[..., : self.latent_size]
         return Latents(n=n_hat, index=index, z_app=mu, canvas=(H, W))
+
+    @torch.no_grad()
+    def locate(self, h_loc: Tensor, n_hat: Tensor, locations: str = "peaks") -> Tensor:
+        """Where :meth:`infer` puts the n̂ objects, from the γ-scaled h_loc [B,1,H,W] and n̂ [B] of
+        :meth:`encode` (or a forward pass's ``h_loc``, ``n_hat``): flat indices [B,M], −1 from slot
+        n̂ on. ``locations``: "peaks" or "top" (see :meth:`infer`)."""
+        if locations == "peaks":
+            H, W = h_loc.shape[-2:]
+            return _ops_api.peak_index(h_loc.float(), 4.0 * self.gamma_for(H, W), n_hat, self.max_objects,
+                                       self._count_window)
+        logits = h_loc.flatten(1)
+        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits))
+        return index
 
     @torch.no_grad()
     def decode(self, latents: Latents) -> Tensor:

@@ -93,7 +93,7 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEY
                          save_checkpoint)
 from .data import DATASETS, load_run_split, parse_canvas
 from .loading import build_model
-from .metrics import location_accuracy, peak_distances, peak_locations
+from .metrics import index_rows_cols, location_accuracy, peak_distances
 from .noise import data_indices
 from .recipe import LR, Recipe
 from .train_config import TrainConfig, run_defining_fields
@@ -803,9 +803,7 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
 
             if config.model == "lavae" and (done % config.log_every == 0 or done == end):
                 centres = np.asarray(train_data.centres)[idx.numpy()]
-                H, W = out.h_loc.shape[-2:]
-                rows, cols = peak_locations(out.h_loc, out.n_hat, model.max_objects, 4.0 * model.gamma_for(H, W),
-                                            model.count_window)
+                rows, cols = index_rows_cols(model.locate(out.h_loc.detach(), out.n_hat), out.h_loc.shape[-1])
                 m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
                 d = peak_distances(out.h_loc, centres, counts, model.count_window)
                 meter.add(loc_acc=m / t if t else None, peak_dist_median=float(np.median(d)) if len(d) else None)

@@ -9,7 +9,8 @@ import torch
 
 from lavae_fast.evaluate import format_table
 from lavae_fast.evaluate import main as eval_main
-from lavae_fast.metrics import local_maxima, location_accuracy, max_matching, peak_distances, peak_locations
+from lavae_fast.metrics import index_rows_cols, local_maxima, location_accuracy, max_matching, peak_distances
+from lavae_fast.ops import peak_index
 from lavae_fast.train import main as train_main
 
 from test_train import TINY
@@ -63,6 +64,10 @@ def test_local_maxima_and_peak_distances():
     # a 9×9 window leaves (2, 2) the only maximum of image 0 (the peak at (6, 5) lies in its window)
     d9 = peak_distances(h - 1.0 * (h == 0), centres, np.array([2, 1]), window=9)
     np.testing.assert_allclose(d9, [1.0, np.sqrt(16 + 9), np.sqrt(32)])
+
+
+def peak_locations(h, n, M, threshold, window=3):
+    return index_rows_cols(peak_index(h, threshold, n, M, window), h.shape[-1])
 
 
 def test_peak_locations_are_the_counted_peaks_highest_first():
