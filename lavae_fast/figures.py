@@ -134,6 +134,7 @@ def _grid(rows, row_labels, col_labels, title, marks=None, corners=None):
     row, one above each column, ``title`` on top. ``marks[(r, c)]``: [(row, col, text, colour)]
     annotations drawn on that cell (pixel coordinates of the image); ``corners[(r, c)]``: a text in
     the cell's top-left corner."""
+    from matplotlib import patheffects
     from matplotlib.figure import Figure
 
     nrows, ncols = len(rows), max(len(r) for r in rows)
@@ -155,7 +156,10 @@ def _grid(rows, row_labels, col_labels, title, marks=None, corners=None):
             else:
                 ax.imshow(_rgb(img), interpolation="nearest")
                 for (pr, pc, text, colour) in (marks or {}).get((r, c), []):
-                    ax.text(pc, pr, text, color=colour, fontsize=7, fontweight="bold", ha="center", va="center")
+                    # A dark outline keeps the mark legible on a sprite of its own colour (cyan on white,
+                    # green or yellow was hard to read).
+                    ax.text(pc, pr, text, color=colour, fontsize=7, fontweight="bold", ha="center", va="center",
+                            path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
                 if (r, c) in (corners or {}):
                     ax.text(0.03, 0.97, corners[(r, c)], transform=ax.transAxes, color="yellow", fontsize=6,
                             ha="left", va="top")
