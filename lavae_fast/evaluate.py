@@ -31,7 +31,7 @@ import torch
 
 from ._cli import nonneg_int, odd_positive_int, positive_int
 from ._io import atomic_write
-from .metrics import index_rows_cols, location_accuracy, peak_distances
+from .metrics import index_rows_cols, location_accuracy, near_duplicate_draws, peak_distances
 
 __all__ = ["evaluate_split", "format_table", "main"]
 
@@ -59,6 +59,11 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
     Location accuracy is measured twice (see :meth:`lavae_fast.LAVAE.infer`): at the counted peaks
     (``location_accuracy``) and at the top-n̂ pixels of h_loc, the mode of q's draws
     (``location_accuracy_draws``).
+
+    Where the −ELBO goes: ``neg_elbo_terms`` (the mean of each term: LAVAE's recon, kl_app, kl_n,
+    kl_loc; the baseline's recon, kl) and ``neg_elbo_by_count`` (the mean −ELBO of the images with
+    k objects, by the true k); for LAVAE also ``near_duplicate_draws``, the share of its later hard
+    draws that land within 2 px of an earlier one (:func:`lavae_fast.metrics.near_duplicate_draws`).
     """
     from .baseline import BetaVAE
 
@@ -71,6 +76,7 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
     centres_all = np.asarray(data.centres)
     res = {"images": n_eval, "bound_images": n_bound, "K": K}
     nll, nelbo, correct, matched, matched_top, total, dists = [], [], 0, 0, 0, 0, []
+    terms, true_counts, dup, later = {}, [], 0, 0
     right = []  # per image: counted right (LAVAE)
     it = range(0, n_eval, batch_size)
     if progress:
@@ -82,9 +88,12 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
         x, counts = data.get_batch(idx)
         x = x.to(device)
         counts = torch.as_tensor(counts)
+        true_counts.extend(counts.tolist())
         if is_baseline:
             out = model(x, eps=torch.randn(x.shape[0], *model.latent_shape(*x.shape[-2:]), generator=gen).to(device))
             nelbo.extend(out.neg_elbo.cpu().tolist())
+            for k in ("recon", "kl"):
+                terms.setdefault(k, []).extend(getattr(out, k).cpu().tolist())
         else:
             from .noise import Noise, gumbel_from_uniform
 
@@ -97,6 +106,10 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
             # τ only shapes the relaxed samples, which do not enter the −ELBO's value.
             out = model(x, noise=noise, tau=0.02)
             nelbo.extend(out.neg_elbo.cpu().tolist())
+            for k in ("recon", "kl_app", "kl_n", "kl_loc"):
+                terms.setdefault(k, []).extend(getattr(out, k).cpu().tolist())
+            d, n_later = near_duplicate_draws(out.index, W)
+            dup, later = dup + d, later + n_later
             ok = out.n_hat.cpu() == counts
             right.extend(ok.tolist())
             correct += int(ok.sum())
@@ -112,6 +125,9 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
         if nb > 0 and K > 0:
             nll.extend((-model.log_likelihood(x[:nb], K=K, generator=gen)).cpu().tolist())
     res["neg_elbo"] = _mean_sem(nelbo)
+    res["neg_elbo_terms"] = {k: float(np.mean(v)) if v else float("nan") for k, v in terms.items()}
+    tc, ne = np.asarray(true_counts), np.asarray(nelbo)
+    res["neg_elbo_by_count"] = {str(k): float(ne[tc == k].mean()) for k in np.unique(tc)} if len(ne) else {}
     if K > 0:
         res["nll_bound"] = _mean_sem(nll)
         if not is_baseline and nll:
@@ -125,6 +141,7 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
         # Where q's draws put the objects (their mode, top-n̂ of h_loc): below the peaks' accuracy
         # while h_loc's peaks are blunt, and what the bound pays for (LAVAE.infer).
         res["location_accuracy_draws"] = matched_top / total if total else float("nan")
+        res["near_duplicate_draws"] = dup / later if later else None  # None: no image had two draws
         d = np.asarray(dists)
         res["median_peak_distance"] = float(np.median(d)) if len(d) else float("nan")
     return res
@@ -136,19 +153,32 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
 
 
 def _fmt(v) -> str:
-    if isinstance(v, dict):
+    if v is None:
+        return "-"
+    if isinstance(v, dict) and set(v) == {"mean", "sem"}:
         return f"{v['mean']:.2f} ± {v['sem']:.2f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {x:.1f}" for k, x in v.items())
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
 
 
-def format_table(results: Dict[str, Dict]) -> str:
-    keys = ["images", "nll_bound", "nll_bound_counted_right", "neg_elbo", "count_accuracy", "location_accuracy",
-            "location_accuracy_draws", "median_peak_distance"]
+# The short report (lavae-demo); the evaluation CLI adds where the −ELBO goes (DETAIL_KEYS).
+SUMMARY_KEYS = ("images", "nll_bound", "nll_bound_counted_right", "neg_elbo", "count_accuracy", "location_accuracy",
+                "location_accuracy_draws", "median_peak_distance")
+DETAIL_KEYS = ("images", "nll_bound", "nll_bound_counted_right", "neg_elbo", "neg_elbo_terms", "neg_elbo_by_count",
+               "count_accuracy", "location_accuracy", "location_accuracy_draws", "near_duplicate_draws",
+               "median_peak_distance")
+
+
+def format_table(results: Dict[str, Dict], keys: Sequence[str] = SUMMARY_KEYS) -> str:
+    """A text table of :func:`evaluate_split` results, one column per split, one row per key."""
     names = {"nll_bound": "−log p(x) ≤", "nll_bound_counted_right": "−log p(x) ≤, counted right", "neg_elbo": "−ELBO",
              "count_accuracy": "count acc", "location_accuracy": "location acc (peaks)",
-             "location_accuracy_draws": "location acc (draws' mode)", "median_peak_distance": "median peak dist (px)"}
+             "location_accuracy_draws": "location acc (draws' mode)", "median_peak_distance": "median peak dist (px)",
+             "neg_elbo_terms": "−ELBO terms", "neg_elbo_by_count": "−ELBO by true count",
+             "near_duplicate_draws": "later draws on a drawn object"}
     splits = list(results)
     rows = [["metric"] + splits]
     for k in keys:
@@ -270,7 +300,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             "count_window": getattr(model, "count_window", None),
             "seconds": round(time.time() - t0, 1)}
     print(f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {args.K}")
-    print(format_table(results))
+    print(format_table(results, DETAIL_KEYS))
     with atomic_write(out, "w", tmp=out + ".tmp") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"wrote {out}")

@@ -855,10 +855,13 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
                     ev[split] = r
                     if writer is not None:
                         for k, v in r.items():
-                            if isinstance(v, dict):
-                                v = v["mean"]
-                            if isinstance(v, (int, float)) and k not in ("images", "bound_images", "K"):
-                                writer.add_scalar(f"eval_{split}/{k}", v, done)
+                            # {mean, sem} → its mean; other dicts (the −ELBO's terms, by count) → one
+                            # scalar per entry.
+                            items = ({k: v["mean"]} if isinstance(v, dict) and "mean" in v else
+                                     {f"{k}/{j}": u for j, u in v.items()} if isinstance(v, dict) else {k: v})
+                            for name, u in items.items():
+                                if isinstance(u, (int, float)) and k not in ("images", "bound_images", "K"):
+                                    writer.add_scalar(f"eval_{split}/{name}", u, done)
                 model.train()
                 if "val" in ev and (best_score is None or validation_score(ev["val"]) > best_score):
                     best_score = validation_score(ev["val"])

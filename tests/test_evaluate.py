@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from lavae_fast.evaluate import format_table
+from lavae_fast.evaluate import DETAIL_KEYS, format_table
 from lavae_fast.evaluate import main as eval_main
-from lavae_fast.metrics import index_rows_cols, local_maxima, location_accuracy, max_matching, peak_distances
+from lavae_fast.metrics import (index_rows_cols, local_maxima, location_accuracy, max_matching,
+                                near_duplicate_draws, peak_distances)
 from lavae_fast.ops import peak_index
 from lavae_fast.train import main as train_main
 
@@ -85,10 +86,27 @@ def test_peak_locations_are_the_counted_peaks_highest_first():
     assert peak_locations(h, torch.tensor([1, 1, 0]), 4, 5.0, window=7)[0][0].tolist() == [1, -1, -1, -1]
 
 
+def test_near_duplicate_draws_counts_later_draws_near_an_earlier_one():
+    W = 10
+    at = lambda r, c: r * W + c  # noqa: E731
+    index = torch.tensor([
+        [at(5, 5), at(6, 7), at(0, 0), -1],  # (6,7) is 2 px from the first draw; (0,0) is far
+        [at(5, 5), at(8, 5), -1, -1],        # 3 px away: not a duplicate
+        [at(1, 1), -1, -1, -1],              # one draw: nothing later
+        [at(2, 2), at(9, 9), at(3, 3), at(9, 8)],  # the 3rd is near the 1st, the 4th near the 2nd
+    ])
+    assert near_duplicate_draws(index, W) == (3, 6)
+    assert near_duplicate_draws(index, W, radius=3) == (4, 6)
+    assert near_duplicate_draws(index, W, radius=0) == (0, 6)
+    assert near_duplicate_draws(torch.full((2, 3), -1), W) == (0, 0)
+
+
 def test_format_table():
-    t = format_table({"test": {"images": 3, "count_accuracy": 0.5, "nll_bound": {"mean": 40.0, "sem": 1.0}},
-                      "test7": {"images": 3, "count_accuracy": 0.25}})
+    t = format_table({"test": {"images": 3, "count_accuracy": 0.5, "nll_bound": {"mean": 40.0, "sem": 1.0},
+                               "neg_elbo_terms": {"recon": 12.25, "kl": 3.0}},
+                      "test7": {"images": 3, "count_accuracy": 0.25}}, DETAIL_KEYS)
     assert "count acc" in t and "0.5000" in t and "40.00 ± 1.00" in t and "-" in t.splitlines()[-1] + "-"
+    assert "recon 12.2, kl 3.0" in t or "recon 12.3, kl 3.0" in t
 
 
 @pytest.mark.parametrize("model", ["lavae", "baseline"])
@@ -107,9 +125,12 @@ def test_evaluate_cli_on_a_tiny_run(tmp_path, capsys, model):
         if model == "lavae":
             assert 0 <= r["count_accuracy"] <= 1 and 0 <= r["location_accuracy"] <= 1
             assert 0 <= r["location_accuracy_draws"] <= 1
+            assert r["near_duplicate_draws"] is None or 0 <= r["near_duplicate_draws"] <= 1
+            assert set(r["neg_elbo_terms"]) == {"recon", "kl_app", "kl_n", "kl_loc"}
         else:
+            assert set(r["neg_elbo_terms"]) == {"recon", "kl"}
             assert "count_accuracy" not in r and "location_accuracy_draws" not in r
-    assert "−log p(x)" in printed
+    assert "−log p(x)" in printed and "−ELBO terms" in printed
     assert res["meta"]["count_window"] == (3 if model == "lavae" else None)  # the model's own
     args = [run, "--K", "0", "--n-eval", "6", "--batch-size", "4", "--threads", "1", "--splits", "test"]
     if model == "lavae":
@@ -167,3 +188,10 @@ def test_bound_on_the_images_counted_right_averages_exactly_those(monkeypatch):
     bounds = 100.0 + np.arange(10)
     assert res["nll_bound"]["mean"] == pytest.approx(bounds.mean())
     assert res["nll_bound_counted_right"]["mean"] == pytest.approx(bounds[right].mean())
+    # Where the −ELBO goes: its terms add up to it, and the per-count means average back to it.
+    assert sum(res["neg_elbo_terms"].values()) == pytest.approx(res["neg_elbo"]["mean"], rel=1e-6)
+    c = np.asarray(counts)
+    by = res["neg_elbo_by_count"]
+    assert set(by) == {str(k) for k in np.unique(c)}
+    assert sum(by[str(k)] * (c == k).sum() for k in np.unique(c)) / len(c) == pytest.approx(res["neg_elbo"]["mean"],
+                                                                                           rel=1e-6)
