@@ -39,6 +39,9 @@ def test_the_models_are_shipped_in_the_package_with_their_provenance(name):
         assert prov["command"].startswith("python -m lavae_fast.train") and prov["step"] == state["step"] > 0
         assert prov["metrics"]["meta"]["K"] == 100 and prov["metrics"]["results"]["test"]["nll_bound"]["mean"] > 0
         assert state["args"]["dataset"] == name
+        if kind == "lavae":  # both location accuracies, under the names the evaluator uses today
+            for r in prov["metrics"]["results"].values():
+                assert 0 <= r["location_accuracy_draws"] <= r["location_accuracy"] <= 1, r
     model, base = LAVAE.from_pretrained(name), BetaVAE.from_pretrained(name)
     assert not any(m.training for m in [*model.modules(), *base.modules()])
     assert tuple(model.canvas) == tuple(base.canvas) == (48, 48)
