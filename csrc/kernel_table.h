@@ -33,10 +33,11 @@ struct KernelTable {
                                                            const Tensor& n, const OptTensor& index, bool need_h_app,
                                                            bool need_loc);
   std::tuple<Tensor, Tensor, Tensor> (*gumbel_topk_relaxed)(const Tensor& logits, const Tensor& n, double tau,
-                                                            int64_t max_objects, const Tensor& gumbel);
+                                                            int64_t max_objects, const Tensor& gumbel,
+                                                            int64_t window, at::OptionalIntArrayRef canvas);
   Tensor (*gumbel_topk_relaxed_backward)(const OptTensor& grad_relaxed, const OptTensor& grad_log_q,
                                          const Tensor& logits, const Tensor& index, const Tensor& relaxed,
-                                         const Tensor& n, double tau);
+                                         const Tensor& n, double tau, int64_t window, at::OptionalIntArrayRef canvas);
   std::tuple<Tensor, Tensor, Tensor> (*lrelu_batch_norm)(const Tensor& y, const Tensor& weight, const Tensor& bias,
                                                          double slope, double eps);
   std::tuple<Tensor, Tensor, Tensor> (*lrelu_batch_norm_backward)(const Tensor& grad_out, const Tensor& y,

@@ -380,8 +380,10 @@ def _check_canvas(canvas) -> Tuple[int, int]:
 
 # LAVAE options a checkpoint may lack because it was written before they existed, with the value
 # those versions used (the training estimator changed from straight-through to relaxed: SPEC §3;
-# the counter was always 3×3 before count_window).
-LEGACY_LAVAE_CONFIG = {"location_mode": "straight_through", "loc_kl": "straight_through", "count_window": 3}
+# the counter was always 3×3 before count_window; q excluded only the drawn pixel before
+# exclusion_window).
+LEGACY_LAVAE_CONFIG = {"location_mode": "straight_through", "loc_kl": "straight_through", "count_window": 3,
+                       "exclusion_window": 1}
 
 
 def model_kwargs(config: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:

@@ -351,6 +351,11 @@ class LAVAE(nn.Module):
             above 4γ that are maxima of their count_window × count_window neighbourhood
             (:func:`lavae_fast.ops.count_objects`). Default 3, SPEC §2's 3×3; changeable after
             loading (:meth:`set_count_window` or ``model.count_window = 5``).
+        exclusion_window: q's exclusion window, an odd int ≥ 1 (SPEC §2): each location draw
+            removes its exclusion_window × exclusion_window neighbourhood from the later draws'
+            candidates, in training, the bound and ``infer(locations="top")``. Default 1, the
+            paper's eq. 11 (only the drawn pixel); changeable after loading
+            (:meth:`set_exclusion_window`). The canvas must hold it: H·W > (M − 1)·w².
     """
 
     # Measured (bench/estimators.py's second table, exact ∂E_q[log q]/∂h by enumeration): "hard"
@@ -389,6 +394,7 @@ class LAVAE(nn.Module):
         location_mode: str = "relaxed",
         loc_kl: str = "relaxed",
         count_window: int = 3,
+        exclusion_window: int = 1,
     ):
         super().__init__()
         from .ops import MAX_OBJECTS
@@ -414,6 +420,7 @@ class LAVAE(nn.Module):
         self.set_location_mode(location_mode)
         self.set_loc_kl(loc_kl)
         self.set_count_window(count_window)
+        self.set_exclusion_window(exclusion_window)
 
         self.app_net = ResidualNet(channels, width)
         self.app_head = HeadConv2d(width, 2 * latent_size, 3, padding=1)
@@ -437,7 +444,8 @@ class LAVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, canvas: Union[None, int, Sequence[int]] = None,
-                        device="cpu", count_window: Optional[int] = None) -> "LAVAE":
+                        device="cpu", count_window: Optional[int] = None,
+                        exclusion_window: Optional[int] = None) -> "LAVAE":
         """A trained LAVAE in eval mode.
 
         ``name_or_path``: a shipped model's name ("multi-dsprites", "multi-mnist-10k"; see
@@ -445,6 +453,8 @@ class LAVAE(nn.Module):
         or a checkpoint file. ``canvas``: (H, W) or N to run the model on another canvas size (it is
         fully convolutional); default: the canvas it was trained on. ``count_window``: the counter's
         neighbourhood (see the class); default: the checkpoint's own (3 for one that does not say).
+        ``exclusion_window``: q's exclusion window (see the class); default: the checkpoint's own (1
+        for one that does not say).
 
         Only tensors and plain data are read (no arbitrary pickled objects) and the checkpoint's
         digest is verified. Raises ValueError for an unknown name,
@@ -459,6 +469,8 @@ class LAVAE(nn.Module):
         model = restore_model(cls, state, path, canvas=canvas, device=device)
         if count_window is not None:
             model.set_count_window(count_window)
+        if exclusion_window is not None:
+            model.set_exclusion_window(exclusion_window)
         return model
 
     # -- configuration ---------------------------------------------------------------------
@@ -485,6 +497,27 @@ class LAVAE(nn.Module):
         if loc_kl not in self.LOC_KL_CHOICES:
             raise ValueError(f"loc_kl must be one of {', '.join(map(repr, self.LOC_KL_CHOICES))}, got {loc_kl!r}")
         self.loc_kl = loc_kl
+
+    def set_exclusion_window(self, window: int) -> None:
+        """q's exclusion window for the location draws: an odd int ≥ 1 (SPEC §2). Each draw removes
+        its window × window neighbourhood from the later draws' candidates (1 = the paper's eq. 11,
+        only the drawn pixel). Used by the training draws, the importance-sampled bound and
+        :meth:`infer`'s ``locations="top"``. Raises ValueError naming ``exclusion_window``; a window
+        the canvas cannot hold (H·W ≤ (M − 1)·w²) is refused when the draws are made."""
+        self._exclusion_window = _ops_api.check_exclusion_window(window, "exclusion_window")
+
+    @property
+    def exclusion_window(self) -> int:
+        """q's exclusion window (see :meth:`set_exclusion_window`, which setting it calls)."""
+        return self._exclusion_window
+
+    @exclusion_window.setter
+    def exclusion_window(self, window: int) -> None:
+        self.set_exclusion_window(window)
+
+    def _draw_window(self, H: int, W: int) -> dict:
+        """The keyword arguments of gumbel_topk_relaxed for this model's exclusion window."""
+        return {"window": self._exclusion_window, "canvas": (H, W)} if self._exclusion_window != 1 else {}
 
     def set_count_window(self, window: int) -> None:
         """The counter's neighbourhood for n̂: an odd int ≥ 1 (window × window; SPEC §2's 3×3 is the
@@ -547,6 +580,7 @@ class LAVAE(nn.Module):
 
     def __setstate__(self, state):
         state.setdefault("_count_window", 3)  # pickled before the option existed: the 3×3 counter
+        state.setdefault("_exclusion_window", 1)  # likewise: the paper's one-pixel exclusion
         super().__setstate__(state)
         self.set_ops(self.ops_name)
 
@@ -693,7 +727,8 @@ class LAVAE(nn.Module):
         n = torch.where(forced, torch.ones_like(n_hat), n_hat)
 
         logits = h_loc.flatten(1)  # [B,D]
-        index, relaxed, log_q = self._ops.gumbel_topk_relaxed(logits, n, float(tau), M, noise.gumbel)
+        index, relaxed, log_q = self._ops.gumbel_topk_relaxed(logits, n, float(tau), M, noise.gumbel,
+                                                              **self._draw_window(H, W))
         if hard is None:
             hard = not self.training
         if hard or self.location_mode == "straight_through":
@@ -725,7 +760,8 @@ class LAVAE(nn.Module):
         # set r_i ≡ 0 and so does ∂r_i. Hence ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩, which is the gradient of
         # ⟨r_i − r_i.detach(), h.detach()⟩ — a term whose value is 0. Absent slots have r_i = 0.
         # Hard: the value is the exact log q of the draws (the straight-through form's value).
-        log_q_loc = self.location_log_q(logits, relaxed, index, log_q, "straight_through" if hard else self.loc_kl)
+        log_q_loc = self.location_log_q(logits, relaxed, index, log_q, "straight_through" if hard else self.loc_kl,
+                                        **self._draw_window(H, W))
         log_p_loc = -self._log_falling(D, n, M, logits.dtype)
         kl_loc = log_q_loc - log_p_loc
         recon = -loglik
@@ -740,9 +776,11 @@ class LAVAE(nn.Module):
         )
 
     @classmethod
-    def location_log_q(cls, logits: Tensor, relaxed: Tensor, index: Tensor, log_q: Tensor, loc_kl: str) -> Tensor:
+    def location_log_q(cls, logits: Tensor, relaxed: Tensor, index: Tensor, log_q: Tensor, loc_kl: str, *,
+                       window: int = 1, canvas: Optional[Tuple[int, int]] = None) -> Tensor:
         """The training term log q(z_loc) [B] picked by ``loc_kl`` (SPEC §3), from the outputs of
-        ``gumbel_topk_relaxed(logits, …)``: index [B,M], relaxed [B,M,D], log_q [B] (exact)."""
+        ``gumbel_topk_relaxed(logits, …, window=window, canvas=canvas)``: index [B,M], relaxed
+        [B,M,D], log_q [B] (exact)."""
         if loc_kl == "straight_through":
             st_term = ((relaxed - relaxed.detach()) * logits.detach()[:, None, :]).sum((1, 2))
             return log_q + st_term
@@ -752,21 +790,28 @@ class LAVAE(nn.Module):
             # which is left out, so this term only adds zero-mean noise to h_loc's gradient.
             return log_q
         if loc_kl == "relaxed":
-            return cls.relaxed_log_q(logits, relaxed, index)
+            return cls.relaxed_log_q(logits, relaxed, index, window=window, canvas=canvas)
         raise ValueError(f"loc_kl must be one of {', '.join(map(repr, cls.LOC_KL_CHOICES))}, got {loc_kl!r}")
 
     @staticmethod
-    def relaxed_log_q(logits: Tensor, relaxed: Tensor, index: Tensor) -> Tensor:
+    def relaxed_log_q(logits: Tensor, relaxed: Tensor, index: Tensor, *, window: int = 1,
+                      canvas: Optional[Tuple[int, int]] = None) -> Tensor:
         """log q at the relaxed sample, Σ_i ⟨r_i, log b^(i)⟩ [B] (SPEC §3, ``loc_kl="relaxed"``).
 
-        b^(i) = softmax(logits) over the locations not drawn (hard draws ``index``) before step i,
-        the same set r_i lives on. Its gradient is ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩ (the normaliser
-        drops out, Σ∂r_i = 0) plus r_i − b^(i) through log b^(i): the straight-through term's,
-        with r_i in place of the one-hot. As τ → 0, r_i → onehot_i and the value → the exact log q.
+        b^(i) = softmax(logits) over step i's candidates — the locations outside the ``window`` ×
+        ``window`` neighbourhoods (on ``canvas`` (H, W); window 1: the pixels) of the hard draws
+        ``index`` before step i — the same set r_i lives on (the op's rule, SPEC §2). Its gradient
+        is ⟨∂r_i, log b^(i)⟩ = ⟨∂r_i, h⟩ (the normaliser drops out, Σ∂r_i = 0) plus r_i − b^(i)
+        through log b^(i): the straight-through term's, with r_i in place of the one-hot. As
+        τ → 0, r_i → onehot_i and the value → the exact log q.
         """
         B, M, D = relaxed.shape
         hard = F.one_hot(index.clamp(min=0), D).to(logits.dtype) * (index >= 0).to(logits.dtype)[..., None]
-        before = (hard.cumsum(1) - hard) > 0  # [B,M,D] drawn at a step < i
+        if window != 1:
+            H, W = canvas
+            cover = F.max_pool2d(hard.view(B * M, 1, H, W), window, stride=1, padding=window // 2).view(B, M, D)
+            hard = cover  # what each draw excludes from the later steps
+        before = (hard.cumsum(1) - hard) > 0  # [B,M,D] excluded at a step < i
         log_b = torch.log_softmax(logits[:, None, :].masked_fill(before, float("-inf")), dim=-1)
         # r_i is exactly 0 (value and gradient) where log b^(i) = −∞: use 0 there, not −∞·0 = NaN.
         return (relaxed * log_b.masked_fill(before, 0.0)).sum((1, 2))
@@ -837,7 +882,20 @@ class LAVAE(nn.Module):
             return _ops_api.peak_index(h_loc.float(), 4.0 * self.gamma_for(H, W), n_hat, self.max_objects,
                                        self._count_window)
         logits = h_loc.flatten(1)
-        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits))
+        H, W = h_loc.shape[-2:]
+        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits),
+                                                    **self._draw_window(H, W))
+        return index
+
+    @torch.no_grad()
+    def draw_locations(self, h_loc: Tensor, n: Tensor, gumbel: Tensor) -> Tensor:
+        """q's hard location draws for the γ-scaled h_loc [B,1,H,W] (a forward pass's ``h_loc``),
+        n [B] objects and Gumbel noise [B,H·W], with this model's exclusion window: flat indices
+        [B,M], −1 from slot n on. What the −ELBO and the bound place the sprites at."""
+        H, W = h_loc.shape[-2:]
+        logits = h_loc.flatten(1)
+        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n, 1.0, self.max_objects, gumbel.to(logits),
+                                                    **self._draw_window(H, W))
         return index
 
     @torch.no_grad()
@@ -991,7 +1049,7 @@ class LAVAE(nn.Module):
                 logits = rep(h_loc.flatten(1))
                 u = torch.rand(k * B, D, generator=generator, dtype=torch.float64)
                 g = gumbel_from_uniform(u).to(logits)
-                index, _, log_q = self._ops.gumbel_topk_relaxed(logits, n, 1.0, M, g)
+                index, _, log_q = self._ops.gumbel_topk_relaxed(logits, n, 1.0, M, g, **self._draw_window(H, W))
                 maps = self._one_hot(index, D, logits.dtype).view(k * B, M, H, W)
                 app = self._ops.gather_appearance(rep(h_app), maps, n, index=index)
                 mu, logvar = app.split(L, dim=-1)

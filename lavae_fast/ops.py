@@ -36,7 +36,7 @@ from . import _backends, _schemas
 from . import reference as _ref
 from ._common import check_window, counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask, peak_index
 
-__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance", "object_mask",
+__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "check_exclusion", "check_exclusion_window", "count_objects", "gather_appearance", "object_mask",
            "counted_peaks", "local_maxima_mask", "peak_index", "engine", "ENGINES", "register_triton_kernels"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -79,7 +79,7 @@ def _(grad_loglik, grad_canvas, x, sprites, loc, n, index, canvas, eps, need_spr
 
 
 @torch.library.register_fake("lavae_fast::gumbel_topk_relaxed")
-def _(logits, n, tau, max_objects, gumbel):
+def _(logits, n, tau, max_objects, gumbel, window=1, canvas=None):
     B, D = logits.shape
     return (
         logits.new_empty(B, max_objects, D),
@@ -89,7 +89,7 @@ def _(logits, n, tau, max_objects, gumbel):
 
 
 @torch.library.register_fake("lavae_fast::gumbel_topk_relaxed_backward")
-def _(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau):
+def _(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1, canvas=None):
     return logits.new_empty(logits.shape)
 
 
@@ -141,9 +141,11 @@ torch.library.register_autograd("lavae_fast::place_loglik", _place_backward, set
 
 
 def _gumbel_setup(ctx, inputs, output):
-    logits, n, tau, max_objects, gumbel = inputs
+    logits, n, tau, max_objects, gumbel, window, canvas = inputs
     relaxed, _, index = output
     ctx.tau = tau
+    ctx.window = window
+    ctx.canvas = canvas
     ctx.save_for_backward(logits, index, relaxed, n)
     ctx.mark_non_differentiable(index)
 
@@ -151,11 +153,11 @@ def _gumbel_setup(ctx, inputs, output):
 def _gumbel_backward(ctx, grad_relaxed, grad_log_q, grad_index):
     logits, index, relaxed, n = ctx.saved_tensors
     if grad_relaxed is None and grad_log_q is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None, None
     grad = torch.ops.lavae_fast.gumbel_topk_relaxed_backward(
-        grad_relaxed, grad_log_q, logits, index, relaxed, n, ctx.tau
+        grad_relaxed, grad_log_q, logits, index, relaxed, n, ctx.tau, ctx.window, ctx.canvas
     )
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -195,16 +197,18 @@ def _triton_implementations(kernels) -> dict:
     launch = kernels.LAUNCHERS
     gumbel_kernels = kernels.gumbel
 
-    def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel):
-        if logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D:
-            return _ref._fallback_gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel)
-        return launch["gumbel_topk_relaxed"](logits, n, tau, max_objects, gumbel)
+    def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel, window=1, canvas=None):
+        if (logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D) or window != 1:
+            return _ref._fallback_gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel, window, canvas)
+        return launch["gumbel_topk_relaxed"](logits, n, tau, max_objects, gumbel, window, canvas)
 
-    def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau):
-        if logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D:
+    def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1,
+                                     canvas=None):
+        if (logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D) or window != 1:
             return _ref._fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n,
-                                                               tau)
-        return launch["gumbel_topk_relaxed_backward"](grad_relaxed, grad_log_q, logits, index, relaxed, n, tau)
+                                                               tau, window, canvas)
+        return launch["gumbel_topk_relaxed_backward"](grad_relaxed, grad_log_q, logits, index, relaxed, n, tau,
+                                                      window, canvas)
 
     def gather_appearance_backward(grad, h_app, loc, n, index, need_h_app, need_loc):
         gh, gl = launch["gather_appearance_backward"](grad, h_app, loc, n, index, need_h_app, need_loc)
@@ -376,8 +380,9 @@ def place_and_loglik(
     return ll
 
 
-def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int, gumbel: Tensor):
-    """Gumbel-top-k draws without replacement with relaxed step samples (SPEC §3, §9.2).
+def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int, gumbel: Tensor, *,
+                        window: int = 1, canvas: Optional[tuple] = None):
+    """Gumbel-top-k draws without replacement with relaxed step samples (SPEC §2, §3, §9.2).
 
     Args:
         logits: [B,D] location logits (already γ-scaled).
@@ -385,12 +390,17 @@ def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int,
         tau: Gumbel-softmax temperature (> 0).
         max_objects: M, the number of slots.
         gumbel: [B,D] standard Gumbel noise (the op draws none itself).
+        window: the exclusion window w, an odd int ≥ 1: each draw removes its w × w neighbourhood
+            (clipped to the canvas) from the later steps' candidates. 1 (default) removes only the
+            drawn pixel: the paper's eq. 11, bit for bit the op without the argument.
+        canvas: (H, W) with H·W = D, required when window > 1 (the neighbourhoods are on the
+            canvas); a window needs H·W > (M − 1)·w², so that a pixel is left at every step.
 
     Returns:
-        index [B,M] int64 (the i-th largest of logits+g for i < n, −1 after);
-        relaxed [B,M,D] (softmax((logits+g)/τ) over the locations not drawn before; zero rows
-        for absent slots); log_q [B] = exact log-probability of the draws without replacement.
-        Differentiable in ``logits`` through ``relaxed`` and ``log_q``.
+        index [B,M] int64 (draw i is the largest of logits+g over step i's candidates, for i < n;
+        −1 after); relaxed [B,M,D] (softmax((logits+g)/τ) over the same candidates; zero rows
+        for absent slots); log_q [B] = exact log-probability of the draws (eq. 11 with the
+        window's candidate sets). Differentiable in ``logits`` through ``relaxed`` and ``log_q``.
     """
     _check_tensor("logits", logits, 2, _FLOAT_DTYPES)
     _check_tensor("gumbel", gumbel, 2, (logits.dtype,))
@@ -406,12 +416,43 @@ def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int,
               f"B·max_objects·D floats), got {max_objects}")
     if not float(tau) > 0:
         _fail(f"tau must be > 0, got {tau!r}")
+    window, canvas = check_exclusion(window, canvas, D, max_objects)
     _check_same_device(logits=logits, n=n, gumbel=gumbel)
     _check_counts(n, B, max_objects)
     relaxed, log_q, index = torch.ops.lavae_fast.gumbel_topk_relaxed(
-        logits.contiguous(), n.contiguous(), float(tau), int(max_objects), gumbel.contiguous()
+        logits.contiguous(), n.contiguous(), float(tau), int(max_objects), gumbel.contiguous(), window, canvas
     )
     return index, relaxed, log_q
+
+
+def check_exclusion_window(window, name: str = "window") -> int:
+    """The exclusion window as an int, or a ValueError naming it: an odd int ≥ 1 (SPEC §2)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"{name} must be an odd int >= 1 (each draw excludes its {name} × {name} "
+                         f"neighbourhood from the later draws), got {window!r}")
+    return int(window)
+
+
+def check_exclusion(window, canvas, D: int, max_objects: int, name: str = "window"):
+    """(window, canvas as [H, W] or None) for the op, or a ValueError naming what is wrong: the
+    exclusion window is an odd int ≥ 1; one > 1 needs the canvas (H, W), H·W = D, and
+    H·W > (max_objects − 1)·window² (SPEC §2: every step keeps a candidate)."""
+    window = check_exclusion_window(window, name)
+    if window == 1:
+        return 1, None
+    if canvas is None:
+        raise ValueError(f"{name}={window} needs canvas=(H, W): the neighbourhoods lie on the canvas")
+    try:
+        H, W = (int(v) for v in canvas)
+    except (TypeError, ValueError):
+        raise ValueError(f"canvas must be (H, W), got {canvas!r}") from None
+    if H < 1 or W < 1 or H * W != D:
+        raise ValueError(f"canvas {(H, W)} does not hold the D = {D} locations of logits")
+    if not D > (max_objects - 1) * window * window:
+        raise ValueError(f"{name}={window} is too large for a {H}×{W} canvas and {max_objects} objects: it needs "
+                         f"H·W > (max_objects − 1)·{name}² = {(max_objects - 1) * window * window}, so that every "
+                         f"draw keeps a candidate")
+    return int(window), [H, W]
 
 
 def count_objects(h_loc: Tensor, threshold: float, max_objects: int, window: int = 3) -> Tensor:

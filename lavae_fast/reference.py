@@ -121,16 +121,22 @@ def place_and_loglik(x, sprites, loc, n, *, index=None, eps: float = 1e-4, retur
 # ---------------------------------------------------------------------------------------------
 
 
-def gumbel_topk_relaxed(logits, n, tau: float, max_objects: int, gumbel):
-    """Reference of ``lavae_fast.ops.gumbel_topk_relaxed`` (SPEC §3, §9.2): the sequential loop.
+def gumbel_topk_relaxed(logits, n, tau: float, max_objects: int, gumbel, *, window: int = 1, canvas=None):
+    """Reference of ``lavae_fast.ops.gumbel_topk_relaxed`` (SPEC §2, §3, §9.2): the sequential loop.
 
     logits [B,D], n [B] int64, gumbel [B,D] noise -> (index [B,M] int64, relaxed [B,M,D], log_q [B]).
-    Step i draws the i-th largest of logits+g (Gumbel-top-k = sequential sampling without
-    replacement); relaxed[b,i] = softmax((logits+g)/τ) over the locations not drawn before step i;
-    log_q = Σ_i log b^(i)[index_i], b^(i) = softmax(logits) renormalised over the same set (eq. 11).
-    A canvas with fewer than n pixels (D < n) draws every pixel once: slots i ≥ D are absent.
-    Each masked softmax subtracts its own maximum, so τ = 0.02 with large logit gaps is stable.
+    Step i draws the largest of logits+g over its candidate set S_i (Gumbel-top-k = sequential
+    sampling without replacement); relaxed[b,i] = softmax((logits+g)/τ) over S_i;
+    log_q = Σ_i log b^(i)[index_i], b^(i) = softmax(logits) renormalised over S_i (eq. 11).
+    ``window`` = 1 (the paper's): S_i = the locations not drawn before step i. An odd ``window``
+    w > 1 (the exclusion window of SPEC §2) needs ``canvas`` = (H, W) with H·W = D: S_i = the
+    locations outside the w × w neighbourhoods (clipped to the canvas) of the earlier draws.
+    A canvas with fewer than n pixels (D < n, window 1 only) draws every pixel once: slots i ≥ D
+    are absent. Each masked softmax subtracts its own maximum, so τ = 0.02 with large logit gaps
+    is stable.
     """
+    if window != 1:
+        return _gumbel_topk_window(logits, n, tau, max_objects, gumbel, window, canvas)
     B, D = logits.shape
     M = max_objects
     y = logits + gumbel
@@ -154,6 +160,41 @@ def gumbel_topk_relaxed(logits, n, tau: float, max_objects: int, gumbel):
         drawn = drawn | (F.one_hot(top[:, i], D).bool() & act[:, None])
     relaxed = torch.stack(rows + [logits.new_zeros(B, D)] * (M - steps), dim=1)
     return index, relaxed, log_q
+
+
+def exclusion_cover(index, window: int, canvas):
+    """The pixels each draw excludes from the later steps: index [B] flat (−1 = none) →
+    bool [B,D], the window × window neighbourhood of index on the (H, W) canvas, clipped to it."""
+    H, W = canvas
+    B = index.shape[0]
+    hit = F.one_hot(index.clamp(min=0), H * W).to(torch.float32) * (index >= 0)[:, None].to(torch.float32)
+    return F.max_pool2d(hit.view(B, 1, H, W), window, stride=1, padding=window // 2).view(B, H * W) > 0
+
+
+def _gumbel_topk_window(logits, n, tau, M, gumbel, window, canvas):
+    B, D = logits.shape
+    y = logits + gumbel
+    active = object_mask(n, M)
+    index = torch.full((B, M), -1, dtype=torch.long, device=logits.device)
+    log_q = logits.new_zeros(B)
+    excluded = torch.zeros(B, D, dtype=torch.bool, device=logits.device)
+    rows = []
+    ninf = float("-inf")
+    for i in range(M):
+        act = active[:, i]
+        ym = y.masked_fill(excluded, ninf)
+        # argmax keeps the first (lowest-index) maximum: the ties rule of topk's window-1 path
+        # is "lower index first" as well in every fused kernel.
+        pick = ym.detach().argmax(1)
+        r_i = torch.softmax(ym / tau, dim=1)
+        lb_i = torch.log_softmax(logits.masked_fill(excluded, ninf), dim=1)
+        rows.append(torch.where(act[:, None], r_i, torch.zeros_like(r_i)))
+        log_q = log_q + torch.where(act, lb_i.gather(1, pick[:, None]).squeeze(1), torch.zeros_like(log_q))
+        idx = torch.where(act, pick, -1)
+        index[:, i] = idx
+        excluded = excluded | exclusion_cover(idx, window, canvas)
+    relaxed = torch.stack(rows, dim=1) if rows else logits.new_zeros(B, 0, D) + 0 * logits.sum()
+    return index, relaxed, log_q + 0 * logits.sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,15 +311,22 @@ def _fallback_place_loglik_backward(grad_loglik, grad_canvas, x, sprites, loc, n
     return grad_sprites, grad_loc.contiguous() if need_loc else grad_loc
 
 
-def _fallback_gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel):
+def _fallback_gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel, window=1, canvas=None):
     # The op's outputs are ordered (relaxed, log_q, index): opcheck's autograd check sums the
     # outputs in order and cannot start that sum from an int64 tensor.
     with torch.no_grad():
-        index, relaxed, log_q = gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel)
+        index, relaxed, log_q = gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel, window=window,
+                                                    canvas=_canvas_of(canvas, logits.shape[1]))
     return relaxed, log_q, index
 
 
-def _fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau):
+def _canvas_of(canvas, D: int):
+    """The op schema's ``canvas`` (None or [H, W]) as the reference's (H, W), or None."""
+    return None if canvas is None or len(canvas) == 0 else (int(canvas[0]), int(canvas[1]))
+
+
+def _fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1,
+                                           canvas=None):
     B, D = logits.shape
     M = index.shape[1]
     grad = logits.new_zeros(B, D)
@@ -288,14 +336,20 @@ def _fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, ind
         grad = grad + (relaxed * (grad_relaxed - inner)).sum(1) / tau
     if grad_log_q is not None:
         # d log b^(i)[idx_i] / d logits = onehot(idx_i) − b^(i), for every present step.
+        # b^(i) lives on step i's candidate set: the draws before it excluded (window 1), or
+        # their window × window neighbourhoods.
         drawn = torch.zeros(B, D, dtype=torch.bool, device=logits.device)
         acc = logits.new_zeros(B, D)
+        cv = _canvas_of(canvas, D)
         for i in range(min(M, D)):
             act = index[:, i] >= 0
             b_i = torch.softmax(logits.masked_fill(drawn, float("-inf")), dim=1)
             hit = F.one_hot(index[:, i].clamp(min=0), D).to(logits.dtype)
             acc = acc + torch.where(act[:, None], hit - b_i, torch.zeros_like(b_i))
-            drawn = drawn | (hit.bool() & act[:, None])
+            if window == 1:
+                drawn = drawn | (hit.bool() & act[:, None])
+            else:
+                drawn = drawn | exclusion_cover(torch.where(act, index[:, i], -1), window, cv)
         grad = grad + grad_log_q[:, None] * acc
     return grad
 

@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count-window", type=_odd_positive_int, default=3, metavar="N",
                    help="the counter's neighbourhood (odd): n̂ counts the points of h_loc above 4γ that are maxima of "
                         "their N×N window (default 3, SPEC §2's 3×3; see lavae_fast.ops.count_objects)")
+    p.add_argument("--exclusion-window", type=_odd_positive_int, default=1, metavar="N",
+                   help="q's exclusion window (odd): each location draw removes its N×N neighbourhood from the later "
+                        "draws' candidates, in training, the bound and inference (default 1, the paper's eq. 11: "
+                        "only the drawn pixel; SPEC §2; see lavae_fast.ops.gumbel_topk_relaxed)")
     p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
     p.add_argument("--sprite-width", type=_positive_int, default=48)
     p.add_argument("--lr", type=_positive_float, default=LR)
@@ -249,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 LEGACY_DEFAULTS = {"location_mode": "straight_through", "loc_kl": "straight_through"}
 # Run settings added later whose default is what the versions before them did: a run directory
 # written then lacks the key and is compared against that value (the counter was 3×3).
-ADDED_SETTINGS = {"count_window": 3}
+ADDED_SETTINGS = {"count_window": 3, "exclusion_window": 1}
 # Options that were removed, with the only value this version still trains with.
 REMOVED_OPTIONS = {"warmup_reduction": "sum"}
 
@@ -314,7 +318,8 @@ def model_config(config, channels: int) -> Dict:
     S = DATASETS[config.dataset].sprite_size
     return {"kind": "lavae", "channels": channels, "canvas": canvas, "sprite_size": S, "width": config.width,
             "sprite_width": config.sprite_width, "ops": config.ops, "location_mode": config.location_mode,
-            "loc_kl": config.loc_kl, "count_window": config.count_window}
+            "loc_kl": config.loc_kl, "count_window": config.count_window,
+            "exclusion_window": config.exclusion_window}
 
 
 def _compiled(module, config):

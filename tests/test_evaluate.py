@@ -10,7 +10,7 @@ import torch
 from lavae_fast.evaluate import DETAIL_KEYS, format_table
 from lavae_fast.evaluate import main as eval_main
 from lavae_fast.metrics import (index_rows_cols, local_maxima, location_accuracy, max_matching,
-                                near_duplicate_draws, peak_distances)
+                                draws_on_objects, peak_distances)
 from lavae_fast.ops import peak_index
 from lavae_fast.train import main as train_main
 
@@ -86,19 +86,33 @@ def test_peak_locations_are_the_counted_peaks_highest_first():
     assert peak_locations(h, torch.tensor([1, 1, 0]), 4, 5.0, window=7)[0][0].tolist() == [1, -1, -1, -1]
 
 
-def test_near_duplicate_draws_counts_later_draws_near_an_earlier_one():
+def test_draws_on_objects_counts_duplicates_by_true_object_and_missed_objects():
     W = 10
     at = lambda r, c: r * W + c  # noqa: E731
     index = torch.tensor([
-        [at(5, 5), at(6, 7), at(0, 0), -1],  # (6,7) is 2 px from the first draw; (0,0) is far
-        [at(5, 5), at(8, 5), -1, -1],        # 3 px away: not a duplicate
+        [at(5, 5), at(6, 7), at(0, 0), -1],  # 2nd and 1st both nearest object 0: a duplicate
+        [at(5, 5), at(8, 5), -1, -1],        # two draws on two objects: none
         [at(1, 1), -1, -1, -1],              # one draw: nothing later
-        [at(2, 2), at(9, 9), at(3, 3), at(9, 8)],  # the 3rd is near the 1st, the 4th near the 2nd
+        [at(2, 2), at(9, 9), at(3, 3), at(9, 8)],  # 3rd on object 0 again, 4th on object 1 again
+        [at(4, 4), at(4, 4), -1, -1],        # no objects: counts in neither
     ])
-    assert near_duplicate_draws(index, W) == (3, 6)
-    assert near_duplicate_draws(index, W, radius=3) == (4, 6)
-    assert near_duplicate_draws(index, W, radius=0) == (0, 6)
-    assert near_duplicate_draws(torch.full((2, 3), -1), W) == (0, 0)
+    centres = torch.full((5, 3, 2), -1)
+    centres[0, :2] = torch.tensor([[5, 5], [0, 9]])     # object 1 at (0,9): the draw at (0,0) is nearer to 0?
+    centres[1, :2] = torch.tensor([[5, 5], [8, 5]])
+    centres[2, :1] = torch.tensor([[1, 1]])
+    centres[3, :3] = torch.tensor([[2, 2], [9, 9], [5, 0]])
+    counts = torch.tensor([2, 2, 1, 3, 0])
+    dup, later, missed, objects = draws_on_objects(index, W, centres, counts)
+    # image 0: (6,7) → object 0 (dist 2.2) duplicate; (0,0) → object 0 (dist 7.1 vs 9) duplicate too
+    assert (dup, later) == (2 + 0 + 0 + 2, 2 + 1 + 0 + 3)
+    # missed: image 0 object 1 (no draw within 2 px); image 3 object 2 at (5,0)
+    assert (missed, objects) == (2, 8)
+    # A duplicate is a draw on an object already drawn, whatever the distance between the draws:
+    # two draws 3 px apart on one broad object count, two draws 2 px apart on two objects do not.
+    one = torch.tensor([[at(5, 2), at(5, 5)]])
+    assert draws_on_objects(one, W, torch.tensor([[[5, 3], [0, 0]]]), torch.tensor([2]))[:2] == (1, 1)
+    assert draws_on_objects(one, W, torch.tensor([[[5, 2], [5, 5]]]), torch.tensor([2]))[:2] == (0, 1)
+    assert draws_on_objects(torch.full((2, 3), -1), W, torch.zeros(2, 1, 2), torch.tensor([1, 1])) == (0, 0, 2, 2)
 
 
 def test_format_table():
@@ -126,6 +140,8 @@ def test_evaluate_cli_on_a_tiny_run(tmp_path, capsys, model):
             assert 0 <= r["count_accuracy"] <= 1 and 0 <= r["location_accuracy"] <= 1
             assert 0 <= r["location_accuracy_draws"] <= 1
             assert r["near_duplicate_draws"] is None or 0 <= r["near_duplicate_draws"] <= 1
+            assert r["objects_missed"] is None or 0 <= r["objects_missed"] <= 1
+            assert res["meta"]["exclusion_window"] == 1
             assert set(r["neg_elbo_terms"]) == {"recon", "kl_app", "kl_n", "kl_loc"}
         else:
             assert set(r["neg_elbo_terms"]) == {"recon", "kl"}

@@ -8,6 +8,18 @@
 // a suffix sum over the k draws plus one sum over the rest — never "full sum minus the earlier
 // draws", which cancels catastrophically at τ = 0.02. log_q uses b^(i) = softmax(logits) over the
 // same sets, normalised in the same way against each step's own maximum (in double).
+//
+// With an exclusion window w > 1 (SPEC §2) step i's candidates S_i are the pixels outside the w×w
+// neighbourhoods of the earlier draws. The draws are a greedy suppression over the top
+// (k−1)·w² + 1 of y (the k-th draw lies among them: at most (k−1)·w² pixels are excluded before
+// it). Each pixel d gets the step fc_d of the first draw whose window covers it (k−1 if none):
+// d ∈ S_i ⇔ i ≤ fc_d, and y_d ≤ y_{p_{fc_d}}. Everything is summed by these groups, each against
+// its own reference, so no sum is ever formed as "full sum minus the windows" (the window around
+// the top peak holds almost all the mass at τ = 0.02): e_d = exp((y_d − y_{p_{fc_d}})/τ) ≤ 1,
+// E_j = Σ_{fc_d = j} e_d, Z_i = Σ_{j≥i} E_j·exp((y_{p_j} − y_{p_i})/τ), and step i's value at d is
+// e_d·exp((y_{p_{fc_d}} − y_{p_i})/τ)/Z_i for fc_d ≥ i, 0 otherwise. One exp per pixel for all
+// steps; the ≤ (k−1)·w² covered pixels are fixed up one by one. log_q and its gradient likewise,
+// with the logits' per-group maxima.
 #include <algorithm>
 #include <vector>
 
@@ -114,6 +126,186 @@ void step_lse(const T* l, const int64_t* picks, int64_t k, double mr, double sr,
   }
 }
 
+// The exclusion windows of a list of draws on an H×W canvas.
+struct Windows {
+  int64_t H, W, h;  // canvas, half window
+  bool overlaps(int64_t a, int64_t b) const {
+    const int64_t dr = a / W - b / W, dc = a % W - b % W;
+    return dr <= h && dr >= -h && dc <= h && dc >= -h;
+  }
+  // body(d) for every pixel of the window around p, clipped to the canvas.
+  template <typename F>
+  void each(int64_t p, F&& body) const {
+    const int64_t r = p / W, c = p % W;
+    const int64_t r0 = std::max<int64_t>(r - h, 0), r1 = std::min<int64_t>(r + h, H - 1);
+    const int64_t c0 = std::max<int64_t>(c - h, 0), c1 = std::min<int64_t>(c + h, W - 1);
+    for (int64_t rr = r0; rr <= r1; ++rr)
+      for (int64_t cc = c0; cc <= c1; ++cc) body(rr * W + cc);
+  }
+  // grp[d] = the step of the first of picks[0..k) whose window covers d, k−1 if none (k ≥ 1).
+  template <typename T>
+  void groups(const int64_t* picks, int64_t k, T* grp, int64_t D) const {
+    std::fill(grp, grp + D, static_cast<T>(k - 1));
+    for (int64_t j = k - 2; j >= 0; --j) each(picks[j], [&](int64_t d) { grp[d] = static_cast<T>(j); });
+  }
+};
+
+// Per group j of Windows::groups over the logits: the maximum m[j] and s[j] = Σ exp(l − m[j]);
+// then lse[i] = log Σ_{j≥i} s[j]·exp(m[j]) (step i's normaliser), each against its own maximum.
+template <typename T>
+void window_lse(const T* l, const T* grp, const int64_t* picks, int64_t k, const Windows& win, int64_t D,
+                double* m, double* s, double* lse) {
+  typedef typename Vec<T>::type V;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const T last = static_cast<T>(k - 1);
+  V vm = splat<V>(ninf);
+  simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+    const V v = vload_n(grp + d, lanes, T(-1)) == last ? vload_n(l + d, lanes) : vm;
+    vm = v > vm ? v : vm;
+  });
+  T mk = ninf;
+  for (int j = 0; j < Vec<T>::N; ++j) mk = std::max(mk, vm[j]);
+  m[k - 1] = mk;
+  s[k - 1] = 0;
+  if (mk != ninf) {
+    V acc{};
+    simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+      acc += vload_n(grp + d, lanes, T(-1)) == last ? vexp(vload_n(l + d, lanes) - mk) : V{};
+    });
+    s[k - 1] = hsum(acc);
+  }
+  for (int64_t j = 0; j + 1 < k; ++j) {
+    const T tj = static_cast<T>(j);
+    double mj = -std::numeric_limits<double>::infinity(), sj = 0;
+    win.each(picks[j], [&](int64_t d) {
+      if (grp[d] == tj) mj = std::max(mj, static_cast<double>(l[d]));
+    });
+    if (mj != -std::numeric_limits<double>::infinity())
+      win.each(picks[j], [&](int64_t d) {
+        if (grp[d] == tj) sj += std::exp(static_cast<double>(l[d]) - mj);
+      });
+    m[j] = mj;
+    s[j] = sj;
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int64_t j = i; j < k; ++j)
+      if (s[j] > 0) mx = std::max(mx, m[j]);
+    double z = 0;
+    for (int64_t j = i; j < k; ++j)
+      if (s[j] > 0) z += s[j] * std::exp(m[j] - mx);
+    lse[i] = mx + std::log(z);
+  }
+}
+
+template <typename T>
+void gumbel_forward_window(const at::Tensor& logits, const at::Tensor& gumbel, const int64_t* pn, double tau_d,
+                           int64_t M, const Windows& win, at::Tensor& relaxed, at::Tensor& log_q, at::Tensor& index) {
+  const int64_t B = logits.size(0), D = logits.size(1);
+  const T* pl = logits.const_data_ptr<T>();
+  const T* pg = gumbel.const_data_ptr<T>();
+  T* pr = relaxed.mutable_data_ptr<T>();
+  T* pq = log_q.mutable_data_ptr<T>();
+  int64_t* pi = index.mutable_data_ptr<int64_t>();
+  typedef typename Vec<T>::type V;
+  const T inv_tau = static_cast<T>(1.0 / tau_d);
+  const int64_t w2 = (2 * win.h + 1) * (2 * win.h + 1);
+  struct Scratch {
+    std::vector<T> y, e, grp, candv;
+    std::vector<int64_t> candi, picks;
+    std::vector<double> topv, E, coef, m, s, lse;
+  };
+  parallel_tasks<Scratch>(B, [&](int64_t b, Scratch& sc) {
+    const T* l = pl + b * D;
+    const T* g = pg + b * D;
+    T* rb = pr + b * M * D;
+    const int64_t k = std::min(pn[b], M);
+    for (int64_t i = 0; i < M; ++i) pi[b * M + i] = -1;
+    if (k == 0) {
+      std::fill(rb, rb + M * D, T(0));
+      pq[b] = T(0);
+      return;
+    }
+    sc.y.resize(D);
+    sc.e.resize(D);
+    sc.grp.resize(D);
+    sc.picks.resize(k);
+    sc.topv.resize(k);
+    sc.E.resize(k);
+    sc.coef.resize(k);
+    sc.m.resize(k);
+    sc.s.resize(k);
+    sc.lse.resize(k);
+    T* y = sc.y.data();
+    T* e = sc.e.data();
+    T* grp = sc.grp.data();
+    int64_t* picks = sc.picks.data();
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) y[d] = l[d] + g[d];
+    // Greedy suppression over the candidates, in decreasing order of y (ties: lower index first).
+    const int64_t C = std::min(D, (k - 1) * w2 + 1);
+    sc.candv.resize(C);
+    sc.candi.resize(C);
+    top_k(y, D, C, sc.candv.data(), sc.candi.data());
+    int64_t taken = 0;
+    for (int64_t c = 0; c < C && taken < k; ++c) {
+      const int64_t p = sc.candi[c];
+      bool free = true;
+      for (int64_t j = 0; j < taken && free; ++j) free = !win.overlaps(p, picks[j]);
+      if (free) picks[taken++] = p;
+    }
+    TORCH_CHECK(taken == k, kFwd, ": internal error: ", taken, " of ", k, " draws found");
+    for (int64_t i = 0; i < k; ++i) {
+      pi[b * M + i] = picks[i];
+      sc.topv[i] = y[picks[i]];
+    }
+    win.groups(picks, k, grp, D);
+    // e_d against the last draw for the uncovered pixels (and the last draw's window) ...
+    const T last = static_cast<T>(k - 1);
+    const T ylast = y[picks[k - 1]];
+    V acc{};
+    simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+      const V ev = vload_n(grp + d, lanes, T(-1)) == last ? vexp((vload_n(y + d, lanes) - ylast) * inv_tau) : V{};
+      vstore_n(e + d, ev, lanes);
+      acc += ev;
+    });
+    sc.E[k - 1] = hsum(acc);
+    // ... and against their own window's draw for the pixels the earlier windows cover.
+    for (int64_t j = 0; j + 1 < k; ++j) {
+      const T tj = static_cast<T>(j);
+      const T yj = y[picks[j]];
+      double Ej = 0;
+      win.each(picks[j], [&](int64_t d) {
+        if (grp[d] != tj) return;
+        e[d] = std::exp((y[d] - yj) * inv_tau);
+        Ej += e[d];
+      });
+      sc.E[j] = Ej;
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const double yi = sc.topv[i];
+      double z = 0;
+      for (int64_t j = i; j < k; ++j) z += sc.E[j] * std::exp((sc.topv[j] - yi) * inv_tau);
+      for (int64_t j = 0; j < k; ++j) sc.coef[j] = j < i ? 0.0 : std::exp((sc.topv[j] - yi) * inv_tau) / z;
+      T* row = rb + i * D;
+      scale_stream(row, e, static_cast<T>(sc.coef[k - 1]), D);
+      store_fence();  // the streamed row is complete before the covered pixels are overwritten
+      for (int64_t j = 0; j + 1 < k; ++j) {
+        const T tj = static_cast<T>(j);
+        const T cj = static_cast<T>(sc.coef[j]);
+        win.each(picks[j], [&](int64_t d) {
+          if (grp[d] == tj) row[d] = e[d] * cj;
+        });
+      }
+    }
+    std::fill(rb + k * D, rb + M * D, T(0));
+    window_lse(l, grp, picks, k, win, D, sc.m.data(), sc.s.data(), sc.lse.data());
+    double lq = 0;
+    for (int64_t i = 0; i < k; ++i) lq += static_cast<double>(l[picks[i]]) - sc.lse[i];
+    pq[b] = static_cast<T>(lq);
+  });
+}
+
 template <typename T>
 void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const int64_t* pn, double tau_d, int64_t M,
                     at::Tensor& relaxed, at::Tensor& log_q, at::Tensor& index) {
@@ -198,9 +390,24 @@ void check_logits(const char* op, const at::Tensor& logits) {
   check_float(logits, op, "logits");
 }
 
+// The exclusion window's canvas, checked (SPEC §2): window odd ≥ 1; for window > 1 a canvas
+// [H, W] with H·W = D and D > (M − 1)·window².
+Windows checked_windows(const char* op, int64_t window, at::OptionalIntArrayRef canvas, int64_t D, int64_t M) {
+  TORCH_CHECK(window >= 1 && window % 2 == 1, op, ": window must be an odd int >= 1, got ", window);
+  if (window == 1) return Windows{0, 0, 0};
+  TORCH_CHECK(canvas.has_value() && canvas->size() == 2, op, ": window ", window, " needs canvas = [H, W]");
+  const int64_t H = (*canvas)[0], W = (*canvas)[1];
+  TORCH_CHECK(H >= 1 && W >= 1 && H * W == D, op, ": canvas [", H, ", ", W, "] does not hold the D = ", D,
+              " locations of logits");
+  TORCH_CHECK(window <= 2 * (H + W) + 1 && D > (M - 1) * window * window, op, ": window ", window,
+              " is too large for the canvas: it needs H·W > (max_objects − 1)·window²");
+  return Windows{H, W, window / 2};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_topk_relaxed_cpu(const at::Tensor& logits_, const at::Tensor& n_,
                                                                        double tau, int64_t max_objects,
-                                                                       const at::Tensor& gumbel_) {
+                                                                       const at::Tensor& gumbel_, int64_t window,
+                                                                       at::OptionalIntArrayRef canvas) {
   check_logits(kFwd, logits_);
   const int64_t B = logits_.size(0), D = logits_.size(1);
   check_cpu(gumbel_, kFwd, "gumbel");
@@ -210,12 +417,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_topk_relaxed_cpu(const at:
   TORCH_CHECK(tau > 0, kFwd, ": tau must be > 0, got ", tau);
   const int64_t M = max_objects;
   const at::Tensor n = checked_counts(n_, B, M, kFwd);
+  const Windows win = checked_windows(kFwd, window, canvas, D, M);
   const at::Tensor logits = logits_.contiguous(), gumbel = gumbel_.contiguous();
   at::Tensor relaxed = at::empty({B, M, D}, logits.options());
   at::Tensor log_q = at::empty({B}, logits.options());
   at::Tensor index = at::empty({B, M}, logits.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFwd, [&] {
-    gumbel_forward<scalar_t>(logits, gumbel, n.const_data_ptr<int64_t>(), tau, M, relaxed, log_q, index);
+    if (window == 1)
+      gumbel_forward<scalar_t>(logits, gumbel, n.const_data_ptr<int64_t>(), tau, M, relaxed, log_q, index);
+    else
+      gumbel_forward_window<scalar_t>(logits, gumbel, n.const_data_ptr<int64_t>(), tau, M, win, relaxed, log_q,
+                                      index);
   });
   return {relaxed, log_q, index};
 }
@@ -226,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_topk_relaxed_cpu(const at:
 template <typename T>
 void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_q, const at::Tensor& logits,
                      const int64_t* pidx, const at::Tensor& relaxed, const int64_t* pn, double tau_d, int64_t M,
-                     at::Tensor& grad) {
+                     const Windows& win, at::Tensor& grad) {
   const int64_t B = logits.size(0), D = logits.size(1);
   const T* pl = logits.const_data_ptr<T>();
   const T* pgr = grad_relaxed.defined() ? grad_relaxed.const_data_ptr<T>() : nullptr;
@@ -236,9 +448,9 @@ void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_
   typedef typename Vec<T>::type V;
   const T inv_tau = static_cast<T>(1.0 / tau_d);
   struct Scratch {
-    std::vector<T> rank, dots;
+    std::vector<T> rank, dots, grp;
     std::vector<int64_t> picks;
-    std::vector<double> lse;
+    std::vector<double> lse, m, s;
   };
   parallel_tasks<Scratch>(B, [&](int64_t b, Scratch& sc) {
     std::vector<T>&rank = sc.rank, &dots = sc.dots;
@@ -276,10 +488,44 @@ void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_
         picks[k++] = p;
       }
       if (k == 0) return;
+      const double gq = pgq[b];
+      if (win.h > 0) {
+        // The window's groups (see the top of the file): −g_lq·Σ_{i ≤ fc_d} exp(l_d − lse_i) at
+        // every pixel, + g_lq at each draw. The last group by one vectorised pass against its
+        // maximum, the covered pixels one by one.
+        sc.grp.resize(D);
+        sc.m.resize(k);
+        sc.s.resize(k);
+        T* grp = sc.grp.data();
+        win.groups(picks.data(), k, grp, D);
+        window_lse(l, grp, picks.data(), k, win, D, sc.m.data(), sc.s.data(), lse.data());
+        const double mk = sc.m[k - 1];
+        if (sc.s[k - 1] > 0) {
+          double a = 0;
+          for (int64_t i = 0; i < k; ++i) a += std::exp(mk - lse[i]);
+          const T coef = static_cast<T>(gq * a);
+          const T m = static_cast<T>(mk);
+          const T last = static_cast<T>(k - 1);
+          simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+            const V delta = vload_n(grp + d, lanes, T(-1)) == last ? coef * vexp(vload_n(l + d, lanes) - m) : V{};
+            vstore_n(out + d, vload_n(out + d, lanes) - delta, lanes);
+          });
+        }
+        for (int64_t j = 0; j + 1 < k; ++j) {
+          const T tj = static_cast<T>(j);
+          win.each(picks[j], [&](int64_t d) {
+            if (grp[d] != tj) return;
+            double mass = 0;
+            for (int64_t i = 0; i <= j; ++i) mass += std::exp(static_cast<double>(l[d]) - lse[i]);
+            out[d] -= static_cast<T>(gq * mass);
+          });
+        }
+        for (int64_t j = 0; j < k; ++j) out[picks[j]] += static_cast<T>(gq);
+        return;
+      }
       double mr, sr;
       rest_logsumexp(l, rank.data(), D, mr, sr);
       step_lse(l, picks.data(), k, mr, sr, lse.data());
-      const double gq = pgq[b];
       if (sr > 0) {
         double a = 0;
         for (int64_t i = 0; i < k; ++i) a += std::exp(mr - lse[i]);
@@ -305,7 +551,7 @@ void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_
 at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& grad_relaxed_,
                                             const std::optional<at::Tensor>& grad_log_q_, const at::Tensor& logits_,
                                             const at::Tensor& index_, const at::Tensor& relaxed_, const at::Tensor& n_,
-                                            double tau) {
+                                            double tau, int64_t window, at::OptionalIntArrayRef canvas) {
   check_logits(kBwd, logits_);
   const int64_t B = logits_.size(0), D = logits_.size(1);
   check_cpu(index_, kBwd, "index");
@@ -314,6 +560,7 @@ at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& gra
   TORCH_CHECK(tau > 0, kBwd, ": tau must be > 0, got ", tau);
   const at::Tensor n = checked_counts(n_, B, M, kBwd);
   const at::Tensor index = checked_index(index_, n, B, M, D, kBwd);
+  const Windows win = checked_windows(kBwd, window, canvas, D, M);
   at::Tensor grad_relaxed, relaxed, grad_log_q;
   if (grad_relaxed_.has_value()) {
     check_cpu(*grad_relaxed_, kBwd, "grad_relaxed");
@@ -335,7 +582,7 @@ at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& gra
   at::Tensor grad = at::empty({B, D}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kBwd, [&] {
     gumbel_backward<scalar_t>(grad_relaxed, grad_log_q, logits, index.const_data_ptr<int64_t>(), relaxed,
-                              n.const_data_ptr<int64_t>(), tau, M, grad);
+                              n.const_data_ptr<int64_t>(), tau, M, win, grad);
   });
   return grad;
 }
