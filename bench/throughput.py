@@ -8,6 +8,11 @@ in SECTIONS, so later work can add e.g. training-step rows with ``pass = "step"`
 * ``ops``: each op at the paper's shapes (B = 64, 64×64, M = 10 with every slot present; C = 1,
   S = 17 and C = 3, S = 21; K = 2L = 64 appearance features), forward and forward+backward,
   reference vs fused, with the targets checked (PASS/FAIL) on ratios measured in the same run;
+  Gumbel top-k also with the exclusion window (SPEC §2): window 5 at B = 64 (every slot present),
+  and windows 1 and 5 at the 64×64 model's training shape (B = 16, n uniform in 0..3), the
+  reference run with the same window, target fused >= 10x the reference fwd+bwd for each
+  (rows "gumbel_topk_relaxed[w=5]", "gumbel_topk_relaxed[B=16,n=0-3]", "…[B=16,n=0-3,w=5]");
+* ``gumbel``: only the Gumbel top-k rows (window 1 and 5, both shapes), to re-measure them alone;
 * ``scaling``: fused placement forward+backward against canvas size (32² to 256²) and number of
   objects (1 to 32), with the correlation's FLOP rate;
 * ``step``, ``eval``: a whole training step and the importance-sampled evaluation
@@ -25,6 +30,11 @@ kernels (so it sees the same machine load); a 2048² figure from the start of th
 ``--thp`` sets THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator then backs large tensors with
 transparent huge pages): on machines where page faults are slow, allocating the 67 MB gradient of
 h_app dominates the gather op for both implementations; the default leaves the allocator alone.
+
+The output records the machine: CPU model and flags, PyTorch's and lavae_fast's kernel ISA (and
+any ISA cap set in the environment: LAVAE_FAST_CPU_CAPABILITY caps the lavae_fast kernels,
+ATEN_CPU_CAPABILITY PyTorch's and ours), the load average at the start and the end (and, in the
+Gumbel rows, when each was measured).
 """
 
 from __future__ import annotations
@@ -265,6 +275,8 @@ def section_ops(ctx):
     r = _ratio(rows, "gumbel_topk_relaxed", "fwd+bwd", 1, "reference", "fused")
     ctx.targets.append(("gumbel_topk_relaxed fwd+bwd M=10: >= 10x faster than the sequential eager loop",
                         r >= 10, _ratio_text(rows, "gumbel_topk_relaxed", "fwd+bwd", 1, "reference", "fused")))
+    # The exclusion window (SPEC §2): window 5 at this shape, both windows at the training shape.
+    rows += gumbel_window_rows(ctx, GUMBEL_WINDOW_CASES)
 
     # Counting: h_loc with a few peaks above the threshold 4γ per image.
     h_loc = torch.randn(B, 1, H, W, generator=g) * 2
@@ -313,6 +325,152 @@ def section_ops(ctx):
                         r >= 3, _ratio_text(rows, "gather_appearance", "fwd+bwd", 1, "reference-dense", "fused")
                         + f"; vs the reference's index mode: {r2:.2f}x"))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Gumbel top-k with an exclusion window (SPEC §2 "exclusion window", §9.2)
+# ---------------------------------------------------------------------------------------------
+
+# (B, canvas side, n drawn from 0–3 per image as in training (else every slot present), window).
+# The ops section's own row "gumbel_topk_relaxed" is (64, 64, False, 1); the training shape of the
+# 64×64 model is B = 16 with n ~ U{0..3}.
+# The window rows' logits are a peaked field (gumbel_inputs(field="peaks")), where the window
+# changes the draws; the ops section's window-1 row keeps its i.i.d. logits.
+GUMBEL_WINDOW_CASES = [(B, H, False, 5), (16, H, True, 1), (16, H, True, 5)]
+
+
+def gumbel_op_name(b, side, training_counts, window, m=M):
+    """Row name: the ops section's "gumbel_topk_relaxed" (B = 64, 64×64, n = M, window 1), else
+    with the differences in brackets, e.g. "gumbel_topk_relaxed[B=16,n=0-3,w=5]"."""
+    tags = [] if b == B else [f"B={b}"]
+    if side != H:
+        tags.append(f"{side}x{side}")
+    if m != M:
+        tags.append(f"M={m}")
+    if training_counts:
+        tags.append("n=0-3")
+    if window != 1:
+        tags.append(f"w={window}")
+    return "gumbel_topk_relaxed" + (f"[{','.join(tags)}]" if tags else "")
+
+
+def gumbel_inputs(b, side, m, training_counts, seed=1, field="iid"):
+    """logits [b,D], Gumbel noise [b,D], n [b] (= m, or uniform in 0..3) and fixed incoming
+    gradients (w_r [b,m,D], w_q [b]).
+
+    ``field="iid"``: γ·N(0, 1) per pixel; with seed 1, b = B, side = H, m = M and every slot present
+    these are the inputs of the ops section's "gumbel_topk_relaxed" rows. ``field="peaks"``: what
+    the location net gives, γ·(0.5·N(0, 1) + one bump of height ~6 and std 1.5 px per object, at
+    random places, n[b] of them): the peaks are a few pixels wide, so at window 1 the later draws
+    fall beside the earlier ones and the exclusion window changes the draws (SPEC §2), as in a
+    trained model; with i.i.d. logits a window would hardly ever exclude anything."""
+    D = side * side
+    gamma = 0.5 * math.log(D)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, D, generator=g) * gamma
+    gumbel = -torch.log(-torch.log(torch.rand(b, D, generator=g).clamp(1e-12, 1 - 1e-12)))
+    if training_counts:
+        n = torch.randint(0, min(4, m + 1), (b,), generator=g)
+    else:
+        n = torch.full((b,), m, dtype=torch.long)
+    w_r = torch.randn(b, m, D, generator=g)
+    w_q = torch.randn(b, generator=g)
+    if field == "peaks":
+        rr, cc = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        centres = torch.randint(0, side, (b, m, 2), generator=g)
+        heights = 6.0 * (1 + 0.1 * torch.randn(b, m, generator=g))
+        present = (torch.arange(m)[None] < n[:, None]).float()
+        d2 = (rr[None, None] - centres[..., 0, None, None]) ** 2 + (cc[None, None] - centres[..., 1, None, None]) ** 2
+        bumps = (heights * present)[..., None, None] * torch.exp(-d2.float() / (2 * 1.5**2))
+        logits = gamma * (0.5 * logits / gamma + bumps.sum(1).view(b, D))
+    elif field != "iid":
+        raise ValueError(f"field must be 'iid' or 'peaks', got {field!r}")
+    return logits, gumbel, n, w_r, w_q
+
+
+def gumbel_fns(inputs, m, window, canvas, backward, tau=0.5):
+    """{"fused", "reference"} callables of gumbel_topk_relaxed with the same window and canvas:
+    forward under no_grad, or forward + the gradient on the logits (through relaxed and log_q).
+    Each returns what it computed (index, relaxed, log_q, and the gradient or None), so that
+    :func:`gumbel_agreement` checks the very calls that are timed."""
+    logits, gumbel, n, w_r, w_q = inputs
+    lg = logits.clone().requires_grad_()
+    kw = {"window": window, "canvas": canvas}
+
+    def make(impl):
+        if not backward:
+            def f():
+                with torch.no_grad():
+                    return (*impl.gumbel_topk_relaxed(logits, n, tau, m, gumbel, **kw), None)
+            return f
+
+        def f():
+            index, relaxed, log_q = impl.gumbel_topk_relaxed(lg, n, tau, m, gumbel, **kw)
+            (grad,) = torch.autograd.grad((relaxed, log_q), lg, (w_r, w_q))
+            return index, relaxed.detach(), log_q.detach(), grad
+        return f
+
+    return {"fused": make(ops), "reference": make(ref)}
+
+
+def gumbel_agreement(inputs, m, window, canvas, tau=0.5):
+    """The timed pair (:func:`gumbel_fns`, forward + backward) run once each and compared: the
+    draws equal, the largest differences of relaxed, log_q and the gradient; and, for a window > 1,
+    the share of draws the window moves on these inputs (against the reference at window 1), i.e.
+    whether a pair run at different windows could agree at all."""
+    fns = gumbel_fns(inputs, m, window, canvas, backward=True, tau=tau)
+    (fi, fr, fq, fg), (ri, rr, rq, rg) = fns["fused"](), fns["reference"]()
+    res = {"index_equal": bool(torch.equal(fi, ri)), "relaxed_maxdiff": (fr - rr).abs().max().item(),
+           "log_q_maxdiff": (fq - rq).abs().max().item(), "grad_maxdiff": (fg - rg).abs().max().item(),
+           "draws": int((fi >= 0).sum())}
+    if window != 1:
+        logits, gumbel, n = inputs[:3]
+        with torch.no_grad():
+            i1 = ref.gumbel_topk_relaxed(logits, n, tau, m, gumbel)[0]
+        res["draws_moved_by_window"] = int((i1 != ri).sum()) / max(res["draws"], 1)
+    return res
+
+
+def gumbel_window_rows(ctx, cases, m=M, tau=0.5):
+    """Rows fwd and fwd+bwd, fused vs the reference's sequential eager loop with the same window,
+    for each case (b, side, training_counts, window) of :data:`GUMBEL_WINDOW_CASES`; a target
+    fused >= 10x the reference, fwd+bwd, per case. Each row carries its window, its logits' field,
+    the load average when it was measured, and the fused/reference agreement on its inputs
+    (checked before timing; a target fails if the draws differ)."""
+    rows = []
+    for b, side, training_counts, window in cases:
+        op = gumbel_op_name(b, side, training_counts, window, m)
+        # The ops section's own row (B = 64, every slot, window 1) keeps its i.i.d. logits.
+        field = "iid" if op == "gumbel_topk_relaxed" else "peaks"
+        inputs = gumbel_inputs(b, side, m, training_counts, field=field)
+        canvas = (side, side)
+        agree = gumbel_agreement(inputs, m, window, canvas, tau)
+        n_total = int(inputs[2].sum())
+        for backward, pas in [(False, "fwd"), (True, "fwd+bwd")]:
+            res = ctx.time(gumbel_fns(inputs, m, window, canvas, backward, tau))
+            load = load_average()
+            for impl, t in res.items():
+                rows.append(_row(op, pas, impl, 1, t, B=b, D=side * side, H=side, W=side, M=m, n=n_total,
+                                 window=window, counts="0-3" if training_counts else "all", logits=field,
+                                 tau=tau, load_average=load, agreement=agree))
+            _progress(rows[-len(res):])
+        r = _ratio(rows, op, "fwd+bwd", 1, "reference", "fused")
+        if op == "gumbel_topk_relaxed":
+            desc = "gumbel_topk_relaxed fwd+bwd M=10: >= 10x faster than the sequential eager loop"
+        else:
+            desc = (f"{op} fwd+bwd (B={b}, {side}x{side}, M={m}, n {'0-3' if training_counts else '= M'}, "
+                    f"window {window}): >= 10x faster than the sequential eager loop with the same window")
+        detail = _ratio_text(rows, op, "fwd+bwd", 1, "reference", "fused")
+        if not agree["index_equal"]:
+            detail += "; DRAWS DIFFER from the reference's"
+        ctx.targets.append((desc, r >= 10 and agree["index_equal"], detail))
+    return rows
+
+
+def section_gumbel(ctx):
+    """Only the Gumbel top-k rows: the ops section's window-1 row at B = 64 and the window rows
+    (the ops section runs all of them; ``--only gumbel`` re-measures them alone)."""
+    return gumbel_window_rows(ctx, [(B, H, False, 1)] + GUMBEL_WINDOW_CASES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +530,7 @@ def section_profile(ctx):
 
 
 SECTIONS = {"ops": section_ops, "scaling": section_scaling, "step": section_step, "eval": section_eval,
-            "profile": section_profile, "gpu": section_gpu}
+            "profile": section_profile, "gpu": section_gpu, "gumbel": section_gumbel}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +547,7 @@ def _pick(rows, op, pas, impl, C, key="median_ms"):
 
 def _progress(rows):
     for r in rows:
-        shape = ", ".join(f"{k}={r[k]}" for k in ["B", "H", "W", "M", "S", "K", "D", "n"] if k in r)
+        shape = ", ".join(f"{k}={r[k]}" for k in ["B", "H", "W", "M", "S", "K", "D", "n", "window"] if k in r)
         extra = f"  {r['gflops']:.0f} GFLOP/s" if "gflops" in r else ""
         if "frac_sgemm" in r:
             extra += f" ({100 * r['frac_sgemm']:.0f}% of the start-of-run sgemm rate)"
@@ -436,6 +594,8 @@ def main(argv=None):
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if "ops" in only and "gumbel" in only:
+        only.remove("gumbel")  # the ops section has the gumbel rows already
     step_impls = {"eager", "eager+allocator", "default", "compile", "bf16", "bf16+compile"}
     if args.step_impls and not set(args.step_impls) <= step_impls:
         p.error(f"unknown step implementation(s) {sorted(set(args.step_impls) - step_impls)}; choose from "

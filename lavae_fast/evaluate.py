@@ -313,6 +313,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             check_data_fits(ckpt, datas[split], explicit=bool(args.data))
         except ValueError as exc:
             raise SystemExit(f"error: split {split!r}: {exc}")
+        if getattr(model, "exclusion_window", 1) != 1 and len(datas[split].counts):
+            from .ops import check_exclusion
+
+            H, W = datas[split].get_batch([0])[0].shape[-2:]
+            try:
+                check_exclusion(model.exclusion_window, (H, W), H * W, model.max_objects, "--exclusion-window")
+            except ValueError as exc:
+                raise SystemExit(f"error: split {split!r}: {exc}")
     results = {}
     t0 = time.time()
     for split in splits:

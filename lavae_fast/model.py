@@ -516,8 +516,13 @@ class LAVAE(nn.Module):
         self.set_exclusion_window(window)
 
     def _draw_window(self, H: int, W: int) -> dict:
-        """The keyword arguments of gumbel_topk_relaxed for this model's exclusion window."""
-        return {"window": self._exclusion_window, "canvas": (H, W)} if self._exclusion_window != 1 else {}
+        """The keyword arguments of gumbel_topk_relaxed for this model's exclusion window on an H×W
+        canvas, or a ValueError naming ``exclusion_window`` where the canvas cannot hold it (checked
+        here for both engines: the reference op does not check its arguments)."""
+        if self._exclusion_window == 1:
+            return {}
+        _ops_api.check_exclusion(self._exclusion_window, (H, W), H * W, self.max_objects, "exclusion_window")
+        return {"window": self._exclusion_window, "canvas": (H, W)}
 
     def set_count_window(self, window: int) -> None:
         """The counter's neighbourhood for n̂: an odd int ≥ 1 (window × window; SPEC §2's 3×3 is the

@@ -198,13 +198,13 @@ def _triton_implementations(kernels) -> dict:
     gumbel_kernels = kernels.gumbel
 
     def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel, window=1, canvas=None):
-        if (logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D) or window != 1:
+        if logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D:
             return _ref._fallback_gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel, window, canvas)
         return launch["gumbel_topk_relaxed"](logits, n, tau, max_objects, gumbel, window, canvas)
 
     def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1,
                                      canvas=None):
-        if (logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D) or window != 1:
+        if logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D:
             return _ref._fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n,
                                                                tau, window, canvas)
         return launch["gumbel_topk_relaxed_backward"](grad_relaxed, grad_log_q, logits, index, relaxed, n, tau,

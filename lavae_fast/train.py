@@ -559,6 +559,23 @@ class StopSignals:
 # ---------------------------------------------------------------------------------------------
 
 
+def _exclusion_problem(config) -> Optional[str]:
+    """Why ``--exclusion-window`` cannot be drawn on ``config.canvas`` (None if it can): SPEC §2's
+    H·W > (M − 1)·w², checked before the run directory is touched."""
+    import inspect
+
+    from .model import LAVAE
+    from .ops import check_exclusion
+
+    M = inspect.signature(LAVAE).parameters["max_objects"].default
+    H, W = config.canvas
+    try:
+        check_exclusion(config.exclusion_window, (H, W), H * W, M, "--exclusion-window")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     config = TrainConfig.from_args(parser.parse_args(argv))
@@ -574,6 +591,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         latent = inspect.signature(LAVAE).parameters["latent_size"].default
         if config.sprite_width <= latent:  # its residual blocks carry the latent_size z_app channels
             parser.error(f"--sprite-width must exceed LAVAE's latent size {latent}, got {config.sprite_width}")
+        problem = _exclusion_problem(config)
+        if problem:
+            parser.error(problem)
     if config.image_every is None:
         config.image_every = config.eval_every
     if config.device == "cpu" or config.threads:
@@ -643,6 +663,9 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
             parser.error(f"--dataset {config.dataset} expects {channels} channel(s), data has {x0.shape[1]}")
     H, W = config.canvas
     D = H * W
+    problem = _exclusion_problem(config) if config.model == "lavae" else None
+    if problem:  # the canvas of a --data directory, adopted above
+        parser.error(problem)
     eval_splits = []
     if config.eval_every and dist.is_main:
         # Build the evaluation splits now, so that a canvas too small for one of them (7 objects

@@ -109,6 +109,53 @@ def test_gumbel_topk_relaxed_matches_reference(variant, dtype):
         compare(f"{tag} grad logits", dtype, g_got[0], g_want[0], g_want64[0])
 
 
+GUMBEL_WINDOW_CASES = [  # B, H, W, M, window, tau: partial vectors, one-row canvas, M > 12, low τ
+    (4, 7, 9, 4, 3, 0.3),
+    (3, 1, 37, 3, 3, 0.5),
+    (3, 10, 7, 3, 5, 0.02),
+    (2, 64, 64, 10, 5, 0.5),
+    (3, 23, 29, 13, 3, 0.1),
+    (2, 19, 21, 4, 7, 0.3),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gumbel_topk_relaxed_with_a_window_matches_reference(variant, dtype):
+    # q's exclusion window (SPEC §2): each variant's group-wise sums against the reference's loop.
+    g = torch.Generator().manual_seed(11)
+    for B, H, W, M, window, tau in GUMBEL_WINDOW_CASES:
+        D = H * W
+        logits = (torch.randn(B, D, generator=g) * 4).to(dtype)
+        gumbel = -torch.log(-torch.log(torch.rand(B, D, generator=g))).to(dtype)
+        logits[0, 0] = (logits[0] + gumbel[0]).max() + 1 - gumbel[0, 0]  # the first draw in the corner
+        n = torch.randint(0, M + 1, (B,), generator=g)
+        n[0], n[-1] = M, 0
+        kw = {"window": window, "canvas": (H, W)}
+        weights = [None, torch.randn(B, M, D, dtype=torch.float64), torch.randn(B, dtype=torch.float64)]
+
+        def fused(l, n=n, tau=tau, M=M, gumbel=gumbel, kw=kw):
+            return ops.gumbel_topk_relaxed(l, n, tau, M, gumbel, **kw)
+
+        def reference(l, n=n, tau=tau, M=M, gumbel=gumbel, kw=kw):
+            return ref.gumbel_topk_relaxed(l, n, tau, M, gumbel.to(l.dtype), **kw)
+
+        got, g_got = run_with_grads(fused, [logits], [0], weights)
+        want, g_want = run_with_grads(reference, [logits], [0], weights)
+        want64, g_want64 = run_with_grads(reference, [logits.double()], [0], weights)
+        tag = f"{variant} B={B} {H}x{W} M={M} window={window} tau={tau}"
+        assert torch.equal(got[0], want64[0]), f"{tag}: index differs"
+        assert got[0][0, 0] == 0, f"{tag}: the corner is drawn first (its window clipped)"
+        excluded, cover = torch.zeros(B, M, D, dtype=torch.bool), torch.zeros(B, D, dtype=torch.bool)
+        for i in range(M):
+            excluded[:, i] = cover
+            cover = cover | ref.exclusion_cover(got[0][:, i], window, (H, W))
+        assert not got[1][excluded].any(), f"{tag}: mass inside an earlier draw's window"
+        for o_got, o_want, o_want64, what in zip(got[1:], want[1:], want64[1:], ["relaxed", "log_q"]):
+            compare(f"{tag} {what}", dtype, o_got, o_want, o_want64)
+        compare(f"{tag} grad logits", dtype, g_got[0], g_want[0], g_want64[0])
+
+
 @pytest.mark.parametrize("variant", VARIANTS, indirect=True)
 def test_count_objects_matches_reference(variant):
     g = torch.Generator().manual_seed(2)
@@ -201,6 +248,28 @@ def test_variants_agree_bit_for_bit_on_counts_and_draws(ext):
     first = next(iter(results.values()))
     for name, (idx, cnt) in results.items():
         assert torch.equal(idx, first[0]) and torch.equal(cnt, first[1]), name
+
+
+def test_variants_agree_bit_for_bit_on_windowed_draws(ext):
+    # The draws with an exclusion window (SPEC §2) do not depend on the variant either, and are the
+    # reference's (ties included: integer-valued logits tie often).
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randint(0, 6, (8, 4096), generator=g).float()
+    gumbel = -torch.log(-torch.log(torch.rand(8, 4096, generator=g))).round()
+    n = torch.full((8,), 10)
+    before = _backends.cpu_capability()
+    results = {}
+    try:
+        for name in _available():
+            _backends.set_cpu_capability(name)
+            results[name] = [ops.gumbel_topk_relaxed(logits, n, 0.3, 10, gumbel, window=w, canvas=(64, 64))[0]
+                             for w in (3, 5, 7)]
+    finally:
+        _backends.set_cpu_capability(before)
+    want = [ref.gumbel_topk_relaxed(logits, n, 0.3, 10, gumbel, window=w, canvas=(64, 64))[0] for w in (3, 5, 7)]
+    for name, idx in results.items():
+        for w, a, b in zip((3, 5, 7), idx, want):
+            assert torch.equal(a, b), f"{name} window {w}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -786,3 +786,229 @@ def test_eval_mode_forward_uses_the_hard_draws_in_every_mode():
         torch.testing.assert_close(getattr(a, k), getattr(b, k))
     c = relaxed(x, noise=nz, tau=0.5, force_n_prob=1.0, hard=False)  # the relaxed objective
     assert not torch.allclose(c.recon, a.recon)
+
+
+# ---------------------------------------------------------------------------------------------
+# q's exclusion window (SPEC §2): exclusion_window, relaxed_log_q's candidate sets
+# ---------------------------------------------------------------------------------------------
+
+
+def _chebyshev_ok(index, n, w, W):
+    """No present draw lies inside an earlier draw's w × w window (row and column distance both
+    ≤ w//2); returns the number of pairs checked."""
+    h, pairs = w // 2, 0
+    for b in range(index.shape[0]):
+        ps = [int(p) for p in index[b, : int(n[b])]]
+        assert all(p >= 0 for p in ps), (b, ps)
+        for i, p in enumerate(ps):
+            for q in ps[:i]:
+                pairs += 1
+                assert max(abs(p // W - q // W), abs(p % W - q % W)) > h, f"image {b}: draws {ps}, window {w}"
+    return pairs
+
+
+def _pairs_inside(index, n, w, W):
+    """How many pairs of present draws lie inside each other's w × w window."""
+    h, count = w // 2, 0
+    for b in range(index.shape[0]):
+        ps = [int(p) for p in index[b, : int(n[b])]]
+        count += sum(max(abs(p // W - q // W), abs(p % W - q % W)) <= h for i, p in enumerate(ps) for q in ps[:i])
+    return count
+
+
+def _gumbel(shape, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(shape, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    return (-torch.log(-torch.log(u))).to(dtype)
+
+
+@pytest.mark.parametrize("w", [1, 3, 5])
+def test_relaxed_log_q_with_a_window_tends_to_the_exact_log_q(w):
+    """As τ → 0 the relaxed rows become the hard draws and Σ_i ⟨r_i, log b^(i)⟩ the op's exact log q,
+    with the model's own copy of the candidate-set rule (the window's neighbourhoods)."""
+    from lavae_fast import ops
+
+    H, W, M = 9, 11, 4
+    g = torch.Generator().manual_seed(20 + w)
+    h = torch.randn(3, H * W, generator=g, dtype=torch.float64) * 2
+    gum = _gumbel((3, H * W), 30 + w)
+    n = torch.tensor([4, 2, 0])
+    kw = {} if w == 1 else {"window": w, "canvas": (H, W)}
+    index, r_cold, lq = ops.gumbel_topk_relaxed(h, n, 1e-3, M, gum, **kw)
+    if w > 1:
+        _chebyshev_ok(index, n, w, W)
+    val = LAVAE.relaxed_log_q(h, r_cold, index, **kw)
+    torch.testing.assert_close(val, lq, rtol=1e-4, atol=1e-4)
+    assert val[2].item() == 0.0
+    if w > 1:  # the window matters here: the paper's candidate sets give another value
+        assert float((LAVAE.relaxed_log_q(h, r_cold, index) - lq).abs().max()) > 0.1
+        # and so does the canvas: the same window on the transposed canvas is another rule
+        wrong = LAVAE.relaxed_log_q(h, r_cold, index, window=w, canvas=(W, H))
+        assert float((wrong - lq).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("ops_name", ["reference", "fused"])
+def test_relaxed_log_q_with_a_window_is_r_dot_log_b_and_finite_where_r_is_zero(ops_name):
+    """With a window, r_i is exactly 0 on the earlier draws' windows, where log b^(i) = −∞: the term
+    is masked (0, not 0·(−∞) = NaN), and value and gradients (to the logits and to r) are finite and
+    those of an explicit loop over the windows."""
+    from lavae_fast.ops import engine
+
+    impl = engine(ops_name)
+    H, W, M, w, tau = 7, 8, 4, 3, 0.3
+    D = H * W
+    g = torch.Generator().manual_seed(41)
+    h0 = torch.randn(3, D, generator=g, dtype=torch.float64) * 2
+    gum = _gumbel((3, D), 42)
+    n = torch.tensor([4, 2, 0])
+    coef = torch.randn(3, generator=g, dtype=torch.float64)
+    h = h0.clone().requires_grad_(True)
+    index, relaxed, _ = impl.gumbel_topk_relaxed(h, n, tau, M, gum, window=w, canvas=(H, W))
+    assert (relaxed[0, 1:] == 0).sum() >= 3 * 4, "the case must have exact zeros in excluded windows"
+    r_leaf = relaxed.detach().clone().requires_grad_(True)
+    val = LAVAE.relaxed_log_q(h, relaxed, index, window=w, canvas=(H, W))
+    gh, = torch.autograd.grad((coef * val).sum(), h)
+    val_r = LAVAE.relaxed_log_q(h0, r_leaf, index, window=w, canvas=(H, W))
+    gr, = torch.autograd.grad((coef * val_r).sum(), r_leaf)
+    assert torch.isfinite(val).all() and torch.isfinite(gh).all() and torch.isfinite(gr).all()
+    # The explicit loop: b^(i) over the pixels outside the windows of draws 0..i−1.
+    h2 = h0.clone().requires_grad_(True)
+    _, relaxed2, _ = impl.gumbel_topk_relaxed(h2, n, tau, M, gum, window=w, canvas=(H, W))
+    explicit = []
+    for b in range(3):
+        excluded, tot = torch.zeros(D, dtype=torch.bool), h2.new_zeros(())
+        for i in range(int(n[b])):
+            assert (relaxed[b, i][excluded] == 0).all() and (gr[b, i][excluded] == 0).all()
+            log_b = torch.log_softmax(h2[b].masked_fill(excluded, float("-inf")), 0).masked_fill(excluded, 0.0)
+            tot = tot + (relaxed2[b, i] * log_b).sum()
+            r, c = divmod(int(index[b, i]), W)
+            excluded = excluded.clone()
+            for rr in range(max(0, r - 1), min(H, r + 2)):
+                for cc in range(max(0, c - 1), min(W, c + 2)):
+                    excluded[rr * W + cc] = True
+        explicit.append(tot)
+    explicit = torch.stack(explicit)
+    torch.testing.assert_close(val.detach(), explicit.detach(), rtol=1e-10, atol=1e-10)
+    ge, = torch.autograd.grad((coef * explicit).sum(), h2)
+    torch.testing.assert_close(gh, ge, rtol=1e-9, atol=1e-10)
+
+
+def _blunt_peaks(m, H, W):
+    """h_loc with three counted peaks: a blunt one at (3, 3) (its 8 neighbours just below it, not
+    counted, but drawn next without a window), and single-pixel ones at (7, 8) and (1, 8)."""
+    gamma = m.gamma_for(H, W)
+    h = torch.zeros(3, 1, H, W)
+    for b in range(3):
+        h[b, 0, 2:5, 2:5] = 7.9 * gamma
+        h[b, 0, 3, 3] = 8 * gamma
+        h[b, 0, 7, 8] = 6 * gamma
+        h[b, 0, 1, 8] = 5.5 * gamma
+    h[2, 0, 1, 8] = 0.0  # image 2: two objects
+    return h, gamma
+
+
+class _DrawSpy:
+    """An engine that records every gumbel_topk_relaxed call (its counts, draws and window keywords)."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def gumbel_topk_relaxed(self, logits, n, tau, max_objects, gumbel, **kw):
+        out = self.engine.gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel, **kw)
+        self.calls.append((n.clone(), out[0].clone(), dict(kw)))
+        return out
+
+
+@pytest.mark.parametrize("ops_name", ["reference", "fused"])
+def test_exclusion_window_keeps_every_draw_outside_the_earlier_windows(ops_name):
+    """A LAVAE with exclusion_window=3: the training draws (train and eval mode), the bound's draws
+    and infer(locations="top") never put a draw inside an earlier draw's 3×3 window; with window 1
+    the same noise puts later draws on the blunt peak's shoulders."""
+    H, W = 10, 11
+    torch.manual_seed(7)
+    m = tiny((H, W), ops=ops_name, exclusion_window=3)
+    assert m.exclusion_window == 3
+    h, gamma = _blunt_peaks(m, H, W)
+    m.loc_head.register_forward_hook(lambda mod, inp, out: h / gamma)
+    x = images(3, 1, H, W, p=0.3)
+    nz = noise_for(m, 3, H, W, seed=5)
+    with torch.no_grad():
+        assert m.encode(x)[2].tolist() == [3, 3, 2]
+    top = m.infer(x, locations="top")
+    assert top.index.tolist() == [[3 * W + 3, 7 * W + 8, 1 * W + 8, -1]] * 2 + [[3 * W + 3, 7 * W + 8, -1, -1]]
+    spy = _DrawSpy(m.engine)
+    m._ops = spy
+    m.train()
+    out_train = m(x, noise=nz, tau=0.5)
+    out_train.loss.backward()
+    m.eval()
+    out_eval = m(x, noise=nz, tau=0.5)
+    ll = m.log_likelihood(x, K=6, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(out_train.loss) and torch.isfinite(out_eval.neg_elbo).all() and torch.isfinite(ll).all()
+    m.infer(x, locations="top")
+    assert len(spy.calls) == 4
+    pairs = 0
+    for n, index, kw in spy.calls:
+        assert kw == {"window": 3, "canvas": (H, W)}
+        pairs += _chebyshev_ok(index, n, 3, W)
+    assert pairs >= 4 * (3 + 3 + 1)
+    for out in (out_train, out_eval):
+        _chebyshev_ok(out.index, out.n, 3, W)
+    # The same model and noise with the paper's window: later draws land next to the first one.
+    m.set_exclusion_window(1)
+    spy.calls.clear()
+    m(x, noise=nz, tau=0.5)
+    m.log_likelihood(x, K=6, generator=torch.Generator().manual_seed(1))
+    assert all(kw == {} for _, _, kw in spy.calls)
+    assert sum(_pairs_inside(index, n, 3, W) for n, index, _ in spy.calls) > 0
+    assert m.infer(x, locations="top").index[0, 1].item() in {2 * W + 2, 2 * W + 3, 2 * W + 4, 3 * W + 2, 3 * W + 4,
+                                                               4 * W + 2, 4 * W + 3, 4 * W + 4}
+
+
+def test_fused_and_reference_ops_agree_with_an_exclusion_window():
+    """The fused and the reference engine give the same draws, −ELBO and gradients with
+    exclusion_window=3 (the tolerance rule of tests/_tolerance.py), on images with 2–3 objects."""
+    H = W = 12
+    x = images(3, 1, H, W)
+    torch.manual_seed(1)
+
+    def make(ops_name):
+        m = tiny((H, W), ops=ops_name, exclusion_window=3)
+        h, gamma = _blunt_peaks(m, 10, 11)
+        h = F.pad(h, (0, 1, 0, 2))  # the 10×11 peaks on the 12×12 canvas
+        m.loc_head.register_forward_hook(lambda mod, inp, out: h / gamma + 0.02 * out)
+        return m
+
+    fused = make("fused")
+    steps = compare_models(lambda: fused, lambda: make("reference"), x, noise_for(fused, 3, H, W), tau=0.3)
+    n, index = steps[0]["discrete"]
+    assert n.tolist() == [3, 3, 2]
+    _chebyshev_ok(index, n, 3, W)
+    assert_step_matches_reference(*steps)
+    # The forward loss itself, one model switched between the engines.
+    fused.train()
+    nz = noise_for(fused, 3, H, W, seed=3)
+    a = fused(x, noise=nz, tau=0.3).neg_elbo.detach()
+    fused.set_ops("reference")
+    b = fused(x, noise=nz, tau=0.3).neg_elbo.detach()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_exclusion_window_pickles_and_an_old_pickle_loads_as_1():
+    import copy
+    import pickle
+
+    m5 = tiny((12, 12), exclusion_window=5)
+    assert pickle.loads(pickle.dumps(m5)).exclusion_window == 5
+    assert copy.deepcopy(m5).exclusion_window == 5
+    assert tiny((12, 12)).exclusion_window == 1  # the paper's by default
+    state = m5.__getstate__()
+    del state["_exclusion_window"]  # a model pickled before the option existed excluded only the pixel
+    old = LAVAE.__new__(LAVAE)
+    old.__setstate__(state)
+    assert old.exclusion_window == 1
+    m5.exclusion_window = 3
+    assert m5.exclusion_window == 3

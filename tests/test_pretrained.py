@@ -116,6 +116,39 @@ def test_count_window_from_the_checkpoint_and_overridden(run, tmp_path):
     assert build_model({k: v for k, v in state["model_config"].items() if k != "count_window"}).count_window == 3
 
 
+def test_exclusion_window_from_the_checkpoint_and_overridden(run, tmp_path):
+    d, model = run
+    # The checkpoint's model_config does not name exclusion_window (written before it existed): the
+    # paper's one-pixel exclusion.
+    assert "exclusion_window" not in load_checkpoint(str(d / CHECKPOINT_NAME))["model_config"]
+    assert LAVAE.from_pretrained(d).exclusion_window == 1
+    loaded = LAVAE.from_pretrained(d, exclusion_window=5)
+    assert loaded.exclusion_window == 5 and loaded.count_window == 3
+    _same_weights(loaded, model)
+    x = torch.rand(3, 1, *CANVAS).round()
+    top = loaded.infer(x, locations="top")  # its draws use the window (24×24 holds 9·25 < 576)
+    for b in range(3):
+        ps = [int(p) for p in top.index[b, : int(top.n[b])]]
+        for i, p in enumerate(ps):
+            assert all(max(abs(p // CANVAS[1] - q // CANVAS[1]), abs(p % CANVAS[1] - q % CANVAS[1])) > 2
+                       for q in ps[:i])
+    assert torch.isfinite(loaded.log_likelihood(x, K=2)).all()
+    for bad in (4, 0, True):
+        with pytest.raises(ValueError, match="exclusion_window"):
+            LAVAE.from_pretrained(d, exclusion_window=bad)
+    # A checkpoint that records it builds that window; the argument still overrides it.
+    state = load_checkpoint(str(d / CHECKPOINT_NAME))
+    state["model_config"] = dict(state["model_config"], exclusion_window=3)
+    other = tmp_path / "run3"
+    save_checkpoint(str(other / CHECKPOINT_NAME), state)
+    assert LAVAE.from_pretrained(other).exclusion_window == 3
+    assert LAVAE.from_pretrained(other, exclusion_window=1).exclusion_window == 1
+    from lavae_fast.loading import build_model, load_model
+
+    assert load_model(str(other))[0].exclusion_window == 3
+    assert build_model({k: v for k, v in state["model_config"].items() if k != "exclusion_window"}).exclusion_window == 1
+
+
 def test_baseline_loads_in_eval_mode(baseline_run):
     d, model = baseline_run
     loaded = BetaVAE.from_pretrained(d)

@@ -275,6 +275,72 @@ def test_count_window_flag_reaches_the_model_and_defines_the_run(tmp_path, capsy
         assert "--count-window: must be" in capsys.readouterr().err
 
 
+def test_exclusion_window_flag_reaches_the_model_defines_the_run_and_evaluate_records_it(tmp_path, capsys):
+    from lavae_fast.evaluate import main as eval_main
+    from lavae_fast.loading import build_model
+
+    run = str(tmp_path / "run")
+    assert train_main(TINY + ["--steps", "2", "--out", run, "--stop-at", "1", "--exclusion-window", "3"]) == 0
+    state = load_checkpoint(run)
+    assert state["model_config"]["exclusion_window"] == 3 and state["args"]["exclusion_window"] == 3
+    assert build_model(state["model_config"]).exclusion_window == 3
+    with pytest.raises(SystemExit):  # the default (1) is another run
+        train_main(TINY + ["--steps", "2", "--out", run, "--resume"])
+    assert "exclusion_window=1 (checkpoint: 3)" in capsys.readouterr().err
+    assert train_main(TINY + ["--steps", "2", "--out", run, "--resume", "--exclusion-window", "3"]) == 0
+    assert load_checkpoint(run)["step"] == 2
+    for bad in ("4", "0", "-1", "x"):
+        with pytest.raises(SystemExit):
+            train_main(TINY + ["--steps", "2", "--out", str(tmp_path / "bad"), "--exclusion-window", bad])
+        assert "--exclusion-window: must be" in capsys.readouterr().err
+    # evaluate: the model's own window by default, --exclusion-window overrides it; eval.json's meta
+    # records the one used (the bound's draws run with it: K > 0).
+    args = [run, "--K", "2", "--n-eval", "4", "--n-bound", "2", "--batch-size", "4", "--threads", "1", "--splits",
+            "test"]
+    for flag, want in ((["--exclusion-window", "5"], 5), ([], 3), (["--exclusion-window", "1"], 1)):
+        out = str(tmp_path / f"eval{want}.json")
+        assert eval_main(args + flag + ["--out", out]) == 0
+        res = json.load(open(out))
+        assert res["meta"]["exclusion_window"] == want
+        assert np.isfinite(res["results"]["test"]["nll_bound"]["mean"])
+    with pytest.raises(SystemExit):
+        eval_main(args + ["--exclusion-window", "4"])
+    assert "--exclusion-window: must be an odd positive integer" in capsys.readouterr().err
+
+
+def test_evaluate_records_the_exclusion_window_of_a_window_1_run(tmp_path):
+    from lavae_fast.evaluate import main as eval_main
+
+    run = str(tmp_path / "run")
+    assert train_main(TINY + ["--steps", "1", "--out", run]) == 0
+    assert load_checkpoint(run)["model_config"]["exclusion_window"] == 1
+    assert eval_main([run, "--K", "2", "--n-eval", "4", "--n-bound", "2", "--batch-size", "4", "--threads", "1",
+                      "--splits", "test", "--exclusion-window", "3"]) == 0
+    res = json.load(open(os.path.join(run, "eval.json")))
+    assert res["meta"]["exclusion_window"] == 3
+
+
+def test_an_exclusion_window_the_canvas_cannot_hold_is_refused_up_front(tmp_path, capsys):
+    """32×32 and M = 10 hold windows up to 9 (1024 > 9·81) but not 11 (9·121 = 1089): train refuses
+    --exclusion-window 11 as it refuses other bad settings — a SystemExit that names the flag, before
+    the run directory is written — not with a ValueError from inside the first training step;
+    evaluate likewise."""
+    from lavae_fast.evaluate import main as eval_main
+
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train_main(TINY + ["--steps", "1", "--out", str(run), "--exclusion-window", "11"])
+    assert "exclusion-window" in str(exc.value) + capsys.readouterr().err
+    assert not (run / "args.json").exists() and not (run / "checkpoint.pt").exists()
+    ok = str(tmp_path / "ok")
+    assert train_main(TINY + ["--steps", "1", "--out", ok]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        eval_main([ok, "--K", "0", "--n-eval", "4", "--batch-size", "4", "--threads", "1", "--splits", "test",
+                   "--exclusion-window", "11"])
+    assert "exclusion-window" in str(exc.value) + capsys.readouterr().err
+
+
 # The run-defining options as train.py listed them by hand before TrainConfig's metadata named them.
 OLD_RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed", "data_seed", "n_train",
                     "width", "sprite_width", "location_mode", "loc_kl", "warmup_scale", "warmup_peak", "warmup_blur",
@@ -282,7 +348,7 @@ OLD_RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed",
                     "loc_lr_decay"]
 # Run-defining options added since, each with the value that runs written before it used
 # (train.ADDED_SETTINGS): a run directory without the key resumes with that value.
-ADDED_RUN_DEFINING = {"count_window": 3}
+ADDED_RUN_DEFINING = {"count_window": 3, "exclusion_window": 1}
 
 
 def _parser_dests():
@@ -340,6 +406,13 @@ def test_resume_refusal_reads_missing_keys_as_the_old_defaults():
     assert T.resume_refusal(current, args) is None
     msg = T.resume_refusal(current, dict(args, count_window=5))
     assert msg and "count_window=5 (checkpoint: 3)" in msg and "estimator" not in msg
+    # A run written before --exclusion-window excluded only the drawn pixel: it resumes as 1, not as 3.
+    del current["exclusion_window"]
+    assert T.resume_refusal(current, args) is None
+    msg = T.resume_refusal(current, dict(args, exclusion_window=3))
+    assert msg and "exclusion_window=3 (checkpoint: 1)" in msg and "estimator" not in msg
+    assert T.resume_refusal(dict(current, exclusion_window=3), dict(args, exclusion_window=3)) is None
+    assert "exclusion_window=1 (checkpoint: 3)" in T.resume_refusal(dict(current, exclusion_window=3), args)
 
 
 def test_baseline_cli_runs(tmp_path):

@@ -10,9 +10,8 @@
 // same sets, normalised in the same way against each step's own maximum (in double).
 //
 // With an exclusion window w > 1 (SPEC §2) step i's candidates S_i are the pixels outside the w×w
-// neighbourhoods of the earlier draws. The draws are a greedy suppression over the top
-// (k−1)·w² + 1 of y (the k-th draw lies among them: at most (k−1)·w² pixels are excluded before
-// it). Each pixel d gets the step fc_d of the first draw whose window covers it (k−1 if none):
+// neighbourhoods of the earlier draws; draw i is the largest y on S_i (k masked passes over D,
+// each a vectorised maximum). Each pixel d gets the step fc_d of the first draw whose window covers it (k−1 if none):
 // d ∈ S_i ⇔ i ≤ fc_d, and y_d ≤ y_{p_{fc_d}}. Everything is summed by these groups, each against
 // its own reference, so no sum is ever formed as "full sum minus the windows" (the window around
 // the top peak holds almost all the mass at τ = 0.02): e_d = exp((y_d − y_{p_{fc_d}})/τ) ≤ 1,
@@ -129,10 +128,6 @@ void step_lse(const T* l, const int64_t* picks, int64_t k, double mr, double sr,
 // The exclusion windows of a list of draws on an H×W canvas.
 struct Windows {
   int64_t H, W, h;  // canvas, half window
-  bool overlaps(int64_t a, int64_t b) const {
-    const int64_t dr = a / W - b / W, dc = a % W - b % W;
-    return dr <= h && dr >= -h && dc <= h && dc >= -h;
-  }
   // body(d) for every pixel of the window around p, clipped to the canvas.
   template <typename F>
   void each(int64_t p, F&& body) const {
@@ -209,10 +204,9 @@ void gumbel_forward_window(const at::Tensor& logits, const at::Tensor& gumbel, c
   int64_t* pi = index.mutable_data_ptr<int64_t>();
   typedef typename Vec<T>::type V;
   const T inv_tau = static_cast<T>(1.0 / tau_d);
-  const int64_t w2 = (2 * win.h + 1) * (2 * win.h + 1);
   struct Scratch {
-    std::vector<T> y, e, grp, candv;
-    std::vector<int64_t> candi, picks;
+    std::vector<T> y, e, grp;
+    std::vector<int64_t> picks;
     std::vector<double> topv, E, coef, m, s, lse;
   };
   parallel_tasks<Scratch>(B, [&](int64_t b, Scratch& sc) {
@@ -242,19 +236,39 @@ void gumbel_forward_window(const at::Tensor& logits, const at::Tensor& gumbel, c
     int64_t* picks = sc.picks.data();
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) y[d] = l[d] + g[d];
-    // Greedy suppression over the candidates, in decreasing order of y (ties: lower index first).
-    const int64_t C = std::min(D, (k - 1) * w2 + 1);
-    sc.candv.resize(C);
-    sc.candi.resize(C);
-    top_k(y, D, C, sc.candv.data(), sc.candi.data());
-    int64_t taken = 0;
-    for (int64_t c = 0; c < C && taken < k; ++c) {
-      const int64_t p = sc.candi[c];
-      bool free = true;
-      for (int64_t j = 0; j < taken && free; ++j) free = !win.overlaps(p, picks[j]);
-      if (free) picks[taken++] = p;
+    // Step i draws the largest y outside the earlier windows (grp[d] = 1 marks them; ties: the
+    // lowest index, as argmax): a vectorised max, then the first pixel that holds it. k passes
+    // over D cost less than selecting the top (k−1)·w² + 1 candidates first (an insertion list
+    // that long is quadratic in its length: 3.3 against 0.66 ms at B = 64, 64×64, M = 10, w = 5).
+    std::fill(grp, grp + D, T(0));
+    const T ninf = -std::numeric_limits<T>::infinity();
+    constexpr int N = Vec<T>::N;
+    for (int64_t i = 0; i < k; ++i) {
+      V vm = splat<V>(ninf);
+      simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+        const V v = vload_n(grp + d, lanes, T(1)) == T(0) ? vload_n(y + d, lanes, ninf) : splat<V>(ninf);
+        vm = v > vm ? v : vm;
+      });
+      T m = ninf;
+      for (int j = 0; j < N; ++j) m = std::max(m, vm[j]);
+      int64_t p = -1;
+      int64_t d = 0;
+      for (; d + N <= D && p < 0; d += N) {
+        const auto hit = (vload<V>(y + d) == m) & (vload<V>(grp + d) == T(0));
+        bool any = false;
+        for (int j = 0; j < N; ++j) any |= hit[j] != 0;
+        if (!any) continue;
+        for (int j = 0; j < N && p < 0; ++j)
+          if (hit[j] != 0) p = d + j;
+      }
+      for (; d < D && p < 0; ++d)
+        if (grp[d] == T(0) && y[d] == m) p = d;
+      // Nothing equal to the maximum (NaN logits): the first pixel left, so that a draw is made.
+      for (d = 0; d < D && p < 0; ++d)
+        if (grp[d] == T(0)) p = d;
+      picks[i] = p;
+      win.each(p, [&](int64_t e) { grp[e] = T(1); });
     }
-    TORCH_CHECK(taken == k, kFwd, ": internal error: ", taken, " of ", k, " draws found");
     for (int64_t i = 0; i < k; ++i) {
       pi[b * M + i] = picks[i];
       sc.topv[i] = y[picks[i]];
@@ -399,8 +413,9 @@ Windows checked_windows(const char* op, int64_t window, at::OptionalIntArrayRef 
   const int64_t H = (*canvas)[0], W = (*canvas)[1];
   TORCH_CHECK(H >= 1 && W >= 1 && H * W == D, op, ": canvas [", H, ", ", W, "] does not hold the D = ", D,
               " locations of logits");
-  TORCH_CHECK(window <= 2 * (H + W) + 1 && D > (M - 1) * window * window, op, ": window ", window,
-              " is too large for the canvas: it needs H·W > (max_objects − 1)·window²");
+  // In double: window² overflows int64 for windows the schema's int allows.
+  TORCH_CHECK(static_cast<double>(D) > static_cast<double>(M - 1) * static_cast<double>(window) * window, op,
+              ": window ", window, " is too large for the canvas: it needs H·W > (max_objects − 1)·window²");
   return Windows{H, W, window / 2};
 }
 

@@ -219,11 +219,22 @@ static void test_place(int64_t B, int64_t M, int64_t C, int64_t S, int64_t H, in
 // gumbel_topk_relaxed
 // ---------------------------------------------------------------------------------------------
 
+// The schemas' trailing `int window=1, int[]? canvas=None` (q's exclusion window, SPEC §2): a C++
+// caller passes them explicitly.
+using GumbelFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, double, int64_t, const Tensor&,
+                                                        int64_t, at::OptionalIntArrayRef);
+using GumbelBwdSig = Tensor(const OptT&, const OptT&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                            int64_t, at::OptionalIntArrayRef);
+
 static void test_gumbel(int64_t B, int64_t D, int64_t M, double tau) {
-  using FwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, double, int64_t, const Tensor&);
-  using BwdSig = Tensor(const OptT&, const OptT&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double);
-  auto fwd = op<FwdSig>("lavae_fast::gumbel_topk_relaxed");
-  auto bwd = op<BwdSig>("lavae_fast::gumbel_topk_relaxed_backward");
+  auto fwd_op = op<GumbelFwdSig>("lavae_fast::gumbel_topk_relaxed");
+  auto bwd_op = op<GumbelBwdSig>("lavae_fast::gumbel_topk_relaxed_backward");
+  // Window 1 (the paper's op), without a canvas.
+  auto fwd = [&](const Tensor& l, const Tensor& n, double t, int64_t m, const Tensor& g) {
+    return fwd_op.call(l, n, t, m, g, 1, std::nullopt);
+  };
+  auto bwd = [&](const OptT& gr, const OptT& gq, const Tensor& l, const Tensor& idx, const Tensor& r, const Tensor& n,
+                 double t) { return bwd_op.call(gr, gq, l, idx, r, n, t, 1, std::nullopt); };
   const Tensor logits = at::randn({B, D}, at::kDouble) * 3;
   const Tensor gumbel = -(-(at::rand({B, D}, at::kDouble).clamp(1e-12, 1 - 1e-12)).log()).log();
   Tensor n = at::randint(0, M + 1, {B}, at::kLong);
@@ -254,15 +265,108 @@ static void test_gumbel(int64_t B, int64_t D, int64_t M, double tau) {
   }
   for (at::ScalarType dt : {at::kDouble, at::kFloat}) {
     const double rtol = dt == at::kDouble ? 1e-10 : 1e-4;
-    auto [r, lq, idx] = fwd.call(logits.to(dt), n, tau, M, gumbel.to(dt));
+    auto [r, lq, idx] = fwd(logits.to(dt), n, tau, M, gumbel.to(dt));
     EXPECT(at::equal(idx, index), "gumbel index (D=%lld, M=%lld)", (long long)D, (long long)M);
     check_close("gumbel relaxed", r, relaxed, rtol);
     check_close("gumbel log_q", lq, log_q, rtol);
-    const Tensor g = bwd.call(OptT(gr.to(dt)), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau);
+    const Tensor g = bwd(OptT(gr.to(dt)), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau);
     check_close("gumbel grad", g, grad, rtol * 10);
   }
-  check_throws("gumbel tau", [&] { fwd.call(logits, n, 0.0, M, gumbel); });
-  check_throws("gumbel n", [&] { fwd.call(logits, n + M + 1, tau, M, gumbel); });
+  check_throws("gumbel tau", [&] { fwd(logits, n, 0.0, M, gumbel); });
+  check_throws("gumbel n", [&] { fwd(logits, n + M + 1, tau, M, gumbel); });
+}
+
+// With an exclusion window w > 1 on an H×W canvas (SPEC §2, §9.2): step i's candidates are the
+// pixels outside the w×w neighbourhoods (clipped to the canvas) of the earlier draws; draw i is the
+// largest y = logits + g among them (the lowest index on ties), relaxed[b,i] the softmax of y/τ over
+// them, log_q the sum of log b^(i)[p_i] with b^(i) the softmax of the logits over them.
+static void test_gumbel_window(int64_t B, int64_t H, int64_t W, int64_t M, int64_t window, double tau) {
+  auto fwd = op<GumbelFwdSig>("lavae_fast::gumbel_topk_relaxed");
+  auto bwd = op<GumbelBwdSig>("lavae_fast::gumbel_topk_relaxed_backward");
+  const int64_t D = H * W, h = window / 2;
+  const std::vector<int64_t> canvas{H, W};
+  Tensor logits = at::randn({B, D}, at::kDouble) * 3;
+  logits[0][0] = 40.0;           // image 0 draws the top-left corner first,
+  logits[0][D - 1] = 35.0;       // then the bottom-right one,
+  logits[0][W / 2] = 30.0;       // then the middle of the top border (unless a window covers it)
+  if (B > 1) logits[1][(H / 2) * W] = 40.0;  // image 1: the middle of the left border
+  const Tensor gumbel = -(-(at::rand({B, D}, at::kDouble).clamp(1e-12, 1 - 1e-12)).log()).log();
+  Tensor n = at::randint(0, M + 1, {B}, at::kLong);
+  n[0] = M;
+  if (B > 2) n[B - 1] = 0;
+  const Tensor gr = at::randn({B, M, D}, at::kDouble), gq = at::randn({B}, at::kDouble);
+  Tensor relaxed = at::zeros({B, M, D}, at::kDouble), log_q = at::zeros({B}, at::kDouble);
+  Tensor index = at::full({B, M}, -1, at::kLong), grad = at::zeros({B, D}, at::kDouble);
+  Tensor excluded = at::zeros({B, M, D}, at::kBool);  // inside an earlier draw's window, present rows
+  for (int64_t b = 0; b < B; ++b) {
+    const Tensor y = (logits[b] + gumbel[b]).contiguous();
+    const auto ya = y.accessor<double, 1>();
+    std::vector<bool> allowed(D, true);
+    const int64_t k = n[b].item<int64_t>();
+    for (int64_t i = 0; i < k; ++i) {
+      int64_t p = -1;
+      for (int64_t d = 0; d < D; ++d)
+        if (allowed[d] && (p < 0 || ya[d] > ya[p])) p = d;  // strictly larger: ties keep the lower index
+      Tensor mask = at::zeros({D}, at::kBool);
+      for (int64_t d = 0; d < D; ++d) mask[d] = static_cast<bool>(allowed[d]);
+      excluded[b][i] = mask.logical_not();
+      const Tensor r = at::softmax(at::where(mask, y / tau, -INFINITY), 0);
+      const Tensor bi = at::softmax(at::where(mask, logits[b], -INFINITY), 0);
+      relaxed[b][i] = r;
+      index[b][i] = p;
+      log_q[b] += bi[p].log();
+      grad[b] += r * (gr[b][i] - (gr[b][i] * r).sum()) / tau;
+      Tensor hit = at::zeros({D}, at::kDouble);
+      hit[p] = 1;
+      grad[b] += gq[b] * (hit - bi);
+      const int64_t pr = p / W, pc = p % W;
+      for (int64_t rr = std::max<int64_t>(pr - h, 0); rr <= std::min<int64_t>(pr + h, H - 1); ++rr)
+        for (int64_t cc = std::max<int64_t>(pc - h, 0); cc <= std::min<int64_t>(pc + h, W - 1); ++cc)
+          allowed[rr * W + cc] = false;
+    }
+  }
+  EXPECT(index[0][0].item<int64_t>() == 0, "gumbel window: the corner is drawn first");
+  for (at::ScalarType dt : {at::kDouble, at::kFloat}) {
+    const double rtol = dt == at::kDouble ? 1e-10 : 1e-4;
+    auto [r, lq, idx] = fwd.call(logits.to(dt), n, tau, M, gumbel.to(dt), window, canvas);
+    EXPECT(at::equal(idx, index), "gumbel window index (%lldx%lld, M=%lld, w=%lld)", (long long)H, (long long)W,
+           (long long)M, (long long)window);
+    check_close("gumbel window relaxed", r, relaxed, rtol);
+    // Exactly zero inside the earlier draws' windows, not merely small; positive where the value
+    // does not underflow.
+    EXPECT(!(r.masked_select(excluded) != 0).any().item<bool>(), "gumbel window: mass inside a window (w=%lld)",
+           (long long)window);
+    EXPECT(!((r == 0) & (relaxed > 1e-30)).any().item<bool>(), "gumbel window: a candidate without mass (w=%lld)",
+           (long long)window);
+    check_close("gumbel window log_q", lq, log_q, rtol);
+    const Tensor g = bwd.call(OptT(gr.to(dt)), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau, window, canvas);
+    check_close("gumbel window grad", g, grad, rtol * 10);
+    const Tensor gl = bwd.call(OptT(), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau, window, canvas);
+    Tensor grad_lq = at::zeros({B, D}, at::kDouble);  // the log_q part alone
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<bool> allowed(D, true);
+      for (int64_t i = 0; i < n[b].item<int64_t>(); ++i) {
+        const int64_t p = index[b][i].item<int64_t>();
+        Tensor mask = at::zeros({D}, at::kBool);
+        for (int64_t d = 0; d < D; ++d) mask[d] = static_cast<bool>(allowed[d]);
+        Tensor hit = at::zeros({D}, at::kDouble);
+        hit[p] = 1;
+        grad_lq[b] += gq[b] * (hit - at::softmax(at::where(mask, logits[b], -INFINITY), 0));
+        for (int64_t rr = std::max<int64_t>(p / W - h, 0); rr <= std::min<int64_t>(p / W + h, H - 1); ++rr)
+          for (int64_t cc = std::max<int64_t>(p % W - h, 0); cc <= std::min<int64_t>(p % W + h, W - 1); ++cc)
+            allowed[rr * W + cc] = false;
+      }
+    }
+    check_close("gumbel window grad (log_q only)", gl, grad_lq, rtol * 10);
+  }
+  const std::vector<int64_t> other{H + 1, W};
+  check_throws("gumbel window even", [&] { fwd.call(logits, n, tau, M, gumbel, 2, canvas); });
+  check_throws("gumbel window 0", [&] { fwd.call(logits, n, tau, M, gumbel, 0, canvas); });
+  check_throws("gumbel window without canvas", [&] { fwd.call(logits, n, tau, M, gumbel, window, std::nullopt); });
+  check_throws("gumbel window canvas", [&] { fwd.call(logits, n, tau, M, gumbel, window, other); });
+  int64_t big = window;
+  while (D > (M - 1) * big * big) big += 2;  // the smallest odd window the canvas cannot hold
+  if (M > 1) check_throws("gumbel window too large", [&] { fwd.call(logits, n, tau, M, gumbel, big, canvas); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,6 +655,11 @@ int main(int argc, char** argv) {
     test_gumbel(4, 37, 5, 0.3);
     test_gumbel(3, 3, 5, 0.5);        // D < M
     test_gumbel(3, 70, 4, 0.02);
+    test_gumbel_window(4, 7, 9, 4, 3, 0.3);
+    test_gumbel_window(3, 1, 37, 3, 3, 0.5);    // a one-row canvas, partial vectors
+    test_gumbel_window(3, 9, 11, 4, 5, 0.02);   // low temperature, 99 > 3·25
+    test_gumbel_window(2, 13, 11, 13, 3, 0.1);  // M > 12
+    test_gumbel_window(2, 19, 21, 3, 7, 0.5);
     test_count(4, 7, 9);
     test_count(2, 1, 1);
     test_count(3, 2, 5);              // a canvas narrower than the 5x5 and 7x7 windows
