@@ -27,6 +27,7 @@ the argument.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -449,9 +450,11 @@ def check_exclusion(window, canvas, D: int, max_objects: int, name: str = "windo
     if H < 1 or W < 1 or H * W != D:
         raise ValueError(f"canvas {(H, W)} does not hold the D = {D} locations of logits")
     if not D > (max_objects - 1) * window * window:
+        fits = math.isqrt((D - 1) // (max_objects - 1))  # the largest w with (M − 1)·w² < D (M ≥ 2 here)
+        fits -= 1 - fits % 2  # odd
         raise ValueError(f"{name}={window} is too large for a {H}×{W} canvas and {max_objects} objects: it needs "
                          f"H·W > (max_objects − 1)·{name}² = {(max_objects - 1) * window * window}, so that every "
-                         f"draw keeps a candidate")
+                         f"draw keeps a candidate; the largest that fits is {fits}")
     return int(window), [H, W]
 
 

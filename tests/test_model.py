@@ -68,8 +68,12 @@ def test_infer_puts_the_objects_at_the_counted_peaks_not_at_a_blunt_peaks_neighb
     lat = m.infer(x)
     assert lat.n.tolist() == [2, 0, 2, 2]
     assert lat.index.tolist() == [[12, 75, -1, -1], [-1] * 4, [40, 41, -1, -1], [12, 34, -1, -1]]
-    top = m.infer(x, locations="top")  # the mode of the draws: two objects on one blunt peak
+    top = m.infer(x, locations="top")  # the mode of the draws with the default 5×5 exclusion window
+    assert top.index[0].tolist() == [12, 75, -1, -1] and torch.equal(top.n, lat.n)
+    m.exclusion_window = 1  # the paper's q: two objects on one blunt peak
+    top = m.infer(x, locations="top")
     assert top.index[0].tolist() == [12, 13, -1, -1] and torch.equal(top.n, lat.n)
+    m.exclusion_window = 5
     # the appearance is μ of h_app read at the chosen locations
     h_app = m.encode(x)[0].flatten(2)
     for b in range(4):
