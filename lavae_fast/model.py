@@ -354,11 +354,13 @@ class LAVAE(nn.Module):
         exclusion_window: q's exclusion window, an odd int ≥ 1 (SPEC §2): each location draw
             removes its exclusion_window × exclusion_window neighbourhood from the later draws'
             candidates, in training, the bound and ``infer(locations="top")``. 1 is the paper's
-            eq. 11 (only the drawn pixel). Default 5, measured better (docs/recipe.md: side by side
-            at 64×64, two seeds, the −ELBO about 3× lower at the same count accuracy); a
+            eq. 11 (only the drawn pixel). Default (None): 5, measured better (docs/recipe.md: side
+            by side at 64×64, two seeds, the −ELBO about 3× lower at the same count accuracy), or
+            the largest odd window the canvas holds where it cannot hold 5 (H·W > (M − 1)·w²: a
+            12×12 canvas with M = 10 gets 3, 8×8 gets 1); the chosen int is recorded. A window
+            given explicitly is never reduced: one the canvas cannot hold is refused. A
             checkpoint written before the setting loads as 1. Changeable after loading
-            (:meth:`set_exclusion_window`). The canvas must hold it: H·W > (M − 1)·w² (a
-            canvas of fewer than 226 pixels with M = 10 needs exclusion_window=1 or 3).
+            (:meth:`set_exclusion_window`).
     """
 
     # Measured (bench/estimators.py's second table, exact ∂E_q[log q]/∂h by enumeration): "hard"
@@ -397,7 +399,7 @@ class LAVAE(nn.Module):
         location_mode: str = "relaxed",
         loc_kl: str = "relaxed",
         count_window: int = 3,
-        exclusion_window: int = 5,
+        exclusion_window: Optional[int] = None,
     ):
         super().__init__()
         from .ops import MAX_OBJECTS
@@ -423,6 +425,8 @@ class LAVAE(nn.Module):
         self.set_location_mode(location_mode)
         self.set_loc_kl(loc_kl)
         self.set_count_window(count_window)
+        if exclusion_window is None:
+            exclusion_window = _ops_api.default_exclusion_window(canvas, max_objects)
         self.set_exclusion_window(exclusion_window)
         if canvas is not None:
             self._draw_window(*canvas)  # a window this canvas cannot hold: refused now, not at the first draw

@@ -37,7 +37,7 @@ from . import _backends, _schemas
 from . import reference as _ref
 from ._common import check_window, counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask, peak_index
 
-__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "check_exclusion", "check_exclusion_window", "count_objects", "gather_appearance", "object_mask",
+__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "check_exclusion", "check_exclusion_window", "default_exclusion_window", "DEFAULT_EXCLUSION_WINDOW", "count_objects", "gather_appearance", "object_mask",
            "counted_peaks", "local_maxima_mask", "peak_index", "engine", "ENGINES", "register_triton_kernels"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -434,6 +434,30 @@ def check_exclusion_window(window, name: str = "window") -> int:
     return int(window)
 
 
+# The exclusion window a model gets by default (SPEC §2; docs/recipe.md: measured better than the
+# paper's 1 side by side at 64×64, two seeds).
+DEFAULT_EXCLUSION_WINDOW = 5
+
+
+def largest_exclusion_window(D: int, max_objects: int) -> int:
+    """The largest odd window w with (max_objects − 1)·w² < D (SPEC §2), for a canvas of D pixels;
+    every window fits where max_objects ≤ 1, so then a large sentinel."""
+    if max_objects <= 1:
+        return 2**31 - 1
+    w = math.isqrt((D - 1) // (max_objects - 1)) if D > 0 else 1
+    return max(1, w - (1 - w % 2))
+
+
+def default_exclusion_window(canvas, max_objects: int) -> int:
+    """The default exclusion window for ``canvas`` (H, W) (None: any canvas): DEFAULT_EXCLUSION_WINDOW
+    where the canvas holds it, else the largest odd window it holds (a 12×12 canvas with 10
+    objects: 3; 8×8: 1)."""
+    if canvas is None:
+        return DEFAULT_EXCLUSION_WINDOW
+    H, W = canvas
+    return min(DEFAULT_EXCLUSION_WINDOW, largest_exclusion_window(int(H) * int(W), max_objects))
+
+
 def check_exclusion(window, canvas, D: int, max_objects: int, name: str = "window"):
     """(window, canvas as [H, W] or None) for the op, or a ValueError naming what is wrong: the
     exclusion window is an odd int ≥ 1; one > 1 needs the canvas (H, W), H·W = D, and
@@ -450,8 +474,7 @@ def check_exclusion(window, canvas, D: int, max_objects: int, name: str = "windo
     if H < 1 or W < 1 or H * W != D:
         raise ValueError(f"canvas {(H, W)} does not hold the D = {D} locations of logits")
     if not D > (max_objects - 1) * window * window:
-        fits = math.isqrt((D - 1) // (max_objects - 1))  # the largest w with (M − 1)·w² < D (M ≥ 2 here)
-        fits -= 1 - fits % 2  # odd
+        fits = largest_exclusion_window(D, max_objects)
         raise ValueError(f"{name}={window} is too large for a {H}×{W} canvas and {max_objects} objects: it needs "
                          f"H·W > (max_objects − 1)·{name}² = {(max_objects - 1) * window * window}, so that every "
                          f"draw keeps a candidate; the largest that fits is {fits}")

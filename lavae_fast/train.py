@@ -176,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count-window", type=_odd_positive_int, default=3, metavar="N",
                    help="the counter's neighbourhood (odd): n̂ counts the points of h_loc above 4γ that are maxima of "
                         "their N×N window (default 3, SPEC §2's 3×3; see lavae_fast.ops.count_objects)")
-    p.add_argument("--exclusion-window", type=_odd_positive_int, default=5, metavar="N",
+    p.add_argument("--exclusion-window", type=_odd_positive_int, default=None, metavar="N",
                    help="q's exclusion window (odd): each location draw removes its N×N neighbourhood from the later "
                         "draws' candidates, in training, the bound and inference (default 5, measured better than the "
-                        "paper's 1 — only the drawn pixel — in docs/recipe.md; SPEC §2; see "
-                        "lavae_fast.ops.gumbel_topk_relaxed)")
+                        "paper's 1 — only the drawn pixel — in docs/recipe.md, or the largest odd window the canvas "
+                        "holds where it cannot hold 5; SPEC §2; see lavae_fast.ops.gumbel_topk_relaxed)")
     p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
     p.add_argument("--sprite-width", type=_positive_int, default=48)
     p.add_argument("--lr", type=_positive_float, default=LR)
@@ -560,6 +560,18 @@ class StopSignals:
 # ---------------------------------------------------------------------------------------------
 
 
+def _recorded(out: str, key: str):
+    """The value of run setting ``key`` recorded in ``out``/args.json (the value of the versions
+    before the setting, :data:`ADDED_SETTINGS`, where the file lacks it), or None without a
+    readable args.json."""
+    try:
+        with open(os.path.join(out, "args.json"), encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return old.get(key, ADDED_SETTINGS.get(key)) if isinstance(old, dict) else None
+
+
 def _exclusion_problem(config) -> Optional[str]:
     """Why ``--exclusion-window`` cannot be drawn on ``config.canvas`` (None if it can): SPEC §2's
     H·W > (M − 1)·w², checked before the run directory is touched."""
@@ -570,6 +582,10 @@ def _exclusion_problem(config) -> Optional[str]:
 
     M = inspect.signature(LAVAE).parameters["max_objects"].default
     H, W = config.canvas
+    if config.exclusion_window is None:  # the default: 5, or what this canvas holds (SPEC §2)
+        from .ops import default_exclusion_window
+
+        config.exclusion_window = default_exclusion_window((H, W), M)
     try:
         check_exclusion(config.exclusion_window, (H, W), H * W, M, "--exclusion-window")
     except ValueError as exc:
@@ -592,9 +608,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         latent = inspect.signature(LAVAE).parameters["latent_size"].default
         if config.sprite_width <= latent:  # its residual blocks carry the latent_size z_app channels
             parser.error(f"--sprite-width must exceed LAVAE's latent size {latent}, got {config.sprite_width}")
-        problem = _exclusion_problem(config)
-        if problem:
-            parser.error(problem)
+        if config.exclusion_window is None and config.resume:
+            # A resumed run keeps its own window unless one is asked for: a run from before the
+            # setting drew with 1 (the default since is 5, or what the canvas holds).
+            config.exclusion_window = _recorded(config.out, "exclusion_window")
+        if config.exclusion_window is not None or not config.data:  # --data may fix another canvas
+            problem = _exclusion_problem(config)
+            if problem:
+                parser.error(problem)
     if config.image_every is None:
         config.image_every = config.eval_every
     if config.device == "cpu" or config.threads:
@@ -664,6 +685,8 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
             parser.error(f"--dataset {config.dataset} expects {channels} channel(s), data has {x0.shape[1]}")
     H, W = config.canvas
     D = H * W
+    if config.model != "lavae":
+        config.exclusion_window = 1  # the baseline draws no locations; 1 is what runs before the setting record
     problem = _exclusion_problem(config) if config.model == "lavae" else None
     if problem:  # the canvas of a --data directory, adopted above
         parser.error(problem)

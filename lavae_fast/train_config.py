@@ -52,7 +52,7 @@ class TrainConfig:
     location_mode: str = field(metadata=_RUN)
     loc_kl: str = field(metadata=_RUN)
     count_window: int = field(metadata=_RUN)
-    exclusion_window: int = field(metadata=_RUN)
+    exclusion_window: Optional[int] = field(metadata=_RUN)
     width: int = field(metadata=_RUN)
     sprite_width: int = field(metadata=_RUN)
     lr: float = field(metadata=_RUN)

@@ -141,7 +141,7 @@ def test_evaluate_cli_on_a_tiny_run(tmp_path, capsys, model):
             assert 0 <= r["location_accuracy_draws"] <= 1
             assert r["near_duplicate_draws"] is None or 0 <= r["near_duplicate_draws"] <= 1
             assert r["objects_missed"] is None or 0 <= r["objects_missed"] <= 1
-            assert res["meta"]["exclusion_window"] == 1
+            assert res["meta"]["exclusion_window"] == 5  # the default, which a 48×48 canvas holds
             assert set(r["neg_elbo_terms"]) == {"recon", "kl_app", "kl_n", "kl_loc"}
         else:
             assert set(r["neg_elbo_terms"]) == {"recon", "kl"}

@@ -630,7 +630,10 @@ def test_the_model_refuses_bad_exclusion_windows(engine):
     # A window the canvas cannot hold is refused when the draws are made (a model may take any canvas),
     # by either engine: the reference engine's draws would otherwise find an empty candidate set
     # (NaN rows, a draw inside a window).
-    small = LAVAE(1, (4, 5), 3, exclusion_window=5, **kw)
+    with pytest.raises(ValueError, match=r"exclusion_window=5 is too large"):  # its own canvas: at once
+        LAVAE(1, (4, 5), 3, exclusion_window=5, **kw)
+    assert LAVAE(1, (4, 5), 3, **kw).exclusion_window == 3  # the default: the largest this canvas holds
+    small = LAVAE(1, None, 3, exclusion_window=5, **kw)  # any canvas: checked at the draws
     x = (torch.rand(2, 1, 4, 5) < 0.3).float()
     for call in (lambda: small(x), lambda: small.log_likelihood(x, K=1), lambda: small.infer(x, locations="top")):
         with pytest.raises(ValueError, match=r"window=5 is too large"):

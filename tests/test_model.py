@@ -200,7 +200,8 @@ def test_elbo_terms_match_hand_computation(mode):
     H, W = 7, 8
     D = H * W
     torch.manual_seed(3)
-    m = tiny((H, W), location_mode=mode, loc_kl="straight_through")  # its value: the exact log q
+    # the paper's q (window 1), whose draws the hand computation below repeats
+    m = tiny((H, W), location_mode=mode, loc_kl="straight_through", exclusion_window=1)  # its value: the exact log q
     m.eval()  # batch norm from running statistics: every term is a function of this batch alone
     x = images(2, 1, H, W, p=0.3)
     # h_loc is fixed by a hook so that the counts are known: 2 objects in image 0, 1 in image 1.
@@ -338,7 +339,7 @@ def test_relaxed_location_kl_is_r_dot_log_b_and_tends_to_the_exact_log_q():
 def test_loc_kl_option_picks_the_location_term(loc_kl):
     H, W = 6, 7
     torch.manual_seed(4)
-    m = tiny((H, W), location_mode="relaxed", loc_kl=loc_kl)
+    m = tiny((H, W), location_mode="relaxed", loc_kl=loc_kl, exclusion_window=1)  # the paper's q, as computed here
     m.eval()
     x = images(2, 1, H, W, p=0.3)
     h_fixed = with_peaks(m, x, [[5, 30], [12]]).requires_grad_(True)
@@ -1008,7 +1009,11 @@ def test_exclusion_window_pickles_and_an_old_pickle_loads_as_1():
     m5 = tiny((12, 12), exclusion_window=5)
     assert pickle.loads(pickle.dumps(m5)).exclusion_window == 5
     assert copy.deepcopy(m5).exclusion_window == 5
-    assert tiny((12, 12)).exclusion_window == 1  # the paper's by default
+    assert tiny((12, 12)).exclusion_window == 5  # the default where the canvas holds it (144 > 3·25)
+    assert tiny((12, 12), max_objects=10).exclusion_window == 3  # 144 > 9·9, not 9·25: the largest that fits
+    assert tiny((8, 8), max_objects=10).exclusion_window == 1
+    with pytest.raises(ValueError, match="exclusion_window=5 is too large.*largest that fits is 3"):
+        tiny((12, 12), max_objects=10, exclusion_window=5)  # an explicit window is never reduced
     state = m5.__getstate__()
     del state["_exclusion_window"]  # a model pickled before the option existed excluded only the pixel
     old = LAVAE.__new__(LAVAE)

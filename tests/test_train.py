@@ -284,11 +284,13 @@ def test_exclusion_window_flag_reaches_the_model_defines_the_run_and_evaluate_re
     state = load_checkpoint(run)
     assert state["model_config"]["exclusion_window"] == 3 and state["args"]["exclusion_window"] == 3
     assert build_model(state["model_config"]).exclusion_window == 3
-    with pytest.raises(SystemExit):  # the default (1) is another run
-        train_main(TINY + ["--steps", "2", "--out", run, "--resume"])
+    with pytest.raises(SystemExit):  # another window is another run
+        train_main(TINY + ["--steps", "2", "--out", run, "--resume", "--exclusion-window", "1"])
     assert "exclusion_window=1 (checkpoint: 3)" in capsys.readouterr().err
+    # without the flag a resumed run keeps its own window (not the default, 5)
+    assert train_main(TINY + ["--steps", "2", "--out", run, "--resume", "--stop-at", "2"]) == 0
+    assert load_checkpoint(run)["step"] == 2 and load_checkpoint(run)["args"]["exclusion_window"] == 3
     assert train_main(TINY + ["--steps", "2", "--out", run, "--resume", "--exclusion-window", "3"]) == 0
-    assert load_checkpoint(run)["step"] == 2
     for bad in ("4", "0", "-1", "x"):
         with pytest.raises(SystemExit):
             train_main(TINY + ["--steps", "2", "--out", str(tmp_path / "bad"), "--exclusion-window", bad])
@@ -312,7 +314,7 @@ def test_evaluate_records_the_exclusion_window_of_a_window_1_run(tmp_path):
     from lavae_fast.evaluate import main as eval_main
 
     run = str(tmp_path / "run")
-    assert train_main(TINY + ["--steps", "1", "--out", run]) == 0
+    assert train_main(TINY + ["--steps", "1", "--out", run, "--exclusion-window", "1"]) == 0
     assert load_checkpoint(run)["model_config"]["exclusion_window"] == 1
     assert eval_main([run, "--K", "2", "--n-eval", "4", "--n-bound", "2", "--batch-size", "4", "--threads", "1",
                       "--splits", "test", "--exclusion-window", "3"]) == 0
@@ -394,6 +396,10 @@ def test_train_config_round_trip():
 
 def test_resume_refusal_reads_missing_keys_as_the_old_defaults():
     args = vars(T.build_parser().parse_args(TINY + ["--out", "unused"]))
+    # main() fills the default exclusion window (None) before resuming: the run's own window on
+    # --resume (1 for a run from before the setting), tested through the CLI in
+    # test_exclusion_window_flag_reaches_the_model_defines_the_run_and_evaluate_records_it.
+    args["exclusion_window"] = 1
     old = {k: args[k] for k in T.RUN_DEFINING if k not in ("location_mode", "loc_kl")}  # written before the options
     msg = T.resume_refusal(old, args)
     assert msg and "--location-mode straight_through --loc-kl straight_through" in msg
