@@ -41,15 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops as _ops_api
+from ._common import MIN_TAU, check_int, check_tau
 from .noise import Noise, gumbel_from_uniform
 
-__all__ = ["LAVAE", "LAVAEOutput", "Latents", "SpeedConfig", "SpriteDecoder", "ResidualNet", "use_fused_norm", "check_images", "gaussian_kl"]
+__all__ = ["LAVAE", "LAVAEOutput", "Latents", "SpeedConfig", "SpriteDecoder", "ResidualNet", "use_fused_norm", "check_images", "gaussian_kl",
+           "MIN_TAU"]
 
 LEAK = 0.01  # Leaky ReLU slope (PyTorch's default; the paper gives none)
-# Below this τ the relaxed sample softmax((logits+g)/τ) is already one-hot to float32 precision,
-# while (logits+g)/τ overflows float32 (inf − inf = NaN in the loss) from τ ≈ 1e-37 on; the
-# schedule's smallest τ is 0.02.
-MIN_TAU = 1e-6
+# MIN_TAU (imported above from lavae_fast._common, where gumbel_topk_relaxed reads it too): the
+# smallest τ the forward accepts; below it the relaxed sample is one-hot to float32 precision.
 # A sprite larger than this is not an object of a scene (the paper's are 17 and 21 px): the decoder
 # holds width·S² activations per present object and layer (48·127² floats ≈ 3 MB), so a typo'd
 # size would otherwise try to allocate gigabytes before anything says why.
@@ -91,13 +91,9 @@ def check_images(x, channels: int, canvas: Optional[Tuple[int, int]], name: str 
 
 
 def _check_size(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
-    """``value`` as an int, or a ValueError/TypeError naming ``name`` and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        hi = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
-    return int(value)
+    """``value`` as an int, or a ValueError/TypeError naming ``name`` and the allowed range
+    (:func:`lavae_fast._common.check_int`)."""
+    return check_int(value, name, minimum=minimum, maximum=maximum)
 
 
 def _check_canvas(canvas):
@@ -708,13 +704,7 @@ class LAVAE(nn.Module):
                 the training objective in train mode (SPEC §3: relaxed samples only in training).
         """
         x = self._input(x)
-        try:
-            tau_v = float(tau)
-        except (TypeError, ValueError):
-            raise TypeError(f"tau must be a number, got {type(tau).__name__}") from None
-        if not (math.isfinite(tau_v) and tau_v >= MIN_TAU):
-            raise ValueError(f"tau must be > 0 and finite, and at least {MIN_TAU:g} (lavae_fast.model.MIN_TAU: "
-                             f"smaller ones overflow float32 and change nothing else), got {tau!r}")
+        tau = check_tau(tau)
         if not 0.0 <= float(force_n_prob) <= 1.0:
             raise ValueError(f"force_n_prob must lie in [0, 1], got {force_n_prob!r}")
         B, C, H, W = x.shape
