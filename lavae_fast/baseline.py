@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._common import check_device, check_real
 from .model import (LEAK, ConvAct, ResBlock, _as_dtype, _check_canvas, _check_size, _EvalMode, check_images,
                     gaussian_kl)
 
@@ -91,6 +92,7 @@ class BetaVAE(nn.Module):
         checkpoint is refused)."""
         from .checkpoint import read_model_checkpoint, restore_model
 
+        device = check_device(device)  # before reading: a device this process lacks fails at once
         state, path = read_model_checkpoint(name_or_path, "baseline")
         return restore_model(cls, state, path, canvas=canvas, device=device)
 
@@ -131,8 +133,10 @@ class BetaVAE(nn.Module):
         return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
     def forward(self, x: Tensor, *, eps: Optional[Tensor] = None, beta: float = 1.0) -> BetaVAEOutput:
-        """x [B,C,H,W] in [0,1]; eps: standard normal noise of the latent's shape (None: global RNG)."""
+        """x [B,C,H,W] in [0,1]; eps: standard normal noise of the latent's shape (None: global RNG);
+        beta: the KL's weight in ``loss``, finite and ≥ 0 (``neg_elbo`` always uses 1)."""
         x = self._input(x)
+        beta = check_real(beta, "beta", minimum=0.0)
         mu, logvar = self.encode(x)
         if eps is None:
             eps = torch.randn_like(mu)
@@ -142,8 +146,8 @@ class BetaVAE(nn.Module):
         logits = self.decode_logits(z, x.shape[-2:])
         recon = -self._loglik(logits, x)
         kl = gaussian_kl(mu.flatten(1), logvar.flatten(1))
-        loss = (recon + float(beta) * kl).mean()
-        return BetaVAEOutput(loss, recon + kl, recon, kl, torch.sigmoid(logits), z, mu, logvar, float(beta))
+        loss = (recon + beta * kl).mean()
+        return BetaVAEOutput(loss, recon + kl, recon, kl, torch.sigmoid(logits), z, mu, logvar, beta)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -160,7 +164,7 @@ class BetaVAE(nn.Module):
         if canvas is None:
             raise ValueError("this model accepts any canvas: pass canvas=(H, W) to sample")
         num = _check_size("num", num)
-        canvas = (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
+        canvas = _check_canvas(canvas)
         dev = next(self.parameters()).device
         z = torch.randn(num, *self.latent_shape(*canvas), generator=generator).to(dev)
         with _EvalMode(self):

@@ -47,6 +47,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import numpy as np
 import torch
 
+from ._common import check_device
 from ._io import atomic_write
 from ._process import pid_alive
 
@@ -406,6 +407,7 @@ def restore_model(cls, state: Dict[str, Any], path: str, *, canvas=None, device=
     :class:`CheckpointError` when the configuration or the weights do not fit ``cls``."""
     from .pretrained import KINDS
 
+    device = check_device(device)
     kind, cfg = model_kwargs(state["model_config"])
     if canvas is not None:
         cfg["canvas"] = _check_canvas(canvas)

@@ -41,15 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops as _ops_api
+from ._common import MIN_TAU, check_device, check_int, check_real, check_tau
 from .noise import Noise, gumbel_from_uniform
 
-__all__ = ["LAVAE", "LAVAEOutput", "Latents", "SpeedConfig", "SpriteDecoder", "ResidualNet", "use_fused_norm", "check_images", "gaussian_kl"]
+__all__ = ["LAVAE", "LAVAEOutput", "Latents", "SpeedConfig", "SpriteDecoder", "ResidualNet", "use_fused_norm", "check_images", "gaussian_kl",
+           "MIN_TAU"]
 
 LEAK = 0.01  # Leaky ReLU slope (PyTorch's default; the paper gives none)
-# Below this τ the relaxed sample softmax((logits+g)/τ) is already one-hot to float32 precision,
-# while (logits+g)/τ overflows float32 (inf − inf = NaN in the loss) from τ ≈ 1e-37 on; the
-# schedule's smallest τ is 0.02.
-MIN_TAU = 1e-6
+# MIN_TAU (imported above from lavae_fast._common, where gumbel_topk_relaxed reads it too): the
+# smallest τ the forward accepts; below it the relaxed sample is one-hot to float32 precision.
 # A sprite larger than this is not an object of a scene (the paper's are 17 and 21 px): the decoder
 # holds width·S² activations per present object and layer (48·127² floats ≈ 3 MB), so a typo'd
 # size would otherwise try to allocate gigabytes before anything says why.
@@ -65,16 +65,21 @@ LOG_2PI = math.log(2 * math.pi)
 # ---------------------------------------------------------------------------------------------
 
 
-def check_images(x, channels: int, canvas: Optional[Tuple[int, int]], name: str = "x") -> None:
+def check_images(x, channels: int, canvas: Optional[Tuple[int, int]], name: str = "x", *,
+                 values: bool = True) -> None:
     """Raise a ValueError/TypeError naming the problem unless ``x`` is a valid image batch.
 
-    x must be a floating tensor [B,C,H,W] with B ≥ 1, C = ``channels``, (H,W) = ``canvas`` (when
-    given), no NaN and values in [0,1] (the Bernoulli likelihood is defined only there).
+    x must be a floating tensor [B,C,H,W] with data (not on the meta device) with B ≥ 1,
+    C = ``channels``, (H,W) = ``canvas`` (when given), no NaN and values in [0,1] (the Bernoulli
+    likelihood is defined only there). ``values=False`` skips the two checks that read the values
+    (a device sync): for a caller whose model checks them anyway.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor with values in [0,1], got dtype {x.dtype}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values): pass images that hold data")
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape [B,C,H,W], got {tuple(x.shape)}")
     if x.shape[0] == 0:
@@ -83,6 +88,8 @@ def check_images(x, channels: int, canvas: Optional[Tuple[int, int]], name: str 
         raise ValueError(f"{name} must have {channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
     if canvas is not None and tuple(x.shape[-2:]) != tuple(canvas):
         raise ValueError(f"{name} must have canvas H×W = {tuple(canvas)}, got {tuple(x.shape[-2:])}")
+    if not values:
+        return
     if torch.isnan(x).any():
         raise ValueError(f"{name} contains NaN")
     lo, hi = float(x.min()), float(x.max())
@@ -91,13 +98,9 @@ def check_images(x, channels: int, canvas: Optional[Tuple[int, int]], name: str 
 
 
 def _check_size(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
-    """``value`` as an int, or a ValueError/TypeError naming ``name`` and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        hi = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
-    return int(value)
+    """``value`` as an int, or a ValueError/TypeError naming ``name`` and the allowed range
+    (:func:`lavae_fast._common.check_int`)."""
+    return check_int(value, name, minimum=minimum, maximum=maximum)
 
 
 def _check_canvas(canvas):
@@ -474,6 +477,7 @@ class LAVAE(nn.Module):
         """
         from .checkpoint import read_model_checkpoint, restore_model
 
+        device = check_device(device)  # before reading: a device this process lacks fails at once
         state, path = read_model_checkpoint(name_or_path, "lavae")
         model = restore_model(cls, state, path, canvas=canvas, device=device)
         if count_window is not None:
@@ -717,15 +721,8 @@ class LAVAE(nn.Module):
                 the training objective in train mode (SPEC §3: relaxed samples only in training).
         """
         x = self._input(x)
-        try:
-            tau_v = float(tau)
-        except (TypeError, ValueError):
-            raise TypeError(f"tau must be a number, got {type(tau).__name__}") from None
-        if not (math.isfinite(tau_v) and tau_v >= MIN_TAU):
-            raise ValueError(f"tau must be > 0 and finite, and at least {MIN_TAU:g} (lavae_fast.model.MIN_TAU: "
-                             f"smaller ones overflow float32 and change nothing else), got {tau!r}")
-        if not 0.0 <= float(force_n_prob) <= 1.0:
-            raise ValueError(f"force_n_prob must lie in [0, 1], got {force_n_prob!r}")
+        tau = check_tau(tau)
+        force_n_prob = check_real(force_n_prob, "force_n_prob", minimum=0.0, maximum=1.0)
         B, C, H, W = x.shape
         D, M = H * W, self.max_objects
         h_app, h_loc, n_hat = self.encode(x, check=False)
@@ -891,6 +888,8 @@ class LAVAE(nn.Module):
         """Where :meth:`infer` puts the n̂ objects, from the γ-scaled h_loc [B,1,H,W] and n̂ [B] of
         :meth:`encode` (or a forward pass's ``h_loc``, ``n_hat``): flat indices [B,M], −1 from slot
         n̂ on. ``locations``: "peaks" or "top" (see :meth:`infer`)."""
+        if locations not in self.INFER_LOCATIONS:
+            raise ValueError(f"locations must be one of {self.INFER_LOCATIONS}, got {locations!r}")
         if locations == "peaks":
             H, W = h_loc.shape[-2:]
             return _ops_api.peak_index(h_loc.float(), 4.0 * self.gamma_for(H, W), n_hat, self.max_objects,
@@ -917,8 +916,7 @@ class LAVAE(nn.Module):
         """Render a scene: Bernoulli means λ [B,C,H,W] (SPEC §1 composition). Batch norm runs in
         eval mode. ``latents.index`` and ``n`` may be any integer dtype; indices must lie on the
         canvas (−1 for absent slots, ≥ 0 for the first n)."""
-        n, index, z_app = self._check_latents(latents)
-        H, W = latents.canvas
+        n, index, z_app, (H, W) = self._check_latents(latents)
         B, M = index.shape
         with _EvalMode(self):
             sprites = self._decode_present(z_app, n)
@@ -928,8 +926,10 @@ class LAVAE(nn.Module):
         return lam
 
     def _check_latents(self, latents: Latents):
-        """(n int64 [B], index int64 [B,M], z_app [B,M,L] in the model's dtype) of ``latents``, or a
-        ValueError/TypeError naming the field."""
+        """(n int64 [B], index int64 [B,M], z_app [B,M,L] in the model's dtype, canvas (H, W) as
+        ints) of ``latents``, or a ValueError/TypeError naming ``latents`` or the field."""
+        if not isinstance(latents, Latents):
+            raise TypeError(f"latents must be a lavae_fast.Latents (e.g. model.infer(x)), got {type(latents).__name__}")
         n, index, z_app, canvas = latents.n, latents.index, latents.z_app, latents.canvas
         for name, t in (("n", n), ("index", index), ("z_app", z_app)):
             if not isinstance(t, Tensor):
@@ -940,11 +940,10 @@ class LAVAE(nn.Module):
         if not z_app.is_floating_point():
             raise TypeError(f"latents.z_app must be a floating-point tensor, got dtype {z_app.dtype}")
         try:
-            H, W = (int(c) for c in canvas)
+            H, W = canvas
         except (TypeError, ValueError):
             raise ValueError(f"latents.canvas must be (H, W), got {canvas!r}") from None
-        if H < 1 or W < 1:
-            raise ValueError(f"latents.canvas must have positive sides, got {canvas!r}")
+        H, W = check_int(H, "latents.canvas H", minimum=1), check_int(W, "latents.canvas W", minimum=1)
         M, L = self.max_objects, self.latent_size
         if index.dim() != 2 or index.shape[1] != M or tuple(z_app.shape) != (index.shape[0], M, L) \
                 or tuple(n.shape) != (index.shape[0],):
@@ -961,7 +960,7 @@ class LAVAE(nn.Module):
             raise ValueError("latents.index is −1 (absent) for a slot below n: the first n slots need locations")
         if not torch.isfinite(z_app).all():
             raise ValueError("latents.z_app contains NaN or Inf")
-        return n, index, z_app.to(self.prior_logits.dtype)
+        return n, index, z_app.to(self.prior_logits.dtype), (H, W)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -971,24 +970,24 @@ class LAVAE(nn.Module):
     @torch.no_grad()
     def sample(self, num: int, n: Union[None, int, Tensor] = None, *, canvas: Optional[Sequence[int]] = None,
                generator: Optional[torch.Generator] = None, return_latents: bool = False):
-        """Draw ``num`` scenes from the prior: n ~ p(n) (or given: an int or a [num] tensor),
+        """Draw ``num`` scenes from the prior: n ~ p(n) (or given: an int or a [num] integer tensor),
         locations uniform without replacement, z_app ~ N(0, I). Returns λ [num,C,H,W]
-        (and the :class:`Latents` when ``return_latents``)."""
+        (and the :class:`Latents` when ``return_latents``). A canvas with fewer than M pixels holds
+        at most D objects: a given n must not exceed D, and p(n) is drawn from conditioned on n ≤ D."""
         if canvas is None:
             canvas = self.canvas
         if canvas is None:
             raise ValueError("this model accepts any canvas: pass canvas=(H, W) to sample")
         num = _check_size("num", num)
-        H, W = (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
+        H, W = _check_canvas(canvas)
         D, M = H * W, self.max_objects
+        top = min(M, D)  # the most objects a scene holds: one location each
         dev = self.prior_logits.device
         if n is None:
-            n = torch.multinomial(self.prior_log_probs().exp().cpu(), num, replacement=True, generator=generator)
-        elif isinstance(n, int):
-            n = torch.full((num,), n, dtype=torch.long)
-        n = torch.as_tensor(n, dtype=torch.long).cpu()
-        if n.shape != (num,) or int(n.min()) < 0 or int(n.max()) > M:
-            raise ValueError(f"n must be None, an int or a [{num}] tensor with values in [0, {M}]")
+            p = self.prior_log_probs().exp().cpu()[: top + 1]  # the whole p(n) when D ≥ M
+            n = torch.multinomial(p, num, replacement=True, generator=generator)
+        else:
+            n = self._sample_counts(n, num, top, (H, W))
         n = n.to(dev)
         g = gumbel_from_uniform(torch.rand(num, D, generator=generator, dtype=torch.float64)).float().to(dev)
         # Top-n of pure Gumbel noise = n uniform draws without replacement.
@@ -999,35 +998,65 @@ class LAVAE(nn.Module):
         lam = self.decode(lat)
         return (lam, lat) if return_latents else lam
 
-    def _check_slot(self, latents: Latents, obj: int, name: str = "obj") -> None:
-        if not 0 <= obj < self.max_objects:
-            raise ValueError(f"{name} must be in [0, {self.max_objects}), got {obj}")
+    @staticmethod
+    def _sample_counts(n, num: int, top: int, canvas: Tuple[int, int]) -> Tensor:
+        """:meth:`sample`'s given ``n`` as an int64 [num] CPU tensor, or a TypeError/ValueError
+        naming ``n``: an int (or 0-d integer tensor) for every scene, or [num] integers, each in
+        [0, top] (top = min(M, H·W): one location per object)."""
+        limits = f"[0, {top}] (at most max_objects, and one location each on the {canvas[0]}×{canvas[1]} canvas)"
+        if (n.dim() == 0) if isinstance(n, Tensor) else (isinstance(n, str) or not hasattr(n, "__len__")):
+            v = check_int(n, "n")
+            if not 0 <= v <= top:
+                raise ValueError(f"n must be in {limits}, got {v}")
+            return torch.full((num,), v, dtype=torch.long)
+        try:
+            t = torch.as_tensor(n).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"n must be an int or [{num}] integers, got {type(n).__name__} {n!r}") from None
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"n must be an int or [{num}] integers, got dtype {t.dtype}")
+        if tuple(t.shape) != (num,):
+            raise ValueError(f"n must be an int or [{num}] integers (one per scene), got shape {tuple(t.shape)}")
+        if num and (int(t.min()) < 0 or int(t.max()) > top):
+            raise ValueError(f"n must be in {limits}, got values in [{int(t.min())}, {int(t.max())}]")
+        return t.long()
+
+    def _check_slot(self, latents: Latents, obj, name: str = "obj") -> int:
+        """Slot ``obj`` of ``latents`` as an int, or a TypeError/ValueError naming it (as ``name``):
+        an int in [0, M) present (below n) in every image."""
+        obj = check_int(obj, name, minimum=0, maximum=self.max_objects - 1)
         if bool((latents.n <= obj).any()):
             raise ValueError(f"{name}={obj} is absent in some images (n = {latents.n.tolist()})")
+        return obj
 
     def move_object(self, latents: Latents, obj: int, row: int, col: int) -> Latents:
-        """A copy of ``latents`` with object ``obj`` placed at pixel (row, col) in every image."""
-        H, W = latents.canvas
-        self._check_slot(latents, obj)
-        if not (0 <= row < H and 0 <= col < W):
-            raise ValueError(f"(row, col) must lie on the {H}×{W} canvas, got ({row}, {col})")
+        """A copy of ``latents`` with object ``obj`` placed at pixel (row, col) in every image.
+        ``obj``, ``row`` and ``col``: ints (or 0-d integer tensors), the pixel on the canvas."""
+        _, _, _, (H, W) = self._check_latents(latents)
+        obj = self._check_slot(latents, obj)
+        row, col = check_int(row, "row"), check_int(col, "col")
+        for name, v, side in (("row", row, H), ("col", col, W)):
+            if not 0 <= v < side:
+                raise ValueError(f"{name} must lie in [0, {side - 1}] ((row, col) on the {H}×{W} canvas), got {v}")
         index = latents.index.clone()
         index[:, obj] = row * W + col
         return replace(latents, index=index)
 
     def swap_objects(self, latents: Latents, i: int, j: int) -> Latents:
         """A copy with objects ``i`` and ``j`` exchanging locations (each keeps its appearance)."""
-        self._check_slot(latents, i, "i")
-        self._check_slot(latents, j, "j")
+        self._check_latents(latents)
+        i, j = self._check_slot(latents, i, "i"), self._check_slot(latents, j, "j")
         index = latents.index.clone()
         index[:, [i, j]] = index[:, [j, i]]
         return replace(latents, index=index)
 
     def change_appearance(self, latents: Latents, obj: int, dim: int, value: float) -> Latents:
-        """A copy with appearance dimension ``dim`` of object ``obj`` set to ``value``."""
-        self._check_slot(latents, obj)
-        if not 0 <= dim < self.latent_size:
-            raise ValueError(f"dim must be in [0, {self.latent_size}), got {dim}")
+        """A copy with appearance dimension ``dim`` (an int) of object ``obj`` set to ``value``
+        (a finite number)."""
+        self._check_latents(latents)
+        obj = self._check_slot(latents, obj)
+        dim = check_int(dim, "dim", minimum=0, maximum=self.latent_size - 1)
+        value = check_real(value, "value")
         z = latents.z_app.clone()
         z[:, obj, dim] = value
         return replace(latents, z_app=z)

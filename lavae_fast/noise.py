@@ -23,9 +23,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Noise", "mix", "draw_noise", "draw_normal", "data_indices", "gumbel_from_uniform"]
+from ._common import check_int
+
+__all__ = ["Noise", "mix", "draw_noise", "draw_normal", "data_indices", "gumbel_from_uniform", "check_sample_ids",
+           "MAX_KEY"]
 
 _MASK64 = (1 << 64) - 1
+# The largest seed, step or sample id that keys the noise: each enters the hash as 64 bits, so a
+# larger one would draw the noise of a smaller one.
+MAX_KEY = _MASK64
 
 # Stream identifiers: each kind of noise has its own generator, so adding a stream (or changing
 # one's shape, e.g. the aux VAE's latent for another canvas) never shifts the numbers of the others.
@@ -92,12 +98,31 @@ class Noise:
         return self.gumbel.shape[0]
 
 
-def _sample_ids(seed, step, sample_ids):
+def check_sample_ids(sample_ids, name: str = "sample_ids") -> list:
+    """``sample_ids`` as a list of ints, or a TypeError/ValueError naming it (as ``name``): a 1-d
+    integer tensor or a sequence of ints (a bool, a float or a float tensor is refused: the ids key
+    the noise, and a truncated one would draw another image's), each in [0, MAX_KEY]."""
     if isinstance(sample_ids, Tensor):
-        sample_ids = sample_ids.tolist()
-    ids = [int(i) for i in sample_ids]
-    if any(i < 0 for i in ids):
-        raise ValueError("sample_ids must be non-negative")
+        if sample_ids.dim() != 1 or sample_ids.dtype == torch.bool or sample_ids.is_floating_point() \
+                or sample_ids.is_complex():
+            raise TypeError(f"{name} must be a 1-d integer tensor or a sequence of ints, got a tensor of dtype "
+                            f"{str(sample_ids.dtype).replace('torch.', '')} and shape {tuple(sample_ids.shape)}")
+        ids = sample_ids.tolist()
+    else:
+        try:
+            ids = list(sample_ids)
+        except TypeError:
+            raise TypeError(f"{name} must be a 1-d integer tensor or a sequence of ints, got "
+                            f"{type(sample_ids).__name__}") from None
+        ids = [check_int(i, f"{name}[{k}]") for k, i in enumerate(ids)]
+    if ids and (min(ids) < 0 or max(ids) > MAX_KEY):
+        raise ValueError(f"{name} must be non-negative and <= {MAX_KEY} (they key the noise), got values in "
+                         f"[{min(ids)}, {max(ids)}]")
+    return ids
+
+
+def _sample_ids(seed, step, sample_ids):
+    ids = check_sample_ids(sample_ids)
     if int(seed) < 0 or int(step) < 0:
         raise ValueError(f"seed and step must be non-negative, got seed={seed}, step={step}")
     return ids

@@ -18,11 +18,13 @@ No op draws random numbers: noise is an argument (SPEC §5).
 
 Inputs are checked here, once, at the boundary: shapes (a canvas holds at least one pixel, a sprite
 at least one channel), dtypes, devices, the scalar arguments, and the integer inputs' values:
-``n`` ∈ [0, M] and, for present slots, ``index`` ∈ [−1, D) — those two only for CPU tensors
-outside ``torch.compile``, where reading them costs no device sync (on a GPU they are not read
-here). Value checks of the float data (range, NaN/Inf) belong to the entry points (model forward,
-data loading, CLIs), not to the hot path. Every refusal is a ValueError or TypeError that names
-the argument.
+``n`` ∈ [0, M] (and n ≤ D for the draws: one location each) and, for present slots, ``index`` ∈
+[−1, D) — those two only for CPU tensors outside ``torch.compile``, where reading them costs no
+device sync (on a GPU they are not read here). The ops refuse what the model refuses: τ below
+:data:`MIN_TAU` (lavae_fast.model.MIN_TAU, the same constant), and ints the dispatcher cannot pass
+(max_objects, windows). Value checks of the float data (range, NaN/Inf) belong to the entry
+points (model forward, data loading, CLIs), not to the hot path. Every refusal is a ValueError or
+TypeError that names the argument.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ from torch import Tensor
 
 from . import _backends, _schemas
 from . import reference as _ref
-from ._common import check_window, counted_peaks, grad_h_app_layout, local_maxima_mask, object_mask, peak_index
+from ._common import (INT64_MAX, MAX_WINDOW, MIN_TAU, check_int, check_real, check_tau, check_window, counted_peaks,
+                      grad_h_app_layout, local_maxima_mask, object_mask, peak_index)
 
-__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "check_exclusion", "check_exclusion_window", "default_exclusion_window", "DEFAULT_EXCLUSION_WINDOW", "count_objects", "gather_appearance", "object_mask",
-           "counted_peaks", "local_maxima_mask", "peak_index", "engine", "ENGINES", "register_triton_kernels"]
+__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "check_exclusion", "check_exclusion_window",
+           "default_exclusion_window", "DEFAULT_EXCLUSION_WINDOW", "count_objects", "gather_appearance", "object_mask",
+           "counted_peaks", "local_maxima_mask", "peak_index", "engine", "ENGINES", "register_triton_kernels", "MIN_TAU",
+           "MAX_OBJECTS"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -272,7 +277,9 @@ def _check_same_device(**tensors):
         _fail(f"all inputs must be on the same device, got {listing}")
 
 
-def _check_counts(n: Tensor, B: int, max_objects: int):
+def _check_counts(n: Tensor, B: int, max_objects: int, D: Optional[int] = None):
+    """n: int64 [B] in [0, max_objects], and ≤ D (the locations) when D is given: the draws take
+    one location each."""
     _check_tensor("n", n, 1, (torch.int64,))
     if n.shape[0] != B:
         _fail(f"n must have shape [B] = [{B}], got {tuple(n.shape)}")
@@ -281,6 +288,9 @@ def _check_counts(n: Tensor, B: int, max_objects: int):
         lo, hi = int(n.min()), int(n.max())
         if lo < 0 or hi > max_objects:
             _fail(f"n must lie in [0, max_objects={max_objects}], got values in [{lo}, {hi}]")
+        if D is not None and hi > D:
+            _fail(f"n must be <= D = {D}, the number of locations of logits (each draw takes a location "
+                  f"without replacement), got n[{int(n.argmax())}] = {hi}")
 
 
 def _check_index(index, B: int, M: int, n: Tensor, D: int):
@@ -312,9 +322,9 @@ def _check_canvas(name: str, H: int, W: int):
 MAX_OBJECTS = 1024
 
 
-def _check_max_objects(max_objects):
-    if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 0:
-        _fail(f"max_objects must be a non-negative int, got {max_objects!r}")
+def _check_max_objects(max_objects, maximum: int = INT64_MAX) -> int:
+    """max_objects as an int in [0, maximum] (by default what the dispatcher passes: an int64)."""
+    return check_int(max_objects, "max_objects", minimum=0, maximum=maximum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,8 +397,8 @@ def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int,
 
     Args:
         logits: [B,D] location logits (already γ-scaled).
-        n: [B] int64 number of draws per image (≤ max_objects).
-        tau: Gumbel-softmax temperature (> 0).
+        n: [B] int64 number of draws per image (≤ max_objects, and ≤ D: one location each).
+        tau: Gumbel-softmax temperature, finite and ≥ :data:`MIN_TAU` (the model's bound).
         max_objects: M, the number of slots.
         gumbel: [B,D] standard Gumbel noise (the op draws none itself).
         window: the exclusion window w, an odd int ≥ 1: each draw removes its w × w neighbourhood
@@ -410,27 +420,28 @@ def gumbel_topk_relaxed(logits: Tensor, n: Tensor, tau: float, max_objects: int,
         _fail(f"logits must have at least one location (shape [B, D], D ≥ 1), got {tuple(logits.shape)}")
     if tuple(gumbel.shape) != (B, D):
         _fail(f"gumbel must have the shape of logits {(B, D)}, got {tuple(gumbel.shape)}")
-    _check_max_objects(max_objects)
+    max_objects = _check_max_objects(max_objects)
     if max_objects > MAX_OBJECTS:
         # The op returns relaxed [B, M, D]: M = 10**9 asks for B·D·4 GB before any check of n.
         _fail(f"max_objects must be <= {MAX_OBJECTS} (lavae_fast.ops.MAX_OBJECTS; the relaxed output alone is "
               f"B·max_objects·D floats), got {max_objects}")
-    if not float(tau) > 0:
-        _fail(f"tau must be > 0, got {tau!r}")
+    tau = check_tau(tau)
     window, canvas = check_exclusion(window, canvas, D, max_objects)
     _check_same_device(logits=logits, n=n, gumbel=gumbel)
-    _check_counts(n, B, max_objects)
+    _check_counts(n, B, max_objects, D)
     relaxed, log_q, index = torch.ops.lavae_fast.gumbel_topk_relaxed(
-        logits.contiguous(), n.contiguous(), float(tau), int(max_objects), gumbel.contiguous(), window, canvas
+        logits.contiguous(), n.contiguous(), tau, max_objects, gumbel.contiguous(), window, canvas
     )
     return index, relaxed, log_q
 
 
 def check_exclusion_window(window, name: str = "window") -> int:
-    """The exclusion window as an int, or a ValueError naming it: an odd int ≥ 1 (SPEC §2)."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise ValueError(f"{name} must be an odd int >= 1 (each draw excludes its {name} × {name} "
-                         f"neighbourhood from the later draws), got {window!r}")
+    """The exclusion window as an int, or a ValueError naming it: an odd int in [1, MAX_WINDOW]
+    (SPEC §2)."""
+    if (isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0
+            or window > MAX_WINDOW):
+        raise ValueError(f"{name} must be an odd int >= 1 and <= {MAX_WINDOW} (each draw excludes its {name} × "
+                         f"{name} neighbourhood from the later draws), got {window!r}")
     return int(window)
 
 
@@ -502,12 +513,10 @@ def count_objects(h_loc: Tensor, threshold: float, max_objects: int, window: int
     if h_loc.dim() != 3:
         _fail(f"h_loc must have shape [B,H,W] or [B,1,H,W], got {tuple(h_loc.shape)}")
     _check_canvas("h_loc", *h_loc.shape[-2:])
-    _check_max_objects(max_objects)
-    if float(threshold) != float(threshold):
-        _fail("threshold must be a number, got NaN")
+    max_objects = _check_max_objects(max_objects)
+    threshold = check_real(threshold, "threshold", finite=False)
     window = check_window(window)
-    return torch.ops.lavae_fast.count_objects(h_loc.detach().contiguous(), float(threshold), int(max_objects),
-                                              window)
+    return torch.ops.lavae_fast.count_objects(h_loc.detach().contiguous(), threshold, max_objects, window)
 
 
 def gather_appearance(h_app: Tensor, loc: Tensor, n: Tensor, *, index: Optional[Tensor] = None) -> Tensor:

@@ -33,12 +33,13 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from . import schedules
+from ._common import check_int
 from .aux_vae import (AUTO_PEAK, AuxVAE, auto_blur, auto_radius, auto_target_scale, peak_target, smooth_target,
                       warmup_loss)
 from .baseline import BetaVAE
 from .data.registry import DATASETS
-from .model import LAVAE
-from .noise import draw_noise, draw_normal
+from .model import LAVAE, _as_dtype, check_images
+from .noise import MAX_KEY, check_sample_ids, draw_noise, draw_normal
 
 __all__ = ["Recipe", "LR", "probe_location_gradients"]
 
@@ -80,6 +81,13 @@ def _as_floats(log: Dict[str, object]) -> Dict[str, object]:
     device = log[keys[0]].device
     values = torch.stack([log[k].detach().to(device, torch.float64) for k in keys]).tolist()
     return {**log, **dict(zip(keys, values))}
+
+
+def _check_step(step) -> int:
+    """A training step as an int in [0, MAX_KEY] (it keys the noise and the schedules), or a
+    TypeError/ValueError naming ``step``: an int or a 0-d integer tensor, never a float (1.5 or
+    NaN would reach the schedules and the learning rates)."""
+    return check_int(step, "step", minimum=0, maximum=MAX_KEY)
 
 
 def _auto_or_number(name: str, value, positive: bool) -> Union[str, float]:
@@ -141,7 +149,7 @@ class Recipe:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         self.model = model
         self.steps = steps
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed", minimum=0, maximum=MAX_KEY)
         self.lr = float(lr)
         if loc_lr is None:
             if dataset is None:
@@ -195,6 +203,7 @@ class Recipe:
 
     def learning_rates(self, step: int) -> Dict[str, float]:
         """Each group's learning rate at ``step``: a pure function of (step, steps)."""
+        step = _check_step(step)
         rates = {"model": self.lr}
         if self.kind == "lavae":
             rates["location"] = self.loc_lr * schedules.loc_lr_factor(step, self.steps, self.loc_lr_decay)
@@ -204,6 +213,10 @@ class Recipe:
     def step(self, opt: torch.optim.Optimizer, step: int) -> Dict[str, float]:
         """Set ``opt``'s learning rates for ``step`` (the location net's decay); call it before
         ``opt.step()``. Groups are matched by name (those of :meth:`optimizer`). Returns the rates."""
+        groups = getattr(opt, "param_groups", None)
+        if not isinstance(groups, (list, tuple)):
+            raise TypeError(f"opt must be a torch.optim.Optimizer (an object with param_groups), e.g. "
+                            f"recipe.optimizer(), got {type(opt).__name__}")
         rates = self.learning_rates(step)
         for g in opt.param_groups:
             if g.get("name") in rates:
@@ -216,9 +229,10 @@ class Recipe:
              counts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
         """(scalar loss to minimise, dict of floats to log) of one batch at ``step``.
 
-        x [B,C,H,W] in {0, 1} on the model's device; ids [B] the images' global sample indices
-        (e.g. ``step·B + j``: they key the noise); counts [B] the true object counts, optional,
-        only logged (count accuracy), never trained on."""
+        x [B,C,H,W] in {0, 1} on the model's device (another floating dtype is cast to the model's);
+        step an int ≥ 0; ids [B] the images' global sample indices, ints (e.g. ``step·B + j``: they
+        key the noise); counts [B] the true object counts (integers), optional, only logged (count
+        accuracy), never trained on. Each is checked, a TypeError/ValueError naming it."""
         loss, _, logs = self.forward(x, step, ids, counts)
         return loss, logs
 
@@ -234,6 +248,20 @@ class Recipe:
         one host sync. Values known on the host (τ, the schedules, the target's scale, the probe's)
         are Python floats either way; a term with nothing to average (no empty image) is None."""
         model = self.model
+        # The checks that read no values (the model reads them), and the model's dtype for the aux
+        # VAE and the warm-up target too (the model casts the images itself).
+        check_images(x, model.channels, model.canvas, "x", values=False)
+        x = _as_dtype(x, next(model.parameters()).dtype)
+        step = _check_step(step)
+        ids = check_sample_ids(ids, "ids")
+        if len(ids) != x.shape[0]:
+            raise ValueError(f"ids must hold one per image: {x.shape[0]} images, got {len(ids)} ids")
+        if counts is not None and not (isinstance(counts, torch.Tensor) and counts.shape == (x.shape[0],)
+                                       and not counts.is_floating_point() and not counts.is_complex()
+                                       and counts.dtype != torch.bool):
+            what = (f"a tensor of dtype {counts.dtype} and shape {tuple(counts.shape)}"
+                    if isinstance(counts, torch.Tensor) else type(counts).__name__)
+            raise TypeError(f"counts must be None or an integer tensor [{x.shape[0]}] (one per image), got {what}")
         forward = model if forward is None else forward
         device = x.device
         H, W = x.shape[-2:]
@@ -313,5 +341,22 @@ class Recipe:
         return {"aux": None if self.aux is None else self.aux.state_dict()}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        if self.aux is not None and state.get("aux") is not None:
-            self.aux.load_state_dict(state["aux"])
+        """Load what :meth:`state_dict` returned (of a recipe for the same kind of model). Raises a
+        TypeError for a state that is not a dict and a ValueError naming the missing or unexpected
+        keys, or an ``aux`` that does not fit this recipe (a LAVAE recipe's aux VAE state is a
+        dict, a baseline recipe's is None)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict (Recipe.state_dict()), got {type(state).__name__}")
+        want = set(self.state_dict())
+        missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+        if missing or unexpected:
+            raise ValueError(f"state does not fit Recipe.state_dict(): missing key(s) {missing}, unexpected key(s) "
+                             f"{unexpected}")
+        if self.aux is None:
+            if state["aux"] is not None:
+                raise ValueError("state['aux'] holds an aux VAE, but this recipe (β-VAE baseline) has none")
+            return
+        if not isinstance(state["aux"], dict):
+            raise ValueError(f"state['aux'] must be the aux VAE's state dict (a LAVAE recipe's), got "
+                             f"{type(state['aux']).__name__}")
+        self.aux.load_state_dict(state["aux"])

@@ -131,8 +131,10 @@ def gumbel_topk_relaxed(logits, n, tau: float, max_objects: int, gumbel, *, wind
     ``window`` = 1 (the paper's): S_i = the locations not drawn before step i. An odd ``window``
     w > 1 (the exclusion window of SPEC §2) needs ``canvas`` = (H, W) with H·W = D: S_i = the
     locations outside the w × w neighbourhoods (clipped to the canvas) of the earlier draws.
-    A canvas with fewer than n pixels (D < n, window 1 only) draws every pixel once: slots i ≥ D
-    are absent. Each masked softmax subtracts its own maximum, so τ = 0.02 with large logit gaps
+    n ≤ D: every draw takes a location of its own, and ``lavae_fast.ops.gumbel_topk_relaxed``
+    refuses n > D (on CPU tensors, as it checks n). This reference, unchecked by design, then draws
+    every pixel once and leaves slots i ≥ D absent (index −1 below n): not a valid draw of q, and
+    not a case the model produces (its n̂ counts distinct pixels). Each masked softmax subtracts its own maximum, so τ = 0.02 with large logit gaps
     is stable.
     """
     if window != 1:

@@ -3,9 +3,9 @@
 For every op a strategy draws a shape (batch 0–3, up to 4–6 slots, canvases from 1×1 up, sprites
 larger than the canvas, n = 0 everywhere, n = M, absent slots holding junk indices, index maps that
 break the one-hot promise, plateaus and ±inf/NaN values for counting, τ down to 0.02 with logit gaps
-of 20+), values from a seeded generator, and with some probability one defect (n outside [0, M], an
-index outside [−1, D) for a present slot, a wrong shape, dtype or device, a bad scalar, an empty
-canvas). The property:
+of 20+), values from a seeded generator, and with some probability one defect (n outside [0, M]
+or, for the draws, above D, an index outside [−1, D) for a present slot, a wrong shape, dtype or
+device, a bad scalar, an empty canvas). The property:
 
 * valid input: the fused op (``lavae_fast.ops``, C++ kernels on the CPU) returns, the reference
   (``lavae_fast.reference``) returns, and they agree — values and every gradient — within float
@@ -13,8 +13,10 @@ canvas). The property:
   reference's own error plus 1e-5 relative);
 * invalid input: the fused op refuses with a ValueError/TypeError whose message names the argument,
   and the registered kernel called directly (``torch.ops.lavae_fast.*``, skipping the Python checks)
-  refuses as well with an error, never a crash or a silent answer. The reference is unchecked by
-  design; how often it raised too is counted.
+  refuses as well with an error, never a crash or a silent answer (but for n > D in the draws,
+  which the Python boundary refuses and the kernel answers as the reference does: every location
+  once, the slots past D absent). The reference is unchecked by design; how often it raised too
+  is counted.
 
 The number of examples is bounded (``LAVAE_HYPOTHESIS_EXAMPLES``, default 400 per op) and printed
 with ``pytest -s``; no example database is written.
@@ -311,7 +313,7 @@ def test_place_and_loglik_property():
 # 2. gumbel_topk_relaxed
 # ---------------------------------------------------------------------------------------------
 
-GUMBEL_DEFECTS = NO_DEFECT + ["n_high", "n_low", "n_dtype", "gumbel_shape", "gumbel_dtype", "logits_dims",
+GUMBEL_DEFECTS = NO_DEFECT + ["n_high", "n_low", "n_over_d", "n_dtype", "gumbel_shape", "gumbel_dtype", "logits_dims",
                               "logits_int", "tau", "max_objects", "empty"]
 
 
@@ -340,8 +342,9 @@ def _gumbel_property(c):
     logits, noise = logits.to(dtype), noise.to(dtype)
     n = {"random": torch.randint(0, M + 1, (B,), generator=g), "zero": torch.zeros(B, dtype=torch.long),
          "full": torch.full((B,), M, dtype=torch.long)}[c["n_kind"]]
+    n = n.clamp(max=D)  # one location per draw: more draws than locations is the defect n_over_d
     d = c["defect"]
-    if d in ("n_high", "n_low") and B == 0:
+    if d in ("n_high", "n_low") and B == 0 or d == "n_over_d" and (B == 0 or D >= M):
         d = None
     if d is not None:
         bl, bn, bt, bm, bg, name = logits, n, tau, M, noise, None
@@ -349,6 +352,8 @@ def _gumbel_property(c):
             bn = n.clone(); bn[0] = M + 1; name = "n"  # noqa: E702
         elif d == "n_low":
             bn = n.clone(); bn[-1] = -3; name = "n"  # noqa: E702
+        elif d == "n_over_d":  # within [0, M], but more draws than the D locations
+            bn = n.clone(); bn[0] = D + 1; name = "n"  # noqa: E702
         elif d == "n_dtype":
             bn, name = n.to(torch.int32), "n"
         elif d == "gumbel_shape":
@@ -367,7 +372,8 @@ def _gumbel_property(c):
             bl, bg, name = logits[:, :0], noise[:, :0], "logits"
         raw_m = bm if isinstance(bm, int) and not isinstance(bm, bool) else -1
         _refusal(lambda: ops.gumbel_topk_relaxed(bl, bn, bt, bm, bg),
-                 None if d == "empty" else  # harmless to the kernel (no location to read)
+                 # harmless to the kernel: no location to read, or draws past D left absent (−1)
+                 None if d in ("empty", "n_over_d") else
                  lambda: torch.ops.lavae_fast.gumbel_topk_relaxed(bl, bn, float(bt), raw_m, bg),
                  lambda: ref.gumbel_topk_relaxed(bl, bn, bt, bm, bg), name, GUMBEL)
         return

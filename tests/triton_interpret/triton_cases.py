@@ -88,4 +88,5 @@ def gumbel_case(B, D, M, *, scale=1.0, gap=0.0, dtype=torch.float64, seed=0):
     n[0] = M
     if B > 1:
         n[1] = 0
-    return logits, gumbel, n
+    # At most one draw per location: lavae_fast.ops refuses n > D on CPU tensors.
+    return logits, gumbel, n.clamp(max=D)
