@@ -27,8 +27,6 @@ from lavae_fast import reference as ref
 from _tolerance import assert_matches_reference, reference_error
 from test_ops import close64
 
-torch.set_num_threads(1)
-
 ENGINES = {"fused": ops, "reference": ref}
 
 
