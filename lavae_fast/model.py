@@ -738,8 +738,8 @@ class LAVAE(nn.Module):
         n = torch.where(forced, torch.ones_like(n_hat), n_hat)
 
         logits = h_loc.flatten(1)  # [B,D]
-        index, relaxed, log_q = self._ops.gumbel_topk_relaxed(logits, n, float(tau), M, noise.gumbel,
-                                                              **self._draw_window(H, W))
+        window = self._draw_window(H, W)
+        index, relaxed, log_q = self._ops.gumbel_topk_relaxed(logits, n, float(tau), M, noise.gumbel, **window)
         if hard is None:
             hard = not self.training
         if hard or self.location_mode == "straight_through":
@@ -772,7 +772,7 @@ class LAVAE(nn.Module):
         # ⟨r_i − r_i.detach(), h.detach()⟩ — a term whose value is 0. Absent slots have r_i = 0.
         # Hard: the value is the exact log q of the draws (the straight-through form's value).
         log_q_loc = self.location_log_q(logits, relaxed, index, log_q, "straight_through" if hard else self.loc_kl,
-                                        **self._draw_window(H, W))
+                                        **window)
         log_p_loc = -self._log_falling(D, n, M, logits.dtype)
         kl_loc = log_q_loc - log_p_loc
         recon = -loglik
