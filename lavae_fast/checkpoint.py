@@ -5,8 +5,8 @@ A checkpoint is a dict saved with ``torch.save``:
 :meth:`lavae_fast.train_config.TrainConfig.to_dict`), "model_config" (the
 constructor keywords plus "kind": "lavae" | "baseline"), "model", "aux" (or None), "optimizer",
 "sha256"}``. ``sha256`` is a digest of everything else (:func:`state_digest`: every tensor's dtype,
-shape and bytes, every other value's repr, in the dict's order); files written before it existed
-load without the check.
+shape and bytes, every other value's repr, in the dict's order); a file without one (stripped or
+edited) is refused, since nothing could tell it from a damaged one.
 
 Writes are atomic and keep the previous checkpoint: the new file goes to a temporary name in the
 same directory and is flushed and fsync'ed; then the current ``checkpoint.pt`` is hard-linked to
@@ -21,7 +21,7 @@ A run directory belongs to one process at a time: :func:`lock_run_directory` (``
 
 Reads are verified (:func:`load_checkpoint`): a file torch cannot read (or could only read by
 running the arbitrary code a pickle may carry: loading is ``weights_only``), one that is not a lavae_fast
-checkpoint, one that lacks a required key, or one whose digest differs is refused with a
+checkpoint, one that lacks a required key, one without a digest or one whose digest differs is refused with a
 :class:`CheckpointError` naming the file and the reason. Given a run directory, the loader falls
 back to ``checkpoint.prev.pt`` with a warning when ``checkpoint.pt`` is refused (or absent), so a
 checkpoint damaged after it was written costs one checkpoint interval, not the run.
@@ -280,11 +280,15 @@ def _read_verified(path: str, map_location, required: Iterable[str]) -> Dict[str
     missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    if "sha256" in state:
-        digest = state_digest(state)
-        if digest != state["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the stored "
-                                  f"SHA-256 ({digest[:12]}… ≠ {str(state['sha256'])[:12]}…)")
+    # Every checkpoint this package writes carries its digest (save_checkpoint): one without it was
+    # stripped or edited, and nothing could tell a damaged one from a good one.
+    if not isinstance(state.get("sha256"), str):
+        raise CheckpointError(f"checkpoint {path} carries no SHA-256 digest (removed, or not written by "
+                              "lavae_fast.checkpoint.save_checkpoint): its contents cannot be verified, so it is refused")
+    digest = state_digest(state)
+    if digest != state["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the stored "
+                              f"SHA-256 ({digest[:12]}… ≠ {str(state['sha256'])[:12]}…)")
     if map_location is not None and str(map_location) != "cpu":
         state = _to_device(state, map_location)
     return state
@@ -355,7 +359,12 @@ def read_model_checkpoint(name_or_path, kind: Optional[str] = None) -> Tuple[Dic
     from .pretrained import KINDS, resolve
 
     path = resolve(name_or_path, kind or "lavae")
-    state = load_checkpoint(path)  # FileNotFoundError / CheckpointError (a ValueError) with the file named
+    # FileNotFoundError / CheckpointError (a ValueError) with the file named; for a run directory,
+    # the file actually read (checkpoint.pt, or its .prev after a warning).
+    if os.path.isdir(path):
+        state, path = load_run_checkpoint(path)
+    else:
+        state = load_checkpoint(path)
     cfg = state.get("model_config")
     if not isinstance(cfg, dict) or cfg.get("kind") not in KINDS:
         raise CheckpointError(f"{path} does not say which model it holds (no model_config with a known kind)")

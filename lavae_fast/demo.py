@@ -1,7 +1,7 @@
 """The main job: a shipped LAVAE counting fresh scenes, or (``--train``) training one from scratch.
 
     lavae-demo [--out runs/demo] [--dataset multi-dsprites] [--n 256] [--n7 128] [--seed 2026]
-    lavae-demo --train [--steps 300] [--canvas 48]
+    lavae-demo --train [--out runs/demo-train] [--steps 300] [--canvas 48]
 
 By default it loads the shipped models (:mod:`lavae_fast.pretrained`: LAVAE and the β-VAE baseline
 trained on the same data set), generates fresh scenes in memory (the 0–3-object split and the
@@ -20,7 +20,6 @@ a few thousand steps (see the README for measured runs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,11 +28,18 @@ from typing import Dict, Optional, Sequence
 from ._cli import nonneg_int, positive_int
 
 DATASETS = ["multi-dsprites", "multi-mnist-1k", "multi-mnist-10k"]
+PROG = "lavae-demo"
+# The two modes write to folders of their own: the shipped models' report and figures, and a
+# --train run with its evaluation and figures.
+DEFAULT_OUT = {"shipped": os.path.join("runs", "demo"), "train": os.path.join("runs", "demo-train")}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lavae-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (report, figures, a --train run)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default {DEFAULT_OUT['shipped']} for the shipped models' report and figures, "
+                        f"{DEFAULT_OUT['train']} for a --train run, its results and figures; a folder holding the "
+                        "other mode's output is refused, so that two models' numbers never share one folder)")
     p.add_argument("--dataset", default="multi-dsprites", choices=DATASETS)
     p.add_argument("--n", type=positive_int, default=256, help="fresh 0–3-object scenes to count")
     p.add_argument("--n7", type=nonneg_int, default=128, help="fresh 7-object scenes to count")
@@ -53,15 +59,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.train:
-        return _train(args)
-    from .pretrained import REGISTRY, shipped
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        where = (f"; the run's last checkpoint is in {args.out} (run the same command again to continue it)"
+                 if args.out and os.path.isfile(os.path.join(args.out, "checkpoint.pt")) else "")
+        print(f"{PROG}: interrupted; every file written so far is complete (written all or nothing){where}",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:  # a full disk, the output folder removed meanwhile
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
 
-    if ("lavae", args.dataset) not in REGISTRY or ("lavae", args.dataset) not in shipped("lavae"):
-        print(f"lavae-demo: no LAVAE trained on {args.dataset} is shipped in this installation "
-              "(python -m lavae_fast.pretrained list); training one from scratch instead (--train)", file=sys.stderr)
-        return _train(args)
-    return _shipped(args)
+
+def _main(args) -> int:
+    mode = "train" if args.train else "shipped"
+    if mode == "shipped":
+        from .pretrained import REGISTRY, shipped
+
+        if ("lavae", args.dataset) not in REGISTRY or ("lavae", args.dataset) not in shipped("lavae"):
+            print(f"{PROG}: no LAVAE trained on {args.dataset} is shipped in this installation "
+                  "(python -m lavae_fast.pretrained list); training one from scratch instead (--train)", file=sys.stderr)
+            mode = "train"
+    if args.out is None:
+        args.out = DEFAULT_OUT[mode]
+    problem = output_problem(args.out, mode)
+    if problem:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
+    return _train(args) if mode == "train" else _shipped(args)
+
+
+def output_problem(out: str, mode: str) -> Optional[str]:
+    """Why ``out`` cannot take this ``mode``'s output (None if it can), checked before any work: it
+    must be a writable folder with room for a file, and must not hold the other mode's output (a
+    shipped-model report beside a trained run would mix two models' numbers and figures)."""
+    from ._io import OutputLocationError, check_output_folder
+    from .train import run_contents
+
+    if mode == "shipped":
+        other = [n for n in run_contents(out) if n != "figures"]
+        if other:
+            return (f"--out {out} holds a trained run ({', '.join(other)}, from `{PROG} --train`): the shipped models' "
+                    "report would sit beside another model's results; choose another --out")
+    elif os.path.isfile(os.path.join(out, "report.json")):
+        return (f"--out {out} holds the shipped models' report (report.json, from `{PROG}` without --train): a run "
+                "there would mix two models' figures; choose another --out")
+    try:
+        check_output_folder(out)
+    except OutputLocationError as exc:
+        return str(exc)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,11 +197,10 @@ def _shipped(args) -> int:
         report["results_trained_64x64"] = {"name": name64, **t64}
     report["provenance"] = _provenance(args.dataset)
 
-    os.makedirs(args.out, exist_ok=True)
-    from ._io import atomic_write
+    from ._io import write_results
 
-    with atomic_write(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    if not write_results(os.path.join(args.out, "report.json"), report, PROG):
+        return 1
     if args.figures:
         from . import figures
 
@@ -161,8 +208,11 @@ def _shipped(args) -> int:
         if baseline is not None:
             fig_args += ["--baseline", args.dataset]
         print("== drawing figures")
-        figures.main(fig_args)
-    print(f"done in {time.perf_counter() - t_start:.0f} s: {args.out}/report.json, {args.out}/figures/")
+        rc = figures.main(fig_args)
+        if rc:
+            return rc
+    print(f"done in {time.perf_counter() - t_start:.0f} s: {args.out}/report.json"
+          + (f", {args.out}/figures/" if args.figures else ""))
     return 0
 
 
@@ -229,11 +279,15 @@ def _train(args) -> int:
     if rc:
         return rc
     print("== evaluating")
-    evaluate.main([run, "--K", str(args.K), "--n-bound", "64"])
+    rc = evaluate.main([run, "--K", str(args.K), "--n-bound", "64"])
+    if rc:
+        return rc
     if args.figures:
         print("== drawing figures")
-        figures.main([run])
-    print(f"done: {run}/eval.json, {run}/figures/, TensorBoard logs in {run}/tb")
+        rc = figures.main([run])
+        if rc:
+            return rc
+    print(f"done: {run}/eval.json" + (f", {run}/figures/" if args.figures else "") + f", TensorBoard logs in {run}/tb")
     return 0
 
 

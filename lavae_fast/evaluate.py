@@ -12,7 +12,13 @@ For the 0–3-object test split and the 7-object split it reports
 * the median distance from each true centre to the nearest of the top-(true count) local maxima
   of h_loc, whatever their height: SPEC §5's "peaks next to rather than on the objects" check.
 
-The table is printed and written to ``RUN_DIR/eval.json`` (``NAME.eval.json`` beside a checkpoint file). The metrics are defined in
+The table is printed and written to ``RUN_DIR/eval.json`` (``NAME.eval.json`` beside a checkpoint
+file; ``eval.data-NAME-FP.json`` beside it for ``--data`` other than the run's own), strict JSON
+whose ``meta`` names what was measured: the checkpoint (file, step, SHA-256), the data (path or
+generator settings, fingerprint, whether it is the run's own), K, the counting and exclusion
+windows. ``python -m lavae_fast.pretrained export`` accepts only such a file, of the checkpoint it
+exports. The output location is checked before the work; if the final write fails, the results
+are printed on standard output instead (exit code 1). The metrics are defined in
 :mod:`lavae_fast.metrics` (shared with the training loop's running diagnostics).
 """
 
@@ -226,37 +232,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "bound stays a bound on the same model; a better q makes it tighter")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the evaluation noise")
     p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/eval.json; for a checkpoint file "
-                                               "NAME.pt, NAME.eval.json beside it)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default RUN_DIR/eval.json; for a checkpoint file NAME.pt, NAME.eval.json beside "
+                        "it; with --data naming other data than the run's, eval.data-NAME-FINGERPRINT.json there, "
+                        "beside the run's own results rather than over them)")
     return p
 
 
-def default_results_path(run: str) -> str:
+def default_results_path(run: str, data_tag: Optional[str] = None) -> str:
     """Where the results of evaluating ``run`` go by default: RUN_DIR/eval.json for a run directory,
     NAME.eval.json beside a checkpoint file NAME.pt (so the best and the last checkpoint of one run
-    keep their own results)."""
+    keep their own results). ``data_tag``: the results on other data than the run's own
+    (:func:`data_tag`), written beside those as ``eval.data-TAG.json`` / ``NAME.eval.data-TAG.json``."""
+    suffix = "eval.json" if data_tag is None else f"eval.data-{data_tag}.json"
     if os.path.isdir(run) or not run.endswith(".pt"):
-        return os.path.join(run, "eval.json")
-    return run[: -len(".pt")] + ".eval.json"
+        return os.path.join(run, suffix)
+    return run[: -len(".pt")] + "." + suffix
 
 
-def _check_writable(path: str) -> None:
-    """Raise OSError unless a file can be written at ``path`` (its folder is created)."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a directory; name a file")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    probe = path + ".tmp"
-    with open(probe, "w"):
-        pass
-    os.remove(probe)
+def data_tag(identity: Dict) -> str:
+    """A file-name-safe tag for other data than the run's: the data directory's name (or the
+    generated data set's) and the first 8 characters of its fingerprint."""
+    import re
+
+    base = os.path.basename(identity["path"].rstrip(os.sep)) if identity.get("path") else str(identity.get("dataset"))
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base)[:40] or "data"
+    return f"{base}-{str(identity['fingerprint']).replace('generated-', '')[:8]}"
+
+
+PROG = "python -m lavae_fast.evaluate"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # nothing half-written: every output file is replaced atomically
-        print("python -m lavae_fast.evaluate: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted; nothing was written (results are written at the end, all or nothing)",
+              file=sys.stderr)
         return 130
 
 
@@ -273,20 +285,31 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--device {args.device!r}: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .data import check_data_fits, load_run_split
-    from .loading import load_model
+    from ._io import OutputLocationError, check_output_file, write_results
+    from .checkpoint import read_model_checkpoint, restore_model
+    from .data import check_data_fits, data_identity, load_run_split, run_data_fingerprint
+    from .loading import MODEL_CLASSES
 
-    # Where the results go is checked (and its folder made) before the long work.
-    out = args.out or default_results_path(args.run_dir)
-    try:
-        _check_writable(out)
-    except OSError as exc:
-        raise SystemExit(f"error: --out {out}: {exc}")
     if not os.path.exists(args.run_dir):  # a run, not a shipped model's name (its results need a home)
         raise SystemExit(f"error: no checkpoint at {args.run_dir}")
     try:
-        model, ckpt = load_model(args.run_dir, device=args.device)
+        ckpt, used = read_model_checkpoint(args.run_dir)
+        model = restore_model(MODEL_CLASSES[ckpt["model_config"]["kind"]], ckpt, used, device=args.device)
     except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    train_args = dict(ckpt["args"])
+    if args.data:
+        train_args["data"] = args.data
+    try:
+        identity = data_identity(train_args)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"error: {'--data ' + args.data if args.data else 'the run' + chr(39) + 's data'}: {exc}")
+    own = identity["fingerprint"] == run_data_fingerprint(ckpt)
+    # Where the results go is checked (and its folder made) before the long work.
+    out = args.out or default_results_path(args.run_dir, None if own else data_tag(identity))
+    try:
+        check_output_file(out, "--out" if args.out else "the results file")
+    except OutputLocationError as exc:
         raise SystemExit(f"error: {exc}")
     if args.ops and hasattr(model, "set_ops"):
         model.set_ops(args.ops)
@@ -294,15 +317,18 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         if not hasattr(model, "set_count_window"):
             raise SystemExit(f"error: --count-window: {args.run_dir} holds a {ckpt['model_config']['kind']} model, "
                              "which does not count")
-        model.set_count_window(args.count_window)
+        try:
+            model.set_count_window(args.count_window)
+        except ValueError as exc:
+            raise SystemExit(f"error: --count-window: {exc}")
     if args.exclusion_window is not None:
         if not hasattr(model, "set_exclusion_window"):
             raise SystemExit(f"error: --exclusion-window: {args.run_dir} holds a {ckpt['model_config']['kind']} "
                              "model, which draws no locations")
-        model.set_exclusion_window(args.exclusion_window)
-    train_args = dict(ckpt["args"])
-    if args.data:
-        train_args["data"] = args.data
+        try:
+            model.set_exclusion_window(args.exclusion_window)
+        except ValueError as exc:
+            raise SystemExit(f"error: --exclusion-window: {exc}")
     datas = {}
     for split in splits:
         try:
@@ -327,17 +353,28 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         results[split] = evaluate_split(model, datas[split], K=args.K, batch_size=args.batch_size, n_eval=args.n_eval,
                                         n_bound=args.n_bound, device=args.device, seed=args.seed,
                                         progress=sys.stderr.isatty())
-    meta = {"run_dir": os.path.abspath(args.run_dir), "step": ckpt["step"], "model": ckpt["model_config"]["kind"],
-            "dataset": train_args.get("dataset"), "canvas": train_args.get("canvas"), "K": args.K,
+    # What was measured, so that the file cannot be attributed to another model or other data:
+    # the checkpoint (file, step, digest), the data (path or generator settings, fingerprint,
+    # whether it is the run's own), the proposal and counting settings, the sample sizes.
+    meta = {"kind": RESULTS_KIND, "run_dir": os.path.abspath(args.run_dir),
+            "checkpoint": {"file": os.path.abspath(used), "step": int(ckpt["step"]), "sha256": ckpt.get("sha256")},
+            "step": int(ckpt["step"]), "model": ckpt["model_config"]["kind"],
+            "data": {**identity, "own": own}, "dataset": identity.get("dataset"), "canvas": identity.get("canvas"),
+            "splits": splits, "K": args.K, "n_eval": args.n_eval, "n_bound": args.n_bound, "seed": args.seed,
             "count_window": getattr(model, "count_window", None),
             "exclusion_window": getattr(model, "exclusion_window", None),
             "seconds": round(time.time() - t0, 1)}
-    print(f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {args.K}")
+    print(f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {args.K}"
+          + ("" if own else f" (data other than the run's: {identity.get('path') or identity['fingerprint']})"))
     print(format_table(results, DETAIL_KEYS))
-    with atomic_write(out, "w", tmp=out + ".tmp") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2)
+    if not write_results(out, {"meta": meta, "results": results}, PROG):
+        return 1
     print(f"wrote {out}")
     return 0
+
+
+# meta["kind"] of a results file: what `pretrained export` accepts as measured metrics.
+RESULTS_KIND = "lavae_fast.evaluate"
 
 
 if __name__ == "__main__":

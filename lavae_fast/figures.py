@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ._cli import nonneg_int, positive_int
-from ._io import atomic_write
+from ._io import OutputLocationError, atomic_write, check_output_folder, describe_os_error
 
 __all__ = ["load_run", "tile", "reverse_locations", "paper_ref", "reconstruction_figure", "sample_figure",
            "swap_figure", "location_traversal_figure", "appearance_traversal_figure", "fixed_count_figure",
@@ -398,10 +398,10 @@ def training_curves_figure(records: Sequence[Dict], *, dataset: Optional[str] = 
     fig = Figure(figsize=(10, 3.8), dpi=DPI)
     fig.subplots_adjust(left=0.07, right=0.98, top=0.8, bottom=0.14, wspace=0.25)
     acc, bound = fig.subplots(1, 2)
-    steps = [r["step"] for r in train if "count_acc" in r]
-    if steps:
-        acc.plot(steps, [r["count_acc"] for r in train if "count_acc" in r], "--", color="grey",
-                 label="training batches")
+    # A quantity that was not measured is null in the log (strict JSON): its points are left out.
+    pts = [(r["step"], r["count_acc"]) for r in train if r.get("count_acc") is not None]
+    if pts:
+        acc.plot(*zip(*pts), "--", color="grey", label="training batches")
     pts = [(r["step"], _neg_elbo(r)) for r in train if _neg_elbo(r) is not None]
     if pts:
         bound.plot(*zip(*pts), "--", color="grey", label="training batches, −ELBO (1 sample)")
@@ -413,7 +413,7 @@ def training_curves_figure(records: Sequence[Dict], *, dataset: Optional[str] = 
         if a:
             acc.plot(*zip(*a), "o-", color=colour, label=f"evaluation, {SPLIT_NAMES[split]}")
         for key, style, what in (("neg_elbo", "o-", "−ELBO"), ("nll_bound", "s:", "−log p(x) bound")):
-            b = [(s, v[key]["mean"]) for s, v in e if isinstance(v.get(key), dict)]
+            b = [(s, v[key]["mean"]) for s, v in e if isinstance(v.get(key), dict) and v[key].get("mean") is not None]
             if b:
                 bound.plot(*zip(*b), style, color=colour, label=f"evaluation {what}, {split}")
     acc.set(xlabel="training step", ylabel="count accuracy (share of images)", ylim=(-0.02, 1.02),
@@ -448,12 +448,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PROG = "python -m lavae_fast.figures"
+
+
+class _FigureWriteError(OSError):
+    """A figure that could not be written (names it and the figures written before it)."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # nothing half-written: every output file is replaced atomically
-        print("python -m lavae_fast.figures: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted; the figures written so far are complete (each is written all or nothing)",
+              file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, the folder removed meanwhile
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
@@ -479,12 +490,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         if is_name:
             raise SystemExit(f"error: give --out DIR for the figures of the shipped model {args.run_dir!r}")
         out = os.path.join(args.run_dir if is_run else os.path.dirname(os.path.abspath(args.run_dir)), "figures")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"error: --out {out} exists and is not a directory")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise SystemExit(f"error: --out {out}: {exc}")
+    try:  # before the work: a folder, writable, with room for a figure
+        check_output_folder(out, "--out" if args.out else "the figures folder")
+    except OutputLocationError as exc:
+        raise SystemExit(f"error: {exc}")
     train_args = dict(ckpt["args"])
     dataset = train_args.get("dataset")
     if is_name:
@@ -495,7 +504,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
     def save(fig, name):
         path = os.path.join(out, name)
-        save_figure(fig, path)
+        try:
+            save_figure(fig, path)
+        except OSError as exc:
+            done = f"; written before it: {', '.join(os.path.basename(p) for p in written)}" if written else ""
+            raise _FigureWriteError(f"could not write {path} ({describe_os_error(exc)}){done}") from None
         written.append(path)
 
     # The splits first: a run whose data is gone is an error; a split that cannot exist (7 objects

@@ -53,18 +53,23 @@ interval), TensorBoard scalars and image grids (``tb/``), ``args.json``.
 
 Safety of the run directory (:func:`prepare_run_directory`, checked before any long work): one
 process owns it at a time (``RUN_DIR/.lock``, an ``fcntl.flock`` the kernel releases on any exit;
-rank 0 under torchrun); a directory that holds a checkpoint is refused unless ``--resume`` or
-``--overwrite`` says what to do with it; a run file that is a directory is refused up front. The
+rank 0 under torchrun); a directory that holds any of a run's files (:func:`run_contents`:
+checkpoints, the metrics log, ``args.json``, ``tb/``, evaluation results, ``figures/``) is refused
+unless ``--resume`` or ``--overwrite`` says what to do with it; ``--resume`` with nothing to
+continue from beside a best checkpoint, results or figures is refused too; ``--overwrite`` removes
+all of the old run or nothing; a run file that is a directory is refused up front. The
 checkpoint records the data set's fingerprint (:func:`lavae_fast.data.storage.fingerprint`) and
 ``--resume`` compares it, whatever path names the set. SIGINT / SIGTERM stop the run after the
 current step with a checkpoint there, exit code 128 + the signal (130 / 143). A checkpoint that
 cannot be written (a full disk) ends the run with exit code 1 and a message; the previous
-checkpoint is intact.
+checkpoint is intact. A non-finite loss (a learning rate far too high) ends it with exit code 1 and
+a message naming the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -72,9 +77,10 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -87,7 +93,7 @@ from ._cli import nonneg_int as _nonneg_int
 from ._cli import odd_positive_int as _odd_positive_int
 from ._cli import positive_float as _positive_float
 from ._cli import positive_int as _positive_int
-from ._io import atomic_write
+from ._io import atomic_write, dumps_strict, fsync_dir, write_json
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEYS, CheckpointError, CheckpointWriteError,
                          RunDirectoryInUse, load_run_checkpoint, lock_run_directory, remove_stale_temporaries,
                          save_checkpoint)
@@ -435,7 +441,28 @@ def truncate_metrics(path: str, step: int) -> None:
 # 2 a usage error (argparse's), 128 + the signal's number after SIGINT (130) or SIGTERM (143),
 # once the checkpoint of the step reached is written.
 EXIT_ERROR = 1
+# A run folder is any folder that holds one of these: the files training writes, and what
+# evaluation and the figures write beside them by default (the results of the run's own model).
 RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, BEST_NAME, "metrics.jsonl", "args.json")
+RUN_FOLDERS = ("tb", "figures")
+DISCARDED_PREFIX = ".discarded-"  # what --overwrite sets aside before deleting it (discard_run)
+
+
+def is_results_file(name: str) -> bool:
+    """Whether ``name`` is an evaluation result that ``python -m lavae_fast.evaluate`` writes in a
+    run folder by default (``eval.json``, ``eval.DATA.json``, ``checkpoint.best.eval.json``...)."""
+    return name.endswith(".json") and (name.startswith("eval.") or ".eval." in name)
+
+
+def run_contents(out: str) -> List[str]:
+    """The names of the run's files and folders present in ``out`` (sorted; empty when ``out``
+    holds no run): checkpoints, the metrics log, ``args.json``, ``tb/``, evaluation results,
+    ``figures/``. What ``--overwrite`` removes, and what makes ``out`` a run folder."""
+    try:
+        names = os.listdir(out)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(n for n in names if n in RUN_FILES or n in RUN_FOLDERS or is_results_file(n))
 
 
 def validation_score(result: Dict) -> tuple:
@@ -460,6 +487,15 @@ def _best_on_record(path: str, start: int):
         os.remove(path)
         return None
     return validation_score(state["validation"])
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss of ``step`` (1-based) is ``value`` (NaN or ±inf); ``last_saved``: the step of the
+    run's last checkpoint, None if none was written."""
+
+    def __init__(self, step: int, value: float, last_saved: Optional[int]):
+        super().__init__(f"non-finite loss {value} at step {step}")
+        self.step, self.value, self.last_saved = step, value, last_saved
 
 
 class RunDirectoryError(ValueError):
@@ -497,13 +533,25 @@ def prepare_run_directory(out: str, resume: bool, overwrite: bool):
     except OSError as exc:
         raise RunDirectoryError(f"--out {out}: cannot take the run directory's lock ({exc})") from None
     try:
+        present = run_contents(out)
         has_ckpt = [n for n in (CHECKPOINT_NAME, PREVIOUS_NAME) if os.path.isfile(os.path.join(out, n))]
-        if has_ckpt and not resume and not overwrite:
+        if present and not resume and not overwrite:
             raise RunDirectoryError(
-                f"--out {out} already holds a run ({', '.join(has_ckpt)}): pass --resume to continue it, "
-                "--overwrite to discard it and start again, or choose another --out")
-        # The lock is ours: any temporary left in the directory belongs to a dead writer.
+                f"--out {out} already holds a run ({', '.join(present)}): pass --resume to continue it, "
+                "--overwrite to discard all of it and start again, or choose another --out")
+        # Files of a run that got past its first checkpoint (a best checkpoint, results, figures),
+        # with nothing to continue from: starting afresh would delete or mix with them.
+        kept = [n for n in present if n not in ("args.json", "metrics.jsonl", "tb")]
+        if resume and not has_ckpt and kept:
+            raise RunDirectoryError(
+                f"--resume: --out {out} holds {', '.join(kept)} but no {CHECKPOINT_NAME} to continue from; a new run "
+                "there would delete or overwrite them: pass --overwrite to discard all of it, or choose another --out")
+        # The lock is ours: any temporary left in the directory belongs to a dead writer, and so
+        # does a discarded run that a killed --overwrite had set aside but not yet deleted.
         remove_stale_temporaries(out)
+        for name in os.listdir(out):
+            if name.startswith(DISCARDED_PREFIX):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     except BaseException:
         if lock is not None:
             lock.close()
@@ -511,14 +559,32 @@ def prepare_run_directory(out: str, resume: bool, overwrite: bool):
     return lock
 
 
-def discard_run(out: str) -> None:
-    """``--overwrite``: delete the earlier run's files (called once the new run has its data and
-    model, so that a failed start-up does not cost the old run)."""
-    for name in RUN_FILES:
-        if os.path.isfile(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    if os.path.isdir(os.path.join(out, "tb")):
-        shutil.rmtree(os.path.join(out, "tb"))
+def discard_run(out: str) -> List[str]:
+    """``--overwrite``: remove everything of the earlier run (:func:`run_contents`: checkpoints, log,
+    TensorBoard events, evaluation results, figures), all or nothing; returns the removed names.
+    Called once the new run has its data and model, so that a failed start-up costs the old run
+    nothing. Each entry is first renamed into a private folder in ``out`` (renames in one folder
+    are atomic); if one cannot be, those moved are put back and the error is raised, so the old run
+    stays whole. Only then is the private folder deleted."""
+    names = run_contents(out)
+    if not names:
+        return names
+    trash = tempfile.mkdtemp(prefix=DISCARDED_PREFIX, dir=out)
+    moved = []
+    try:
+        for name in names:
+            os.rename(os.path.join(out, name), os.path.join(trash, name))
+            moved.append(name)
+    except BaseException:
+        for name in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.rename(os.path.join(trash, name), os.path.join(out, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(trash)
+        raise
+    fsync_dir(out)
+    shutil.rmtree(trash, ignore_errors=True)
+    return names
 
 
 class StopSignals:
@@ -649,6 +715,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "and continue with --resume)")
         print(f"{parser.prog}: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
+    except NonFiniteLoss as exc:
+        where = (f"the last good checkpoint is {ckpt_path} (step {exc.last_saved}): continue from it with --resume "
+                 "and a lower --lr / --loc-lr" if exc.last_saved is not None else
+                 "no checkpoint was written before it: start again with a lower --lr / --loc-lr")
+        print(f"{parser.prog}: error: the loss became {exc.value} at step {exc.step} (the learning rate is likely "
+              f"too high for this run); training stopped before that step's update; {where}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:  # before the loop's own handler is installed: no step was taken
         print(f"{parser.prog}: interrupted during start-up, before the first step; nothing to save",
               file=sys.stderr)
@@ -706,7 +779,10 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
     # ---- model, aux VAE, optimiser
     torch.manual_seed(config.seed)
     cfg = model_config(config, channels)
-    model = build_model(cfg).to(device)
+    try:
+        model = build_model(cfg).to(device)
+    except (TypeError, ValueError) as exc:  # a setting the model refuses (a window too large for the canvas...)
+        parser.error(f"the model's settings: {exc}")
     aux = None
     if config.model == "lavae":
         from .aux_vae import AuxVAE
@@ -787,8 +863,7 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
             print(f"warning: training in bf16 where it is emulated ({bf16_why}); expect steps ~"
                   f"{performance.BF16_EMULATED_SLOWDOWN}x slower than with native bf16, and slower than "
                   f"float32 (--bf16 off)", file=sys.stderr)
-        with open(os.path.join(config.out, "args.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        write_json(os.path.join(config.out, "args.json"), config.to_dict())
         # Log lines written after the checkpoint (or, with no checkpoint, by a run killed before
         # its first one) are redone now: they must not stay mixed with this session's.
         truncate_metrics(os.path.join(config.out, "metrics.jsonl"), start)
@@ -797,12 +872,16 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
         net = model if config.model == "lavae" else _compiled(model, config)
         aux_net = None if aux is None else _compiled(aux, config)
 
+    last_saved = {"step": start if start else None}  # the step of checkpoint.pt, for the messages
+
     def save(step, path=ckpt_path, **extra):
         save_checkpoint(path, {
             "step": step, "args": config.to_dict(), "model_config": cfg, "model": model.state_dict(),
             "aux": None if aux is None else aux.state_dict(), "optimizer": opt.state_dict(),
             "data_fingerprint": data_fingerprint, **extra,
         }, keep_previous=path == ckpt_path)
+        if path == ckpt_path:
+            last_saved["step"] = step
 
     best_path = os.path.join(config.out, BEST_NAME)
     best_score = _best_on_record(best_path, start) if dist.is_main else None
@@ -847,9 +926,10 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
                                           as_tensors=True)  # the logged values stay on the device
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            value = loss.item()
+            if not math.isfinite(value):  # before the update: the weights in memory stay the last good ones
+                raise NonFiniteLoss(step + 1, value, last_saved["step"])
             opt.step()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"non-finite loss at step {step}")
             meter.add(**log)
             done = step + 1
 
@@ -871,7 +951,7 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
                 t_last = now
                 meter = _Meter()
                 rec = {"step": done, **{k: round(v, 6) for k, v in means.items()}}
-                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.write(dumps_strict(rec) + "\n")
                 metrics_file.flush()
                 if writer is not None:
                     for k, v in means.items():
@@ -919,7 +999,7 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
                     best_score = validation_score(ev["val"])
                     save(done, best_path, validation=ev["val"])
                     ev["val"]["best"] = True
-                metrics_file.write(json.dumps({"step": done, "eval": ev}) + "\n")
+                metrics_file.write(dumps_strict({"step": done, "eval": ev}) + "\n")
                 metrics_file.flush()
 
             if done % config.ckpt_every == 0 or done == end:

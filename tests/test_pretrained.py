@@ -171,10 +171,17 @@ def test_other_canvas(run, baseline_run):
             LAVAE.from_pretrained(run[0], canvas=bad)
 
 
+def _evaluate(target, *extra):
+    """``python -m lavae_fast.evaluate`` on a tiny run, a few images of its test split; the results."""
+    from lavae_fast.evaluate import main as evaluate
+
+    assert evaluate([str(target), "--splits", "test", "--n-eval", "3", "--K", "2", "--n-bound", "2", *extra]) == 0
+
+
 def test_export_round_trip(run, tmp_path):
     d, model = run
-    results = {"meta": {"K": 5}, "results": {"test": {"count_acc": 0.25}}}
-    (d / "eval.json").write_text(json.dumps(results))
+    _evaluate(d)
+    results = json.loads((d / "eval.json").read_text())
     out = tmp_path / "shipped.pt"
     assert export(str(d), out=str(out), train_commit="abc123") == str(out)
     state = load_checkpoint(str(out))  # verified: the digest of the new file is right
@@ -195,6 +202,51 @@ def test_export_round_trip(run, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o644  # package data: readable by every user
     # No optimiser state: the shipped file is smaller than the run's checkpoint.
     assert out.stat().st_size < (d / CHECKPOINT_NAME).stat().st_size
+
+
+def test_export_refuses_metrics_of_another_checkpoint_data_or_window(run, tmp_path):
+    """Shipping a model with another model's numbers: metrics that are not an evaluation result,
+    that measured an earlier checkpoint, other data, or another proposal window are refused."""
+    from lavae_fast.pretrained.shipping import MetricsMismatch
+
+    d, model = run
+    out = tmp_path / "m.pt"
+    junk = tmp_path / "junk.json"
+    for text in ('{"test": {"count_accuracy": 1.0}}', "[1, 2]", "not json"):
+        junk.write_text(text)
+        with pytest.raises(MetricsMismatch, match="not an evaluation result|not JSON"):
+            export(str(d), out=str(out), metrics=str(junk))
+    # An evaluation with another exclusion window than the model's: a valid bound, not its metrics.
+    _evaluate(d, "--exclusion-window", "3")
+    with pytest.raises(MetricsMismatch, match="exclusion window 3"):
+        export(str(d), out=str(out))
+    _evaluate(d)
+    export(str(d), out=str(out))  # the model's own settings on its own data: accepted
+    # The run moved on after its evaluation: eval.json measured the previous checkpoint.
+    state = load_checkpoint(str(d / CHECKPOINT_NAME))
+    state["step"] = 8
+    save_checkpoint(str(d / CHECKPOINT_NAME), state)
+    with pytest.raises(MetricsMismatch, match="another checkpoint .step 7"):
+        export(str(d), out=str(out), overwrite=True)
+    assert load_checkpoint(str(out))["step"] == 7  # the earlier export is untouched
+    with pytest.raises(SystemExit, match="another checkpoint"):
+        cli(["export", str(d), "--out", str(tmp_path / "cli.pt")])
+
+
+def test_export_refuses_metrics_measured_on_other_data(run, tmp_path):
+    from lavae_fast.data.generator import generate
+    from lavae_fast.pretrained.shipping import MetricsMismatch
+
+    d, model = run
+    other = tmp_path / "other"
+    generate("multi-mnist-1k", str(other), n_train=4, n_test=4, n_test7=0, seed=5, canvas=CANVAS, progress=False)
+    _evaluate(d, "--data", str(other))
+    written = [p.name for p in d.iterdir() if p.name.startswith("eval")]
+    assert written and "eval.json" not in written  # beside the run's own results, not over them
+    meta = json.loads((d / written[0]).read_text())["meta"]
+    assert meta["data"]["own"] is False and meta["data"]["path"] == str(other)
+    with pytest.raises(MetricsMismatch, match="other data"):
+        export(str(d), out=str(tmp_path / "m.pt"), metrics=str(d / written[0]))
 
 
 def test_export_needs_metrics_and_does_not_overwrite(run, tmp_path):

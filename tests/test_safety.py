@@ -95,8 +95,15 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(finished_run,
 def test_a_metrics_log_without_a_checkpoint_is_not_mixed_into_a_new_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 1}\n{"step": 3, "lo')
-    assert train_main(TINY + ["--steps", "1", "--out", str(run)]) == 0
+    log = '{"step": 1, "loss": 1}\n{"step": 2, "loss": 1}\n{"step": 3, "lo'
+    (run / "metrics.jsonl").write_text(log)
+    # A run killed before its first checkpoint: a new run without a word would truncate its log.
+    with pytest.raises(SystemExit):
+        train_main(TINY + ["--steps", "1", "--out", str(run)])
+    assert (run / "metrics.jsonl").read_text() == log
+    # --resume continues it from step 0 (nothing was saved): the unsaved steps are redone, their
+    # lines replaced, not mixed with the new ones.
+    assert train_main(TINY + ["--steps", "1", "--out", str(run), "--resume"]) == 0
     assert _steps_logged(str(run)) == [1]
 
 

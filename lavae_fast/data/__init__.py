@@ -26,7 +26,7 @@ from .generator import CHUNK, SPLITS, SpriteTable, generate, generate_arrays, pa
 from .mnist import MnistFormatError, MnistNotFoundError, load_mnist_train
 from .placement import PlacementError
 from .registry import DATASETS, DataSetInfo
-from .runs import check_data_fits, generate_split, load_run_split
+from .runs import check_data_fits, data_identity, generate_split, load_run_split, run_data_fingerprint
 from .storage import DataFormatError, load_split, read_meta
 
 __all__ = [

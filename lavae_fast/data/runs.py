@@ -11,14 +11,16 @@ run's model (its checkpoint).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 from .dataset import MultiObjectDataset
 from .generator import generate_arrays, parse_canvas
 from .storage import fingerprint, read_meta
 
-__all__ = ["load_run_split", "generate_split", "check_data_fits"]
+__all__ = ["load_run_split", "generate_split", "check_data_fits", "data_identity", "run_data_fingerprint"]
 
 _SPLIT_CACHE: Dict[tuple, MultiObjectDataset] = {}
 
@@ -101,3 +103,36 @@ def check_data_fits(ckpt: Dict, data, explicit: bool = False) -> None:
         if fingerprint(data.meta) != fp:
             raise ValueError(f"the run's data set {data.root} has changed since training (regenerated?): its "
                              "fingerprint differs from the checkpoint's; pass --data to evaluate on it anyway")
+
+
+# The settings that select in-memory data (generated from a seed): together they are its identity.
+GENERATED_KEYS = ("dataset", "canvas", "data_seed", "n_train", "n_test", "n_test7", "n_val")
+
+
+def data_identity(args: Dict) -> Dict:
+    """What names the data that a run's settings ``args`` select, for a results file:
+    ``{"path", "dataset", "canvas", "fingerprint"}`` — a data set directory's absolute path and its
+    content fingerprint (:func:`lavae_fast.data.storage.fingerprint`), or, for data generated in
+    memory, ``path`` None, the generator settings (``generated``) and a fingerprint of those.
+    Raises OSError / ValueError for a data directory that cannot be read."""
+    root = args.get("data")
+    if root:
+        meta = read_meta(root)
+        return {"path": os.path.abspath(root), "dataset": meta.get("dataset"),
+                "canvas": [int(meta["height"]), int(meta["width"])], "fingerprint": fingerprint(meta)}
+    settings = {k: args.get(k) for k in GENERATED_KEYS}
+    settings["canvas"] = list(parse_canvas(settings["canvas"]))
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return {"path": None, "dataset": settings["dataset"], "canvas": settings["canvas"], "generated": settings,
+            "fingerprint": "generated-" + digest[:32]}
+
+
+def run_data_fingerprint(ckpt: Dict) -> Optional[str]:
+    """The fingerprint (as :func:`data_identity` gives it) of the data a checkpoint's run was trained
+    and validated on: the data set's recorded at training time, or that of its in-memory settings."""
+    args = ckpt.get("args") or {}
+    if args.get("data"):
+        return ckpt.get("data_fingerprint")
+    if not args.get("dataset") or not args.get("canvas"):
+        return None
+    return data_identity({**args, "data": None})["fingerprint"]

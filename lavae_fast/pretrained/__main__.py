@@ -4,7 +4,6 @@ provenance, and exporting a run as a model file to ship (see lavae_fast.pretrain
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Optional, Sequence
 
@@ -34,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .._io import dumps_strict
     from ..checkpoint import load_checkpoint
 
     try:
@@ -43,14 +43,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{key[0]:9s} {key[1]:18s} {'shipped' if key in have else 'not shipped in this version'}")
         elif args.command == "info":
             state = load_checkpoint(resolve(args.name_or_path, args.kind))
-            print(json.dumps({"step": state.get("step"), "model_config": state["model_config"],
-                              "provenance": state.get("provenance")}, indent=2, default=str))
+            print(dumps_strict({"step": state.get("step"), "model_config": state["model_config"],
+                                "provenance": state.get("provenance")}, indent=2, default=str))
         else:
             path = export(args.run, name=args.name, out=args.out, metrics=args.metrics, no_metrics=args.no_metrics,
                           train_commit=args.train_commit, note=args.note, overwrite=args.overwrite)
             print(f"wrote {path}")
     except (FileNotFoundError, FileExistsError, ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}")
+    except KeyboardInterrupt:  # the model file is written all or nothing
+        print("python -m lavae_fast.pretrained: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

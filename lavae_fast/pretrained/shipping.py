@@ -28,7 +28,7 @@ from .._version import __version__
 from ..checkpoint import load_run_checkpoint, save_checkpoint
 from . import KINDS, REGISTRY, SHIPPED_KEYS, model_file, names
 
-__all__ = ["export", "training_command", "git_commit"]
+__all__ = ["export", "training_command", "git_commit", "read_measured_metrics", "MetricsMismatch"]
 
 DATA_KEYS = ("dataset", "data", "canvas", "n_train", "n_test", "n_test7", "data_seed")
 
@@ -75,6 +75,50 @@ def git_commit(path: str) -> Optional[str]:
         return None
 
 
+class MetricsMismatch(ValueError):
+    """A metrics file that is not an evaluation result of the checkpoint being exported."""
+
+
+def read_measured_metrics(path: str, state: Dict[str, Any], used: str) -> Dict[str, Any]:
+    """The results file ``path`` (written by ``python -m lavae_fast.evaluate``) as the measured
+    metrics of the checkpoint ``state`` (read from ``used``), or :class:`MetricsMismatch` naming what
+    does not match: a file that is not an evaluation result, one of another checkpoint (step or
+    digest), of other data than the run's, or measured with other counting or exclusion windows
+    than the model's own. Shipping a model with another model's numbers is what this prevents."""
+    from ..evaluate import RESULTS_KIND
+    from ..loading import MODEL_CLASSES
+    from ..checkpoint import restore_model
+
+    try:
+        with open(path) as f:
+            measured = json.load(f)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetricsMismatch(f"metrics {path}: cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise MetricsMismatch(f"metrics {path} is not JSON ({exc})") from None
+    meta = measured.get("meta") if isinstance(measured, dict) else None
+    if not isinstance(meta, dict) or meta.get("kind") != RESULTS_KIND or not isinstance(measured.get("results"), dict):
+        raise MetricsMismatch(f"metrics {path} is not an evaluation result of this version of lavae_fast (no "
+                              f"meta.kind {RESULTS_KIND!r} and results): run `python -m lavae_fast.evaluate` on the run")
+    again = f"run `python -m lavae_fast.evaluate {used}` again (it writes the metrics of the checkpoint it reads)"
+    ck = meta.get("checkpoint") or {}
+    if ck.get("sha256") != state.get("sha256") or ck.get("step") != int(state["step"]):
+        raise MetricsMismatch(
+            f"metrics {path} measured another checkpoint (step {ck.get('step')}, SHA-256 "
+            f"{str(ck.get('sha256'))[:12]}…) than the one exported, {used} (step {int(state['step'])}, SHA-256 "
+            f"{str(state.get('sha256'))[:12]}…): {again}")
+    if not (meta.get("data") or {}).get("own"):
+        raise MetricsMismatch(f"metrics {path} were measured on other data than the run's own "
+                              f"({(meta.get('data') or {}).get('path')}): {again} without --data")
+    model = restore_model(MODEL_CLASSES[state["model_config"]["kind"]], state, used)
+    for key in ("count_window", "exclusion_window"):
+        own = getattr(model, key, None)
+        if meta.get(key) != own:
+            raise MetricsMismatch(f"metrics {path} were measured with {key.replace('_', ' ')} {meta.get(key)}, the "
+                                  f"exported model uses {own}: {again} without --{key.replace('_', '-')}")
+    return measured
+
+
 def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, metrics: Optional[str] = None,
            no_metrics: bool = False, train_commit: Optional[str] = None, note: Optional[str] = None,
            overwrite: bool = False) -> str:
@@ -107,8 +151,7 @@ def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, m
                                     f"first (it writes {metrics}), pass --metrics FILE, or --no-metrics")
     measured = None
     if metrics is not None and not no_metrics:
-        with open(metrics) as f:
-            measured = json.load(f)
+        measured = read_measured_metrics(metrics, state, used)
 
     args = dict(state["args"])
     provenance = {
