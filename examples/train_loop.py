@@ -24,13 +24,20 @@ p.add_argument("--batch-size", type=int, default=16)
 p.add_argument("--n-train", type=int, default=8000)
 p.add_argument("--n-test", type=int, default=300)
 args = p.parse_args()
+for name in ("steps", "canvas", "batch_size", "n_train", "n_test"):
+    if getattr(args, name) < 1:  # an empty training or test set has nothing to learn from or count
+        p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
 
 canvas = (args.canvas, args.canvas)
-train = MultiObjectDataset.from_arrays(generate_arrays("multi-dsprites", args.n_train, 0, canvas=canvas, counts=(0, 3)))
-test = MultiObjectDataset.from_arrays(generate_arrays("multi-dsprites", args.n_test, 1, canvas=canvas, counts=(0, 3)))
-
 torch.manual_seed(0)
-model = LAVAE(channels=3, canvas=canvas, sprite_size=21, width=32)
+try:  # a canvas too small for the scenes or the sprites: say so, not a traceback
+    train = MultiObjectDataset.from_arrays(generate_arrays("multi-dsprites", args.n_train, 0, canvas=canvas,
+                                                           counts=(0, 3)))
+    test = MultiObjectDataset.from_arrays(generate_arrays("multi-dsprites", args.n_test, 1, canvas=canvas,
+                                                          counts=(0, 3)))
+    model = LAVAE(channels=3, canvas=canvas, sprite_size=21, width=32)
+except ValueError as exc:
+    p.error(f"--canvas {args.canvas}: {exc}")
 recipe = Recipe(model, steps=args.steps, dataset="multi-dsprites", seed=0)
 opt = recipe.optimizer()
 B = args.batch_size

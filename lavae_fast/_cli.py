@@ -10,7 +10,7 @@ import argparse
 import math
 import re
 
-__all__ = ["positive_int", "nonneg_int", "odd_positive_int", "positive_float", "canvas", "accept_negative_numbers"]
+__all__ = ["positive_int", "nonneg_int", "int_in", "batch_size", "channels", "importance_samples", "odd_positive_int", "positive_float", "canvas", "accept_negative_numbers"]
 
 
 def _int(s) -> int:
@@ -20,24 +20,43 @@ def _int(s) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
 
 
-def _int_at_least(lo: int, what: str):
+# The largest integer any option takes: torch's dispatcher and numpy's seeds take int64, and every
+# count below it is far beyond what a machine holds; a larger value is refused here rather than
+# overflowing deep in the work.
+INT_MAX = 2**62
+
+
+def _int_at_least(lo: int, what: str, hi: int = INT_MAX, why: str = ""):
     def parse(s) -> int:
         v = _int(s)
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi}{why}, got {s}")
         return v
 
     parse.__name__ = parse.__qualname__ = f"int_at_least_{lo}"
     return parse
 
 
+def int_in(lo: int, hi: int, why: str = ""):
+    """An option type: an integer in [lo, hi]; ``why`` says what the upper bound protects."""
+    return _int_at_least(lo, "a positive integer" if lo == 1 else f"an integer >= {lo}", hi, why)
+
+
 positive_int = _int_at_least(1, "a positive integer")  # an integer >= 1
 nonneg_int = _int_at_least(0, "a non-negative integer")  # an integer >= 0
+# Sizes whose memory grows with the value: a batch of images, a net's channels, importance samples.
+batch_size = int_in(1, 2**16, " (images in one batch)")
+channels = int_in(1, 2**12, " (channels of a net)")
+importance_samples = int_in(0, 10**5, " (importance samples per image; 100 is the paper's)")
 
 
 def odd_positive_int(s) -> int:
     """An odd integer >= 1 (the counter's window: 1, 3, 5, ...)."""
     v = _int(s)
+    if v > INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {INT_MAX}, got {s}")
     if v < 1 or v % 2 == 0:
         raise argparse.ArgumentTypeError(f"must be an odd positive integer (1, 3, 5, ...), got {s}")
     return v

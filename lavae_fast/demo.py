@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Dict, Optional, Sequence
 
+from . import _cli
 from ._cli import nonneg_int, positive_int
 
 DATASETS = ["multi-dsprites", "multi-mnist-1k", "multi-mnist-10k"]
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n7", type=nonneg_int, default=128, help="fresh 7-object scenes to count")
     p.add_argument("--seed", type=nonneg_int, default=2026,
                    help="seed of the fresh scenes (the shipped models' data used seed 0)")
-    p.add_argument("--K", type=positive_int, default=10, help="importance samples for the bound")
+    p.add_argument("--K", type=_cli.int_in(1, 10**5, " (importance samples per image)"), default=10, help="importance samples for the bound")
     p.add_argument("--n-bound", type=nonneg_int, default=32, help="images per split that get the bound")
     p.add_argument("--no-canvas-64", dest="canvas_64", action="store_false",
                    help="skip the 64×64 part: the shipped model on the paper's canvas, and the one trained there")
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="train LAVAE from scratch instead of loading a shipped model")
     p.add_argument("--steps", type=positive_int, default=300, help="with --train: training steps")
     p.add_argument("--canvas", default="48", help="with --train: N or HxW; 48 still fits the 7-object test split")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="with --train")
+    p.add_argument("--batch-size", type=_cli.batch_size, default=16, help="with --train")
     return p
 
 

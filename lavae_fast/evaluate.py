@@ -35,6 +35,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from . import _cli
 from ._cli import nonneg_int, odd_positive_int, positive_int
 from ._io import atomic_write
 from .metrics import draws_on_objects, index_rows_cols, location_accuracy, peak_distances
@@ -215,10 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by lavae_fast.train (its checkpoint.pt), or one of its "
                                    "checkpoint files (e.g. RUN_DIR/checkpoint.best.pt, the best on validation)")
     p.add_argument("--data", default=None, help="data set directory (default: the run's own data)")
-    p.add_argument("--K", type=nonneg_int, default=100, help="importance samples for the −log p(x) bound (0: skip)")
+    p.add_argument("--K", type=_cli.importance_samples, default=100, help="importance samples for the −log p(x) bound (0: skip)")
     p.add_argument("--n-eval", type=positive_int, default=None, help="images per split for accuracies (default all)")
     p.add_argument("--n-bound", type=nonneg_int, default=None, help="images per split that get the K-sample bound")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=_cli.batch_size, default=32)
     p.add_argument("--splits", default="test,test7", help="comma-separated splits")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ops", choices=["fused", "reference"], default=None, help="engine (default: the run's)")

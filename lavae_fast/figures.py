@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from . import _cli
 from ._cli import nonneg_int, positive_int
 from ._io import OutputLocationError, atomic_write, check_output_folder, describe_os_error
 
@@ -443,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a β-VAE baseline run directory, checkpoint or name, for its prior samples (Fig. 2)")
     p.add_argument("--out", default=None,
                    help="output folder (default RUN_DIR/figures, or beside a checkpoint file; required for a name)")
-    p.add_argument("--num", type=positive_int, default=8, help="images per row")
+    p.add_argument("--num", type=_cli.int_in(1, 256, " (images per row of a figure)"), default=8, help="images per row")
     p.add_argument("--seed", type=nonneg_int, default=0)
     return p
 

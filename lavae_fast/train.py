@@ -85,7 +85,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import distributed, performance
+from . import _cli, distributed, performance
 # The shared argument types, under the names this module's parser has always used.
 from ._cli import accept_negative_numbers as _accept_negative_numbers
 from ._cli import canvas as _parse_canvas
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "as RUN_DIR/checkpoint.best.pt, the checkpoint to ship; 0: no validation")
     p.add_argument("--data-seed", type=_nonneg_int, default=0)
     p.add_argument("--steps", type=_positive_int, default=100_000, help="budget; 100000 = the paper's schedule")
-    p.add_argument("--batch-size", type=_positive_int, default=64,
+    p.add_argument("--batch-size", type=_cli.batch_size, default=64,
                    help="global batch; under torchrun each of the N processes takes batch-size/N images")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--device", default="cpu")
@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "draws' candidates, in training, the bound and inference (default 5, measured better than the "
                         "paper's 1 — only the drawn pixel — in docs/recipe.md, or the largest odd window the canvas "
                         "holds where it cannot hold 5; SPEC §2; see lavae_fast.ops.gumbel_topk_relaxed)")
-    p.add_argument("--width", type=_positive_int, default=44, help="channels of LAVAE's residual nets")
-    p.add_argument("--sprite-width", type=_positive_int, default=48)
+    p.add_argument("--width", type=_cli.channels, default=44, help="channels of LAVAE's residual nets")
+    p.add_argument("--sprite-width", type=_cli.channels, default=48)
     p.add_argument("--lr", type=_positive_float, default=LR)
     p.add_argument("--loc-lr", type=_positive_float, default=None, help="location-net lr (default: 1e-4 MNIST, 5e-4 dSprites)")
     p.add_argument("--loc-lr-decay", type=_positive_float, default=100.0,
@@ -714,6 +714,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             msg += (f" (the disk holding --out {config.out} is full; its last checkpoint is intact: free some space "
                     "and continue with --resume)")
         print(f"{parser.prog}: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        print(f"{parser.prog}: error: out of memory ({str(exc).splitlines()[0][:200]}): lower --batch-size, --width or "
+              f"--sprite-width; the run's checkpoints in {config.out} are intact", file=sys.stderr)
         return EXIT_ERROR
     except NonFiniteLoss as exc:
         where = (f"the last good checkpoint is {ckpt_path} (step {exc.last_saved}): continue from it with --resume "

@@ -341,3 +341,19 @@ def test_a_discarded_run_left_by_a_killed_overwrite_is_removed_by_the_next_run(r
         f.write("{}\n")
     assert train_main(TINY + ["--steps", "3", "--ckpt-every", "1", "--out", run, "--resume"]) == 0  # nothing to do
     assert not os.path.exists(left)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--batch-size", str(2**70)], "--batch-size"), (["--sprite-width", "99999999999"], "--sprite-width"),
+    (["--steps", str(2**63 + 1)], "--steps"), (["--count-window", str(2**63 + 1)], "--count-window")])
+def test_integers_too_large_for_the_work_are_usage_errors(tmp_path, capsys, argv, option):
+    with pytest.raises(SystemExit) as e:
+        train_main(TINY + ["--out", str(tmp_path / "r"), *argv])
+    assert e.value.code == 2
+    assert option in capsys.readouterr().err or option == "--count-window"
+
+
+def test_evaluate_refuses_an_absurd_K_before_the_work(run, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_main([run, "--K", str(10**20)])
+    assert e.value.code == 2 and "--K: must be at most" in capsys.readouterr().err
