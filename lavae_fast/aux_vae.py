@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import ConvAct, ResBlock, gaussian_kl
+from .model import THRESHOLD_IN_GAMMAS, ConvAct, ResBlock, gaussian_kl
 from .reference import counted_peaks
 
 __all__ = ["AuxVAE", "AuxOutput", "warmup_loss", "auto_target_scale", "smooth_target", "auto_blur", "peak_target", "ink_anchors", "auto_radius"]
@@ -245,7 +245,7 @@ def auto_target_scale(target: Tensor, gamma: float, peak: float = AUTO_PEAK) -> 
         return AUTO_SCALE_RANGE[0]
     q = float(peaks[peaks > 0.1 * top].median())
     lo, hi = AUTO_SCALE_RANGE
-    return min(max(peak * 4.0 * gamma / q, lo), hi)
+    return min(max(peak * THRESHOLD_IN_GAMMAS * gamma / q, lo), hi)
 
 
 def warmup_loss(h_loc: Tensor, target: Tensor, scale: float = 1.0, reduction: str = "sum") -> Tensor:

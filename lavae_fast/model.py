@@ -44,6 +44,22 @@ from . import ops as _ops_api
 from ._common import MIN_TAU, check_device, check_int, check_real, check_tau
 from .noise import Noise, gumbel_from_uniform
 
+
+# The location scale and the count threshold (SPEC §2): h_loc is multiplied by γ = ½·ln D (D = H·W
+# locations; the paper rounds it to 4 at 64×64, we keep the formula) and n̂ counts the local maxima
+# of the scaled map above THRESHOLD_IN_GAMMAS·γ = 4γ. The one place either is computed.
+THRESHOLD_IN_GAMMAS = 4.0
+
+
+def location_gamma(D: int) -> float:
+    """γ = ½·ln D for a canvas of D = H·W locations (SPEC §2)."""
+    return 0.5 * math.log(D)
+
+
+def count_threshold(D: int) -> float:
+    """The count threshold 4γ on a canvas of D = H·W locations (SPEC §2)."""
+    return THRESHOLD_IN_GAMMAS * location_gamma(D)
+
 __all__ = ["LAVAE", "LAVAEOutput", "Latents", "SpeedConfig", "SpriteDecoder", "ResidualNet", "use_fused_norm", "check_images", "gaussian_kl",
            "MIN_TAU"]
 
@@ -300,7 +316,7 @@ class LAVAEOutput:
 
     @property
     def threshold(self) -> float:
-        return 4.0 * self.gamma
+        return THRESHOLD_IN_GAMMAS * self.gamma
 
 
 @dataclass
@@ -629,7 +645,7 @@ class LAVAE(nn.Module):
     @staticmethod
     def gamma_for(H: int, W: int) -> float:
         """γ = ½·ln D (SPEC §2; the paper rounds it to 4 at 64×64, we keep the formula)."""
-        return 0.5 * math.log(H * W)
+        return location_gamma(H * W)
 
     # -- pieces ----------------------------------------------------------------------------
 
@@ -658,7 +674,8 @@ class LAVAE(nn.Module):
         if self._speed.bf16:  # the engine ops and everything after them stay float32
             h_app, h_loc = h_app.float(), h_loc.float()
         h_loc = h_loc * gamma
-        n_hat = self._ops.count_objects(h_loc.float(), 4.0 * gamma, self.max_objects, self._count_window)
+        n_hat = self._ops.count_objects(h_loc.float(), THRESHOLD_IN_GAMMAS * gamma, self.max_objects,
+                                        self._count_window)
         return h_app, h_loc, n_hat
 
     def _inference_nets(self, x: Tensor):
@@ -892,7 +909,7 @@ class LAVAE(nn.Module):
             raise ValueError(f"locations must be one of {self.INFER_LOCATIONS}, got {locations!r}")
         if locations == "peaks":
             H, W = h_loc.shape[-2:]
-            return _ops_api.peak_index(h_loc.float(), 4.0 * self.gamma_for(H, W), n_hat, self.max_objects,
+            return _ops_api.peak_index(h_loc.float(), count_threshold(H * W), n_hat, self.max_objects,
                                        self._count_window)
         logits = h_loc.flatten(1)
         H, W = h_loc.shape[-2:]

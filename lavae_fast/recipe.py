@@ -38,7 +38,7 @@ from .aux_vae import (AUTO_PEAK, AuxVAE, auto_blur, auto_radius, auto_target_sca
                       warmup_loss)
 from .baseline import BetaVAE
 from .data.registry import DATASETS
-from .model import LAVAE, _as_dtype, check_images
+from .model import THRESHOLD_IN_GAMMAS, LAVAE, _as_dtype, check_images, count_threshold, location_gamma
 from .noise import MAX_KEY, check_sample_ids, draw_noise, draw_normal
 
 __all__ = ["Recipe", "LR", "probe_location_gradients"]
@@ -276,7 +276,8 @@ class Recipe:
             return out.loss, out, (log if as_tensors else _as_floats(log))
 
         aux_forward = self.aux if aux_forward is None else aux_forward
-        gamma = 0.5 * math.log(D)
+        gamma = location_gamma(D)
+        threshold = count_threshold(D)
         tau = schedules.tau(step, self.steps)
         p_force = schedules.force_n_prob(step, self.steps)
         w_warm = schedules.warmup_weight(step, self.steps)
@@ -297,7 +298,7 @@ class Recipe:
                        target_scale=scale)
             if counts is not None:
                 tmax = target.detach().flatten(1).max(1).values
-                log.update(target_count_acc=(model.engine.count_objects(target, 4 * gamma, model.max_objects,
+                log.update(target_count_acc=(model.engine.count_objects(target, threshold, model.max_objects,
                                                                          model.count_window)
                                              == counts_here).float().mean(),
                            target_max_obj=_masked_mean(tmax, has), target_max_empty=_masked_mean(tmax, ~has))
@@ -330,7 +331,8 @@ class Recipe:
         target = target * scale
         if cones:
             radius = auto_radius(S) if self.warmup_radius == "auto" else self.warmup_radius
-            target = peak_target(target, 4 * gamma, self.warmup_peak * 4 * gamma, radius,
+            threshold = THRESHOLD_IN_GAMMAS * gamma
+            target = peak_target(target, threshold, self.warmup_peak * threshold, radius,
                                  x=x if self.warmup_anchor == "ink" else None, half=S // 2)
         return target, scale
 

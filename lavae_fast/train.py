@@ -99,6 +99,7 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, PREVIOUS_NAME, TRAINING_KEY
                          save_checkpoint)
 from .data import DATASETS, load_run_split, parse_canvas
 from .loading import build_model
+from .model import count_threshold
 from .metrics import index_rows_cols, location_accuracy, peak_distances
 from .noise import data_indices
 from .recipe import LR, Recipe
@@ -910,7 +911,7 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
 
         pbar = tqdm(total=end, initial=start, dynamic_ncols=True, mininterval=2.0)
     meter = _Meter()
-    gamma = 0.5 * math.log(D)
+    threshold = count_threshold(D)
     t_last = time.time()
     model.train()
     step = start
@@ -953,7 +954,7 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
                 means.update({f"lr_{k}": v for k, v in lrs.items()})
                 means["sec_per_step"] = (now - t_last) / max(1, n_summed.get("loss", 1))
                 if config.model == "lavae":
-                    means["threshold"] = 4 * gamma
+                    means["threshold"] = threshold
                 t_last = now
                 meter = _Meter()
                 rec = {"step": done, **{k: round(v, 6) for k, v in means.items()}}
@@ -971,7 +972,7 @@ def _train(parser, config: TrainConfig, dist, device, channels, ckpt_path) -> in
                         post["warm"] = f"{means['warmup_term']:.4g}"
                     if "count_acc" in means:
                         post["acc"] = f"{means['count_acc']:.2f}"
-                        post["hmax"] = f"{means.get('hloc_max_obj', float('nan')):.1f}/{4 * gamma:.1f}"
+                        post["hmax"] = f"{means.get('hloc_max_obj', float('nan')):.1f}/{threshold:.1f}"
                     pbar.set_postfix(post, refresh=False)
 
             if writer is not None and config.image_every and (done % config.image_every == 0 or done == end):
