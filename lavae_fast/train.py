@@ -103,7 +103,8 @@ from .model import count_threshold
 from .metrics import index_rows_cols, location_accuracy, peak_distances
 from .noise import data_indices
 from .recipe import LR, Recipe
-from .train_config import TrainConfig, run_defining_fields
+from .train_config import (ADDED_SETTINGS, LEGACY_DEFAULTS, ConfigFileError, TrainConfig, config_argv, read_config_file,
+                           run_defining_fields)
 
 __all__ = ["main", "build_parser"]
 
@@ -147,6 +148,12 @@ def _auto_or_length(positive: bool):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lavae_fast.train", description="Train LAVAE or the β-VAE baseline.")
+    p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE_OR_NAME",
+                   help="settings from a YAML file (one `option: value` line each, e.g. `batch_size: 16`), a run's "
+                        "args.json, or the config that trained a shipped model by name (lavae-multi-dsprites, "
+                        "lavae-multi-mnist-10k, lavae-multi-dsprites-64, baseline-multi-dsprites, "
+                        "baseline-multi-mnist-10k: lavae_fast/configs/); options typed on the command line "
+                        "override it")
     p.add_argument("--model", choices=["lavae", "baseline"], default="lavae")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="multi-dsprites")
     p.add_argument("--data", default=None, help="data set directory (python -m lavae_fast.data generate); "
@@ -170,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (owned by one trainer at a time)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a run directory that holds a checkpoint, deleting that run's "
-                        "checkpoints, metrics.jsonl, args.json and tb/ (without it such a directory is refused)")
+                   help="start afresh in a run directory that holds a run, deleting all of that run's files: "
+                        "checkpoints, metrics.jsonl, args.json, tb/, evaluation results and figures/ (all or "
+                        "nothing; without it such a directory is refused)")
     p.add_argument("--ops", choices=["fused", "reference"], default="fused")
     p.add_argument("--location-mode", choices=["relaxed", "straight_through"], default="relaxed",
                    help="training estimator of the locations (SPEC §3): the relaxed Gumbel-softmax samples place "
@@ -255,13 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Pieces
 # ---------------------------------------------------------------------------------------------
 
-
-# Run settings whose default changed, with the value of the versions before the change: a run
-# directory written then may lack the key, and is compared against the old value, not today's.
-LEGACY_DEFAULTS = {"location_mode": "straight_through", "loc_kl": "straight_through"}
-# Run settings added later whose default is what the versions before them did: a run directory
-# written then lacks the key and is compared against that value (the counter was 3×3).
-ADDED_SETTINGS = {"count_window": 3, "exclusion_window": 1}
+# The defaults of runs written before a setting existed or changed: train_config.LEGACY_DEFAULTS
+# and ADDED_SETTINGS (the config module holds them, so that config files resolve old runs too).
 # Options that were removed, with the only value this version still trains with.
 REMOVED_OPTIONS = {"warmup_reduction": "sum"}
 
@@ -660,9 +663,27 @@ def _exclusion_problem(config) -> Optional[str]:
     return None
 
 
+def parse_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse ``argv``; a ``--config FILE_OR_NAME`` in it supplies settings that the other options
+    override (its values become options placed before them, parsed and checked as typed ones)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", action="append", default=[])
+    known, rest = pre.parse_known_args(argv)
+    if len(known.config) > 1:
+        parser.error("--config given more than once: pass one file (options on the command line override it)")
+    tokens: List[str] = []
+    if known.config:
+        try:
+            tokens = config_argv(parser, read_config_file(known.config[0]), f"--config {known.config[0]}")
+        except ConfigFileError as exc:
+            parser.error(str(exc))
+    return parser.parse_args(tokens + rest)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    config = TrainConfig.from_args(parser.parse_args(argv))
+    config = TrainConfig.from_args(parse_with_config(parser, argv))
     channels = DATASETS[config.dataset].channels
     if config.loc_lr is None:
         config.loc_lr = DATASETS[config.dataset].loc_lr

@@ -357,7 +357,8 @@ def _parser_dests():
     """Each option's dest, once (--bf16 and --no-bf16 share one), in the parser's order."""
     dests = []
     for action in T.build_parser()._actions:
-        if action.dest != "help" and action.dest not in dests:
+        # --config is where settings come from, not a setting: it has no field.
+        if action.dest not in ("help", "config") and action.dest not in dests:
             dests.append(action.dest)
     return dests
 
