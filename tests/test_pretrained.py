@@ -195,6 +195,9 @@ def test_export_round_trip(run, tmp_path):
         assert part in prov["command"]
     assert "--batch-size" not in prov["command"]  # left at its default
     assert prov["data"]["dataset"] == "multi-mnist-1k" and prov["data"]["fingerprint"] == "f" * 64
+    # The config that trained it, without this machine's paths: `train --config` takes it back.
+    assert prov["config"]["steps"] == 7 and prov["config"]["width"] == 8 and "out" not in prov["config"]
+    assert prov["config"]["exclusion_window"] == state["args"]["exclusion_window"]
     assert prov["source"]["file"] == str(d / CHECKPOINT_NAME)
     loaded = LAVAE.from_pretrained(str(out))
     _same_weights(loaded, model)

@@ -5,6 +5,8 @@ The file is a checkpoint in the run's own format (written by
 :data:`lavae_fast.pretrained.SHIPPED_KEYS` — no optimiser, no warm-up VAE — plus ``provenance``:
 
 * ``command``: the training command, rebuilt from the run's recorded arguments;
+* ``config``: the settings that trained it, as a config file holds them (``train --config``):
+  resolved as ``--resume`` resolves an old run's, without the output folder, data path or device;
 * ``train_commit``: the commit that trained it when given (``--train-commit``; runs do not record it),
   ``export_commit``: the commit of the code that exported it (``git describe``-style, ``-dirty``
   when the work tree had changes);
@@ -26,6 +28,7 @@ import torch
 
 from .._version import __version__
 from ..checkpoint import load_run_checkpoint, save_checkpoint
+from ..train_config import resolved_settings
 from . import KINDS, REGISTRY, SHIPPED_KEYS, model_file, names
 
 __all__ = ["export", "training_command", "git_commit", "read_measured_metrics", "MetricsMismatch"]
@@ -153,10 +156,15 @@ def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, m
     if metrics is not None and not no_metrics:
         measured = read_measured_metrics(metrics, state, used)
 
+    from ..train import build_parser
+
     args = dict(state["args"])
     provenance = {
         "name": name,
         "command": training_command(args),
+        # The settings that trained it as a config file's (train --config): the run's recorded
+        # settings resolved as --resume resolves them, without one machine's paths and devices.
+        "config": resolved_settings(args, {a.dest for a in build_parser()._actions if a.option_strings}),
         "train_commit": train_commit,
         "export_commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
         "data": {**{k: args.get(k) for k in DATA_KEYS}, "fingerprint": state.get("data_fingerprint")},
