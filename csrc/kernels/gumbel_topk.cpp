@@ -320,6 +320,68 @@ void gumbel_forward_window(const at::Tensor& logits, const at::Tensor& gumbel, c
   });
 }
 
+// Window 1's relaxed rows, in two pieces (noinline: one copy of the machine code, whatever the
+// code around each call, so that any caller gets the forward's rows bit for bit).
+//
+// e_d = exp((y_d − y_last)/τ) over y's pixels that are not draws (rank[d] < 0), 0 at the draws,
+// written over y; returns R = Σ e_d.
+template <typename T>
+__attribute__((noinline)) double rest_exp(T* y, const T* rank, int64_t D, T ylast, T inv_tau) {
+  typedef typename Vec<T>::type V;
+  V acc{};
+  simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+    const V e = vload_n(rank + d, lanes) < T(0) ? vexp((vload_n(y + d, lanes) - ylast) * inv_tau) : V{};
+    vstore_n(y + d, e, lanes);
+    acc += e;
+  });
+  return hsum(acc);
+}
+
+// Step i's relaxed row (i < k): returns c, its value c·e_d at the pixels that are not draws, and
+// sets val[j] = its value at draw j (0 for the draws before step i). topv = y of the k draws; ex:
+// scratch for k doubles (each exp((y_{p_j} − y_{p_i})/τ) is taken once).
+template <typename T>
+__attribute__((noinline)) T step_row(const T* topv, int64_t k, int64_t i, double R, T inv_tau, T* val, double* ex) {
+  const double yi = topv[i];
+  for (int64_t j = i; j < k; ++j) ex[j] = std::exp((static_cast<double>(topv[j]) - yi) * inv_tau);
+  double z = R > 0 ? R * ex[k - 1] : 0.0;
+  for (int64_t j = i; j < k; ++j) z += ex[j];
+  const T c = static_cast<T>(ex[k - 1] / z);
+  for (int64_t j = 0; j < k; ++j) val[j] = j < i ? T(0) : static_cast<T>(ex[j] / z);
+  return c;
+}
+
+// dst[d] = src[d]·c for d < n, except dst[pos[m]] = pv[m] (pos increasing), with streaming stores
+// (see scale_stream). The exceptions are put into each vector before it is stored, not written
+// afterwards: a store into a line just streamed out of the cache reads the line back from memory.
+// The caller issues store_fence() before the data is used by another thread.
+template <typename T>
+void scale_stream_except(T* dst, const T* src, T c, int64_t n, const int64_t* pos, const T* pv, int64_t npos) {
+  typedef typename Vec<T>::type V;
+  constexpr int N = Vec<T>::N;
+  int64_t d = 0, m = 0;
+  auto scalar = [&](int64_t e) {
+    T x = src[e] * c;
+    if (m < npos && pos[m] == e) x = pv[m++];
+    dst[e] = x;
+  };
+  if constexpr (kHasStreamingStores) {
+    while (d < n && (reinterpret_cast<uintptr_t>(dst + d) % kVecBytes) != 0) scalar(d++);
+    if ((reinterpret_cast<uintptr_t>(dst + d) % kVecBytes) == 0)
+      for (; d + N <= n; d += N) {
+        V v = vload<V>(src + d) * c;
+        for (; m < npos && pos[m] < d + N; ++m) v[pos[m] - d] = pv[m];
+        stream_store(dst + d, v);
+      }
+  }
+  for (; d + N <= n; d += N) {
+    V v = vload<V>(src + d) * c;
+    for (; m < npos && pos[m] < d + N; ++m) v[pos[m] - d] = pv[m];
+    vstore(dst + d, v);
+  }
+  while (d < n) scalar(d++);
+}
+
 template <typename T>
 void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const int64_t* pn, double tau_d, int64_t M,
                     at::Tensor& relaxed, at::Tensor& log_q, at::Tensor& index) {
@@ -329,22 +391,26 @@ void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const in
   T* pr = relaxed.mutable_data_ptr<T>();
   T* pq = log_q.mutable_data_ptr<T>();
   int64_t* pi = index.mutable_data_ptr<int64_t>();
-  typedef typename Vec<T>::type V;
   const T inv_tau = static_cast<T>(1.0 / tau_d);
   struct Scratch {
-    std::vector<T> y, rank, topv;
-    std::vector<int64_t> topi;
-    std::vector<double> lse;
+    std::vector<T> y, rank, topv, val, pv;
+    std::vector<int64_t> topi, ord, pos;
+    std::vector<double> lse, ex;
   };
   parallel_tasks<Scratch>(B, [&](int64_t b, Scratch& sc) {
-    std::vector<T>&y = sc.y, &rank = sc.rank, &topv = sc.topv;
-    std::vector<int64_t>& topi = sc.topi;
-    std::vector<double>& lse = sc.lse;
+    std::vector<T>&y = sc.y, &rank = sc.rank, &topv = sc.topv, &val = sc.val, &pv = sc.pv;
+    std::vector<int64_t>&topi = sc.topi, &ord = sc.ord, &pos = sc.pos;
+    std::vector<double>&lse = sc.lse, &ex = sc.ex;
     y.resize(D);
     rank.resize(D);
     topv.resize(M);
+    val.resize(M);
+    pv.resize(M);
     topi.resize(M);
+    ord.resize(M);
+    pos.resize(M);
     lse.resize(M);
+    ex.resize(M);
     {
       const T* l = pl + b * D;
       const T* g = pg + b * D;
@@ -362,29 +428,18 @@ void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const in
       // ≤ 1, R = Σ e_d, and step i's value there is e_d · exp((y_{p_{k−1}} − y_{p_i})/τ) / Z_i:
       // one exp per pixel for all steps. Both factors are ≥ their product, so neither underflows
       // unless the value itself does. The k drawn pixels are written separately.
-      double R = 0;
-      if (k > 0) {
-        const T ylast = topv[k - 1];
-        V acc{};
-        simd_for<T>(D, [&](int64_t d, int64_t lanes) {
-          const V e = vload_n(rank.data() + d, lanes) < T(0) ? vexp((vload_n(y.data() + d, lanes) - ylast) * inv_tau)
-                                                              : V{};
-          vstore_n(y.data() + d, e, lanes);  // y is not needed any more: keep e_d in its place
-          acc += e;
-        });
-        R = hsum(acc);
-      }
+      // y is not needed any more: rest_exp keeps e_d in its place.
+      const double R = k > 0 ? rest_exp(y.data(), rank.data(), D, topv[k - 1], inv_tau) : 0.0;
+      // The draws in pixel order (ord), for the rows' exceptions.
+      for (int64_t j = 0; j < k; ++j) ord[j] = j;
+      std::sort(ord.begin(), ord.begin() + k, [&](int64_t a, int64_t b) { return topi[a] < topi[b]; });
+      for (int64_t j = 0; j < k; ++j) pos[j] = topi[ord[j]];
       for (int64_t i = 0; i < k; ++i) {
-        const double yi = topv[i];
-        double z = R > 0 ? R * std::exp((static_cast<double>(topv[k - 1]) - yi) * inv_tau) : 0.0;
-        for (int64_t j = i; j < k; ++j) z += std::exp((static_cast<double>(topv[j]) - yi) * inv_tau);
-        const T c = static_cast<T>(std::exp((static_cast<double>(topv[k - 1]) - yi) * inv_tau) / z);
-        T* row = rb + i * D;
-        scale_stream(row, y.data(), c, D);
-        store_fence();  // the streamed row is complete before the drawn pixels are overwritten
-        for (int64_t j = 0; j < k; ++j)
-          row[topi[j]] = j < i ? T(0) : static_cast<T>(std::exp((static_cast<double>(topv[j]) - yi) * inv_tau) / z);
+        const T c = step_row(topv.data(), k, i, R, inv_tau, val.data(), ex.data());
+        for (int64_t j = 0; j < k; ++j) pv[j] = val[ord[j]];
+        scale_stream_except(rb + i * D, y.data(), c, D, pos.data(), pv.data(), k);
       }
+      store_fence();
       std::fill(rb + k * D, rb + M * D, T(0));
       double lq = 0;
       if (k > 0) {
@@ -562,6 +617,7 @@ void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_
     }
   });
 }
+
 
 at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& grad_relaxed_,
                                             const std::optional<at::Tensor>& grad_log_q_, const at::Tensor& logits_,
