@@ -37,7 +37,8 @@ struct KernelTable {
                                                             int64_t window, at::OptionalIntArrayRef canvas);
   Tensor (*gumbel_topk_relaxed_backward)(const OptTensor& grad_relaxed, const OptTensor& grad_log_q,
                                          const Tensor& logits, const Tensor& index, const Tensor& relaxed,
-                                         const Tensor& n, double tau, int64_t window, at::OptionalIntArrayRef canvas);
+                                         const Tensor& n, double tau, int64_t window, at::OptionalIntArrayRef canvas,
+                                         const OptTensor& gumbel);
   std::tuple<Tensor, Tensor, Tensor> (*lrelu_batch_norm)(const Tensor& y, const Tensor& weight, const Tensor& bias,
                                                          double slope, double eps);
   std::tuple<Tensor, Tensor, Tensor> (*lrelu_batch_norm_backward)(const Tensor& grad_out, const Tensor& y,

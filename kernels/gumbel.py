@@ -291,8 +291,11 @@ def gumbel_topk_relaxed(logits, n, tau, max_objects, gumbel, window=1, canvas=No
 
 
 @device_guarded
-def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1, canvas=None):
-    """Backward op: d loss / d logits [B, D] (``window``, ``canvas``: those of the forward)."""
+def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1, canvas=None,
+                                 gumbel=None):
+    """Backward op: d loss / d logits [B, D] (``window``, ``canvas``: those of the forward). ``gumbel``,
+    the forward's noise, is accepted for the schema and not used: this kernel reads relaxed (the C++
+    kernel recomputes the rows from the noise at window 1 instead)."""
     M = index.shape[1] if index.dim() == 2 else -1
     _check(logits, n, M)
     B, D = logits.shape

@@ -95,7 +95,7 @@ def _(logits, n, tau, max_objects, gumbel, window=1, canvas=None):
 
 
 @torch.library.register_fake("lavae_fast::gumbel_topk_relaxed_backward")
-def _(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1, canvas=None):
+def _(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1, canvas=None, gumbel=None):
     return logits.new_empty(logits.shape)
 
 
@@ -152,16 +152,21 @@ def _gumbel_setup(ctx, inputs, output):
     ctx.tau = tau
     ctx.window = window
     ctx.canvas = canvas
-    ctx.save_for_backward(logits, index, relaxed, n)
+    # The C++ kernel's backward at window 1 recomputes the relaxed rows from logits + the noise
+    # (bit for bit the forward's) instead of reading them back: half the memory traffic of its
+    # pass over grad_relaxed. The noise is saved only where that kernel can use it (CPU, window 1);
+    # every other implementation reads relaxed and ignores it.
+    ctx.save_for_backward(logits, index, relaxed, n,
+                          gumbel if window == 1 and logits.device.type == "cpu" else None)
     ctx.mark_non_differentiable(index)
 
 
 def _gumbel_backward(ctx, grad_relaxed, grad_log_q, grad_index):
-    logits, index, relaxed, n = ctx.saved_tensors
+    logits, index, relaxed, n, gumbel = ctx.saved_tensors
     if grad_relaxed is None and grad_log_q is None:
         return None, None, None, None, None, None, None
     grad = torch.ops.lavae_fast.gumbel_topk_relaxed_backward(
-        grad_relaxed, grad_log_q, logits, index, relaxed, n, ctx.tau, ctx.window, ctx.canvas
+        grad_relaxed, grad_log_q, logits, index, relaxed, n, ctx.tau, ctx.window, ctx.canvas, gumbel
     )
     return grad, None, None, None, None, None, None
 
@@ -209,12 +214,12 @@ def _triton_implementations(kernels) -> dict:
         return launch["gumbel_topk_relaxed"](logits, n, tau, max_objects, gumbel, window, canvas)
 
     def gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1,
-                                     canvas=None):
+                                     canvas=None, gumbel=None):
         if logits.dim() == 2 and logits.shape[1] > gumbel_kernels.MAX_D:
             return _ref._fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n,
-                                                               tau, window, canvas)
+                                                               tau, window, canvas, gumbel)
         return launch["gumbel_topk_relaxed_backward"](grad_relaxed, grad_log_q, logits, index, relaxed, n, tau,
-                                                      window, canvas)
+                                                      window, canvas, gumbel)
 
     def gather_appearance_backward(grad, h_app, loc, n, index, need_h_app, need_loc):
         gh, gl = launch["gather_appearance_backward"](grad, h_app, loc, n, index, need_h_app, need_loc)

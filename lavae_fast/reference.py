@@ -328,7 +328,9 @@ def _canvas_of(canvas, D: int):
 
 
 def _fallback_gumbel_topk_relaxed_backward(grad_relaxed, grad_log_q, logits, index, relaxed, n, tau, window=1,
-                                           canvas=None):
+                                           canvas=None, gumbel=None):
+    # gumbel (the forward's noise, optional) lets an implementation recompute the relaxed rows
+    # instead of reading them (the C++ kernel does at window 1); this one reads relaxed.
     B, D = logits.shape
     M = index.shape[1]
     grad = logits.new_zeros(B, D)

@@ -459,7 +459,8 @@ def _guard_cases():
     cases["gumbel_topk_relaxed"] = pair(
         lambda: lib.gumbel_topk_relaxed(logits, nm, 0.3, M, gumbel), lib.gumbel_topk_relaxed_backward,
         lambda: ref._fallback_gumbel_topk_relaxed(logits, nm, 0.3, M, gumbel),
-        ref._fallback_gumbel_topk_relaxed_backward, lambda out: (gr, gq, logits, out[2], out[0], nm, 0.3))
+        ref._fallback_gumbel_topk_relaxed_backward,
+        lambda out: (gr, gq, logits, out[2], out[0], nm, 0.3, 1, None, gumbel))  # the noise, as autograd passes it
 
     h = torch.randn(B, H, W, generator=g) * 5
     cases["count_objects"] = (lambda: lib.count_objects(h, 2.0, M), lambda: ref._fallback_count_objects(h, 2.0, M))

@@ -440,6 +440,59 @@ def test_gumbel_backward_op_with_one_grad_missing(ext):
         close64("grad_logits", got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", GUMBEL_CASES, ids=lambda c: "B{}D{}M{}tau{}s{}g{}".format(*c))
+def test_gumbel_backward_recomputes_the_rows_from_the_noise(ext, case, dtype):
+    # Given the forward's noise, the window-1 backward recomputes the relaxed rows (the forward's,
+    # bit for bit) instead of reading them: its gradient is as close to the float64 reference as
+    # the one from the saved rows, and the rows passed are not read (zeros in their place).
+    B, D, M, tau, scale, gaps = case
+    logits64, n, gumbel64 = gumbel_case(B, D, M, scale, seed=D + M + 5, gaps=gaps)
+    logits, gumbel = logits64.to(dtype), gumbel64.to(dtype)
+    relaxed, log_q, index = torch.ops.lavae_fast.gumbel_topk_relaxed(logits, n, tau, M, gumbel)
+    index64, relaxed64, _ = ref.gumbel_topk_relaxed(logits64, n, tau, M, gumbel64)
+    assert torch.equal(index, index64)
+    g = torch.Generator().manual_seed(11)
+    gr = torch.randn(B, M, D, generator=g, dtype=torch.float64)
+    gq = torch.randn(B, generator=g, dtype=torch.float64)
+    bwd = torch.ops.lavae_fast.gumbel_topk_relaxed_backward
+    for a, b in [(gr, None), (None, gq), (gr, gq)]:
+        a_ = None if a is None else a.to(dtype)
+        b_ = None if b is None else b.to(dtype)
+        got = bwd(a_, b_, logits, index, torch.zeros_like(relaxed), n, tau, 1, None, gumbel)
+        saved = bwd(a_, b_, logits, index, relaxed, n, tau)
+        want64 = ref._fallback_gumbel_topk_relaxed_backward(a, b, logits64, index, relaxed64, n, tau)
+        which = "relaxed" if b is None else "log_q" if a is None else "both"
+        compare(f"grad_logits ({which}, recomputed rows)", dtype, got, saved, want64)
+        assert torch.isfinite(got).all()
+
+
+def test_gumbel_autograd_passes_the_noise_at_window_1(ext):
+    # The autograd formula saves the noise for the C++ backward where it recomputes the rows (CPU,
+    # window 1), and only there: a window > 1 reads the saved rows.
+    logits, n, gumbel = gumbel_case(3, 36, 4, 1.0, seed=83)
+    lg = logits.clone().requires_grad_()
+    for window, canvas, noise in [(1, None, True), (3, (6, 6), False)]:
+        _, relaxed, _ = ops.gumbel_topk_relaxed(lg, n, 0.5, 4, gumbel, window=window, canvas=canvas)
+        saved = relaxed.grad_fn.saved_tensors
+        assert (saved[-1] is not None and saved[-1].data_ptr() == gumbel.data_ptr()) == noise, window
+
+
+def test_gumbel_backward_checks_the_noise(ext):
+    logits, n, gumbel = gumbel_case(2, 10, 3, 1.0, seed=89)
+    relaxed, log_q, index = torch.ops.lavae_fast.gumbel_topk_relaxed(logits, n, 0.5, 3, gumbel)
+    bwd = torch.ops.lavae_fast.gumbel_topk_relaxed_backward
+    for bad in [gumbel[:, :5], gumbel.float(), gumbel[None]]:
+        with pytest.raises(RuntimeError, match="gumbel"):
+            bwd(torch.randn_like(relaxed), log_q, logits, index, relaxed, n, 0.5, 1, None, bad)
+    # A window > 1 reads the rows: the noise is checked and then not used.
+    logits, n, gumbel = gumbel_case(2, 36, 3, 1.0, seed=97)
+    relaxed, log_q, index = torch.ops.lavae_fast.gumbel_topk_relaxed(logits, n, 0.5, 3, gumbel, 3, [6, 6])
+    gr = torch.randn_like(relaxed)
+    close64("window 3, noise given", bwd(gr, log_q, logits, index, relaxed, n, 0.5, 3, [6, 6], gumbel),
+            bwd(gr, log_q, logits, index, relaxed, n, 0.5, 3, [6, 6]))
+
+
 def test_gumbel_non_contiguous_inputs(ext):
     logits, n, gumbel = gumbel_case(4, 40, 5, 1.0, seed=41)
     lg_nc = torch.stack([logits, logits], -1)[..., 0]
@@ -714,6 +767,8 @@ def _opcheck_cases():
         ("gumbel_topk_relaxed", (rg(logits), gn, 0.5, 4, gumbel)),
         ("gumbel_topk_relaxed_backward", (torch.randn_like(relaxed), torch.randn_like(log_q), logits, gidx, relaxed, gn, 0.5)),
         ("gumbel_topk_relaxed_backward", (None, torch.randn_like(log_q), logits, gidx, relaxed, gn, 0.5)),
+        ("gumbel_topk_relaxed_backward",
+         (torch.randn_like(relaxed), torch.randn_like(log_q), logits, gidx, relaxed, gn, 0.5, 1, None, gumbel)),
         ("count_objects", (torch.randn(3, 6, 7) * 5, 2.0, 4)),
         ("count_objects", (torch.randn(3, 6, 7) * 5, 2.0, 4, 5)),
         ("gather_appearance", (rg(h_app), rg(gloc), gathn, None)),
@@ -723,7 +778,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("k", range(13))
+@pytest.mark.parametrize("k", range(14))
 def test_opcheck(ext, k):
     name, args = _opcheck_cases()[k]
     torch.library.opcheck(getattr(torch.ops.lavae_fast, name).default, args)
@@ -731,7 +786,7 @@ def test_opcheck(ext, k):
 
 def test_opcheck_covers_every_op():
     assert {name for name, _ in _opcheck_cases()} == set(OP_NAMES)
-    assert len(_opcheck_cases()) == 13
+    assert len(_opcheck_cases()) == 14
 
 
 # ---------------------------------------------------------------------------------------------

@@ -320,8 +320,10 @@ void gumbel_forward_window(const at::Tensor& logits, const at::Tensor& gumbel, c
   });
 }
 
-// Window 1's relaxed rows, in two pieces (noinline: one copy of the machine code, whatever the
-// code around each call, so that any caller gets the forward's rows bit for bit).
+// Window 1's relaxed rows, in two pieces that the forward writes them from and the backward
+// recomputes them with (from logits + gumbel, when it is given the noise: gumbel_backward_recompute):
+// both call these same functions, so the backward's rows are the forward's bit for bit (noinline:
+// one copy of the machine code, whatever the code around each call).
 //
 // e_d = exp((y_d − y_last)/τ) over y's pixels that are not draws (rank[d] < 0), 0 at the draws,
 // written over y; returns R = Σ e_d.
@@ -618,11 +620,197 @@ void gumbel_backward(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_
   });
 }
 
+// Window 1, given the forward's noise: the relaxed rows are recomputed rather than read. Row i is
+// c_i·e_d at the pixels that are not draws and v_ij at draw j (rest_exp, step_row: the forward's
+// values bit for bit), so with G_i = grad_relaxed row i, at a pixel that is not a draw
+//   grad_d = (1/τ) Σ_i c_i·e_d·(G_i[d] − ⟨G_i, r_i⟩) = (e_d/τ)·(S_d − K),
+//   S_d = Σ_i c_i·G_i[d],  K = Σ_i c_i·⟨G_i, r_i⟩,  ⟨G_i, r_i⟩ = c_i·Σ_d G_i[d]·e_d + Σ_{j≥i} G_i[p_j]·v_ij,
+// and the k draws are fixed up one by one. One pass reads each row of grad_relaxed once (S_d
+// accumulates in the output row, which stays in cache) and the saved relaxed rows are not read at
+// all: half the memory traffic of the pass over (grad_relaxed, relaxed). The log_q term is that of
+// gumbel_backward, with exp(l_d − m_r) kept from its sum for the output pass (one exp per pixel, not
+// two), and is written in the same output pass.
+template <typename T>
+void gumbel_backward_recompute(const at::Tensor& grad_relaxed, const at::Tensor& grad_log_q, const at::Tensor& logits,
+                               const at::Tensor& gumbel, const int64_t* pidx, const int64_t* pn, double tau_d,
+                               int64_t M, at::Tensor& grad) {
+  const int64_t B = logits.size(0), D = logits.size(1);
+  const T* pl = logits.const_data_ptr<T>();
+  const T* pg = gumbel.const_data_ptr<T>();
+  const T* pgr = grad_relaxed.defined() ? grad_relaxed.const_data_ptr<T>() : nullptr;
+  const T* pgq = grad_log_q.defined() ? grad_log_q.const_data_ptr<T>() : nullptr;
+  T* po = grad.mutable_data_ptr<T>();
+  typedef typename Vec<T>::type V;
+  constexpr int N = Vec<T>::N;
+  const T inv_tau = static_cast<T>(1.0 / tau_d);
+  const T ninf = -std::numeric_limits<T>::infinity();
+  struct Scratch {
+    std::vector<T> rank, e, w, topv, val, c;
+    std::vector<int64_t> picks;
+    std::vector<double> lse, dots, ex;
+  };
+  parallel_tasks<Scratch>(B, [&](int64_t b, Scratch& sc) {
+    T* out = po + b * D;
+    const int64_t rows = std::min(pn[b], M);
+    const bool has_r = pgr != nullptr, has_q = pgq != nullptr;
+    if (rows == 0 || (!has_r && !has_q)) {
+      std::fill(out, out + D, T(0));
+      return;
+    }
+    const T* l = pl + b * D;
+    sc.rank.resize(D);
+    sc.picks.resize(rows);
+    T* rank = sc.rank.data();
+    int64_t* picks = sc.picks.data();
+    // The draws (index −1 marks the absent ones, only after the last draw) and rank[d] = the step
+    // at which pixel d is drawn, −1 if never.
+    std::fill(rank, rank + D, T(-1));
+    int64_t k = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t p = pidx[b * M + i];
+      if (p < 0) continue;
+      rank[p] = static_cast<T>(k);
+      picks[k++] = p;
+    }
+    if (k == 0) {
+      std::fill(out, out + D, T(0));
+      return;
+    }
+    // Pass over D: y = logits + g (as the forward), and the largest logit that is not a draw.
+    sc.e.resize(D);
+    sc.topv.resize(k);
+    T* e = sc.e.data();
+    T* topv = sc.topv.data();
+    const T* g = pg + b * D;
+    V vm = splat<V>(ninf);
+    simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+      const V lv = vload_n(l + d, lanes);
+      vstore_n(e + d, lv + vload_n(g + d, lanes), lanes);
+      const V v = vload_n(rank + d, lanes, T(0)) < T(0) ? lv : vm;
+      vm = v > vm ? v : vm;
+    });
+    for (int64_t j = 0; j < k; ++j) topv[j] = e[picks[j]];
+    double K = 0;
+    if (has_r) {
+      sc.val.resize(k * k);
+      sc.c.resize(k);
+      sc.dots.resize(k);
+      T* val = sc.val.data();
+      T* c = sc.c.data();
+      const double R = rest_exp(e, rank, D, topv[k - 1], inv_tau);
+      sc.ex.resize(k);
+      for (int64_t i = 0; i < k; ++i) c[i] = step_row(topv, k, i, R, inv_tau, val + i * k, sc.ex.data());
+      // S_d into the output row, and each row's Σ_d G_i[d]·e_d (e_d = 0 at the draws).
+      const T* G = pgr + b * M * D;
+      for (int64_t i = 0; i < k; ++i) {
+        const T* Gi = G + i * D;
+        const T ci = c[i];
+        V u0{}, u1{};
+        int64_t d = 0;
+        if (i == 0) {
+          for (; d + 2 * N <= D; d += 2 * N) {
+            const V g0 = vload<V>(Gi + d), g1 = vload<V>(Gi + d + N);
+            u0 += g0 * vload<V>(e + d);
+            u1 += g1 * vload<V>(e + d + N);
+            vstore(out + d, ci * g0);
+            vstore(out + d + N, ci * g1);
+          }
+          simd_for<T>(D - d, [&](int64_t x, int64_t lanes) {
+            const V gv = vload_n(Gi + d + x, lanes);
+            u0 += gv * vload_n(e + d + x, lanes);
+            vstore_n(out + d + x, ci * gv, lanes);
+          });
+        } else {
+          for (; d + 2 * N <= D; d += 2 * N) {
+            const V g0 = vload<V>(Gi + d), g1 = vload<V>(Gi + d + N);
+            u0 += g0 * vload<V>(e + d);
+            u1 += g1 * vload<V>(e + d + N);
+            vstore(out + d, vload<V>(out + d) + ci * g0);
+            vstore(out + d + N, vload<V>(out + d + N) + ci * g1);
+          }
+          simd_for<T>(D - d, [&](int64_t x, int64_t lanes) {
+            const V gv = vload_n(Gi + d + x, lanes);
+            u0 += gv * vload_n(e + d + x, lanes);
+            vstore_n(out + d + x, vload_n(out + d + x, lanes) + ci * gv, lanes);
+          });
+        }
+        double dot = static_cast<double>(ci) * static_cast<double>(hsum(u0 + u1));
+        for (int64_t j = i; j < k; ++j) dot += static_cast<double>(Gi[picks[j]]) * static_cast<double>(val[i * k + j]);
+        sc.dots[i] = dot;
+        K += static_cast<double>(ci) * dot;
+      }
+    }
+    // The log_q term: −g_lq·exp(l_d − m_r)·Σ_i exp(m_r − lse_i) at the pixels that are not draws.
+    double gq = 0, mr = vm[0], sr = 0;
+    T coef_q = T(0);
+    if (has_q) {
+      gq = pgq[b];
+      for (int j = 1; j < N; ++j) mr = std::max<double>(mr, vm[j]);
+      sc.w.resize(D);
+      T* w = sc.w.data();
+      if (mr != -std::numeric_limits<double>::infinity()) {
+        const T m = static_cast<T>(mr);
+        V acc{};
+        simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+          const V wv = vload_n(rank + d, lanes, T(0)) < T(0) ? vexp(vload_n(l + d, lanes) - m) : V{};
+          vstore_n(w + d, wv, lanes);
+          acc += wv;
+        });
+        sr = hsum(acc);
+      }
+      sc.lse.resize(k);
+      step_lse(l, picks, k, mr, sr, sc.lse.data());
+      if (sr > 0) {
+        double a = 0;
+        for (int64_t i = 0; i < k; ++i) a += std::exp(mr - sc.lse[i]);
+        coef_q = static_cast<T>(gq * a);
+      }
+    }
+    // The output pass: (e_d/τ)·(S_d − K) − coef_q·exp(l_d − m_r) (each term 0 at the draws).
+    {
+      const T Kt = static_cast<T>(K);
+      const T* w = sc.w.data();
+      const bool q_rest = has_q && sr > 0;
+      if (has_r && q_rest)
+        simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+          const V v = vload_n(e + d, lanes) * inv_tau * (vload_n(out + d, lanes) - Kt) - coef_q * vload_n(w + d, lanes);
+          vstore_n(out + d, v, lanes);
+        });
+      else if (has_r)
+        simd_for<T>(D, [&](int64_t d, int64_t lanes) {
+          vstore_n(out + d, vload_n(e + d, lanes) * inv_tau * (vload_n(out + d, lanes) - Kt), lanes);
+        });
+      else if (q_rest)
+        simd_for<T>(D, [&](int64_t d, int64_t lanes) { vstore_n(out + d, -(coef_q * vload_n(w + d, lanes)), lanes); });
+      else
+        std::fill(out, out + D, T(0));
+    }
+    // The draws: draw j is in the rows i ≤ j (value v_ij) and in b^(i) for i ≤ j.
+    for (int64_t j = 0; j < k; ++j) {
+      double v = 0;
+      if (has_r) {
+        const T* G = pgr + b * M * D;
+        const T* val = sc.val.data();
+        for (int64_t i = 0; i <= j; ++i)
+          v += static_cast<double>(val[i * k + j]) * (static_cast<double>(G[i * D + picks[j]]) - sc.dots[i]);
+        v *= static_cast<double>(inv_tau);
+      }
+      if (has_q) {
+        const double lj = l[picks[j]];
+        double mass = 0;
+        for (int64_t i = 0; i <= j; ++i) mass += std::exp(lj - sc.lse[i]);
+        v += gq * (1.0 - mass);
+      }
+      out[picks[j]] = static_cast<T>(v);
+    }
+  });
+}
 
 at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& grad_relaxed_,
                                             const std::optional<at::Tensor>& grad_log_q_, const at::Tensor& logits_,
                                             const at::Tensor& index_, const at::Tensor& relaxed_, const at::Tensor& n_,
-                                            double tau, int64_t window, at::OptionalIntArrayRef canvas) {
+                                            double tau, int64_t window, at::OptionalIntArrayRef canvas,
+                                            const std::optional<at::Tensor>& gumbel_) {
   check_logits(kBwd, logits_);
   const int64_t B = logits_.size(0), D = logits_.size(1);
   check_cpu(index_, kBwd, "index");
@@ -632,6 +820,16 @@ at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& gra
   const at::Tensor n = checked_counts(n_, B, M, kBwd);
   const at::Tensor index = checked_index(index_, n, B, M, D, kBwd);
   const Windows win = checked_windows(kBwd, window, canvas, D, M);
+  // The forward's noise, if given: window 1 then recomputes the relaxed rows from it instead of
+  // reading them (the other windows read them, and ignore it). It must be the forward's own noise
+  // (index the draws it gave): other noise gives other rows, though never an access out of bounds.
+  at::Tensor gumbel;
+  if (gumbel_.has_value()) {
+    check_cpu(*gumbel_, kBwd, "gumbel");
+    check_same_dtype(*gumbel_, logits_, kBwd, "gumbel", "logits");
+    check_shape(*gumbel_, {B, D}, kBwd, "gumbel");
+    if (window == 1) gumbel = gumbel_->contiguous();
+  }
   at::Tensor grad_relaxed, relaxed, grad_log_q;
   if (grad_relaxed_.has_value()) {
     check_cpu(*grad_relaxed_, kBwd, "grad_relaxed");
@@ -641,7 +839,7 @@ at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& gra
     check_same_dtype(relaxed_, logits_, kBwd, "relaxed", "logits");
     check_shape(relaxed_, {B, M, D}, kBwd, "relaxed");
     grad_relaxed = grad_relaxed_->contiguous();
-    relaxed = relaxed_.contiguous();
+    if (!gumbel.defined()) relaxed = relaxed_.contiguous();
   }
   if (grad_log_q_.has_value()) {
     check_cpu(*grad_log_q_, kBwd, "grad_log_q");
@@ -651,6 +849,13 @@ at::Tensor gumbel_topk_relaxed_backward_cpu(const std::optional<at::Tensor>& gra
   }
   const at::Tensor logits = logits_.contiguous();
   at::Tensor grad = at::empty({B, D}, logits.options());
+  if (gumbel.defined()) {
+    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kBwd, [&] {
+      gumbel_backward_recompute<scalar_t>(grad_relaxed, grad_log_q, logits, gumbel, index.const_data_ptr<int64_t>(),
+                                          n.const_data_ptr<int64_t>(), tau, M, grad);
+    });
+    return grad;
+  }
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kBwd, [&] {
     gumbel_backward<scalar_t>(grad_relaxed, grad_log_q, logits, index.const_data_ptr<int64_t>(), relaxed,
                               n.const_data_ptr<int64_t>(), tau, M, win, grad);

@@ -219,12 +219,13 @@ static void test_place(int64_t B, int64_t M, int64_t C, int64_t S, int64_t H, in
 // gumbel_topk_relaxed
 // ---------------------------------------------------------------------------------------------
 
-// The schemas' trailing `int window=1, int[]? canvas=None` (q's exclusion window, SPEC §2): a C++
-// caller passes them explicitly.
+// The schemas' trailing `int window=1, int[]? canvas=None` (q's exclusion window, SPEC §2) and the
+// backward's `Tensor? gumbel=None` (the forward's noise, from which window 1 recomputes the relaxed
+// rows): a C++ caller passes them explicitly.
 using GumbelFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, double, int64_t, const Tensor&,
                                                         int64_t, at::OptionalIntArrayRef);
 using GumbelBwdSig = Tensor(const OptT&, const OptT&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                            int64_t, at::OptionalIntArrayRef);
+                            int64_t, at::OptionalIntArrayRef, const OptT&);
 
 static void test_gumbel(int64_t B, int64_t D, int64_t M, double tau) {
   auto fwd_op = op<GumbelFwdSig>("lavae_fast::gumbel_topk_relaxed");
@@ -234,7 +235,7 @@ static void test_gumbel(int64_t B, int64_t D, int64_t M, double tau) {
     return fwd_op.call(l, n, t, m, g, 1, std::nullopt);
   };
   auto bwd = [&](const OptT& gr, const OptT& gq, const Tensor& l, const Tensor& idx, const Tensor& r, const Tensor& n,
-                 double t) { return bwd_op.call(gr, gq, l, idx, r, n, t, 1, std::nullopt); };
+                 double t, const OptT& g = OptT()) { return bwd_op.call(gr, gq, l, idx, r, n, t, 1, std::nullopt, g); };
   const Tensor logits = at::randn({B, D}, at::kDouble) * 3;
   const Tensor gumbel = -(-(at::rand({B, D}, at::kDouble).clamp(1e-12, 1 - 1e-12)).log()).log();
   Tensor n = at::randint(0, M + 1, {B}, at::kLong);
@@ -271,6 +272,11 @@ static void test_gumbel(int64_t B, int64_t D, int64_t M, double tau) {
     check_close("gumbel log_q", lq, log_q, rtol);
     const Tensor g = bwd(OptT(gr.to(dt)), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau);
     check_close("gumbel grad", g, grad, rtol * 10);
+    // Given the noise, the relaxed rows are recomputed rather than read: the same gradient, also
+    // when the relaxed tensor passed holds something else.
+    const Tensor gn = bwd(OptT(gr.to(dt)), OptT(gq.to(dt)), logits.to(dt), idx, at::zeros_like(r), n, tau,
+                          OptT(gumbel.to(dt)));
+    check_close("gumbel grad (recomputed rows)", gn, grad, rtol * 10);
   }
   check_throws("gumbel tau", [&] { fwd(logits, n, 0.0, M, gumbel); });
   check_throws("gumbel n", [&] { fwd(logits, n + M + 1, tau, M, gumbel); });
@@ -339,9 +345,13 @@ static void test_gumbel_window(int64_t B, int64_t H, int64_t W, int64_t M, int64
     EXPECT(!((r == 0) & (relaxed > 1e-30)).any().item<bool>(), "gumbel window: a candidate without mass (w=%lld)",
            (long long)window);
     check_close("gumbel window log_q", lq, log_q, rtol);
-    const Tensor g = bwd.call(OptT(gr.to(dt)), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau, window, canvas);
+    const Tensor g = bwd.call(OptT(gr.to(dt)), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau, window, canvas, OptT());
     check_close("gumbel window grad", g, grad, rtol * 10);
-    const Tensor gl = bwd.call(OptT(), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau, window, canvas);
+    // A window > 1 reads relaxed and ignores the noise.
+    const Tensor gw = bwd.call(OptT(gr.to(dt)), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau, window, canvas,
+                               OptT(gumbel.to(dt)));
+    check_close("gumbel window grad (noise given)", gw, grad, rtol * 10);
+    const Tensor gl = bwd.call(OptT(), OptT(gq.to(dt)), logits.to(dt), idx, r, n, tau, window, canvas, OptT());
     Tensor grad_lq = at::zeros({B, D}, at::kDouble);  // the log_q part alone
     for (int64_t b = 0; b < B; ++b) {
       std::vector<bool> allowed(D, true);
