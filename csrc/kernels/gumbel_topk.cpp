@@ -39,6 +39,27 @@ inline bool ranks_before(T a, T b) {
   return a > b || (a != a && b == b);
 }
 
+// Whether some lane of v is not ≤ t (larger, or NaN on either side): one compare into a mask, not
+// a reduction lane by lane. Every lane that ranks_before t is among them (when t is NaN, all are).
+template <typename T>
+inline bool any_not_le(const typename Vec<T>::type& v, T t) {
+  constexpr bool f32 = std::is_same<T, float>::value;
+#if LAVAE_ISA_LEVEL >= 2
+  if constexpr (f32) return _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(t), _CMP_NLE_UQ) != 0;
+  else return _mm512_cmp_pd_mask((__m512d)v, _mm512_set1_pd(t), _CMP_NLE_UQ) != 0;
+#elif LAVAE_ISA_LEVEL == 1
+  if constexpr (f32) return _mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_set1_ps(t), _CMP_NLE_UQ)) != 0;
+  else return _mm256_movemask_pd(_mm256_cmp_pd((__m256d)v, _mm256_set1_pd(t), _CMP_NLE_UQ)) != 0;
+#elif defined(__SSE2__)
+  if constexpr (f32) return _mm_movemask_ps(_mm_cmpnle_ps((__m128)v, _mm_set1_ps(t))) != 0;
+  else return _mm_movemask_pd(_mm_cmpnle_pd((__m128d)v, _mm_set1_pd(t))) != 0;
+#else
+  bool any = false;
+  for (int j = 0; j < Vec<T>::N; ++j) any |= !(v[j] <= t);
+  return any;
+#endif
+}
+
 // The k largest of y[0..D) in decreasing order (k ≤ D), by insertion into a sorted list of k:
 // one pass over D. Once the list is full, a whole vector of values is compared with the current
 // k-th value at once and skipped when none of them could enter, which is almost always.
@@ -63,12 +84,9 @@ void top_k(const T* y, int64_t D, int64_t k, T* val, int64_t* idx) {
   int64_t d = 0;
   for (; d < D && filled < k; ++d) offer(d);
   for (; d + N <= D; d += N) {
-    const V v = vload<V>(y + d);
-    // ranks_before(v, kth) lane by lane: larger, or NaN (NaN ranks first, as in torch.topk).
-    const auto enter = (v > val[k - 1]) | (v != v);
-    bool any = false;
-    for (int j = 0; j < N; ++j) any |= enter[j] != 0;
-    if (!any) continue;
+    // Skip the vector unless a lane might rank before the k-th value (larger, or NaN: NaN ranks
+    // first, as in torch.topk); offer() decides exactly.
+    if (!any_not_le<T>(vload<V>(y + d), val[k - 1])) continue;
     for (int j = 0; j < N; ++j) offer(d + j);
   }
   for (; d < D; ++d) offer(d);
