@@ -234,7 +234,7 @@ void gumbel_forward_window(const at::Tensor& logits, const at::Tensor& gumbel, c
     const int64_t k = std::min(pn[b], M);
     for (int64_t i = 0; i < M; ++i) pi[b * M + i] = -1;
     if (k == 0) {
-      std::fill(rb, rb + M * D, T(0));
+      zero_stream(rb, M * D);
       pq[b] = T(0);
       return;
     }
@@ -330,7 +330,7 @@ void gumbel_forward_window(const at::Tensor& logits, const at::Tensor& gumbel, c
         });
       }
     }
-    std::fill(rb + k * D, rb + M * D, T(0));
+    zero_stream(rb + k * D, (M - k) * D);  // streamed, as the rows above
     window_lse(l, grp, picks, k, win, D, sc.m.data(), sc.s.data(), sc.lse.data());
     double lq = 0;
     for (int64_t i = 0; i < k; ++i) lq += static_cast<double>(l[picks[i]]) - sc.lse[i];
@@ -460,7 +460,9 @@ void gumbel_forward(const at::Tensor& logits, const at::Tensor& gumbel, const in
         scale_stream_except(rb + i * D, y.data(), c, D, pos.data(), pv.data(), k);
       }
       store_fence();
-      std::fill(rb + k * D, rb + M * D, T(0));
+      // The absent slots' rows: streamed zeros, as the rows above (a plain fill reads every line of a
+      // buffer that is not in the cache before overwriting it).
+      zero_stream(rb + k * D, (M - k) * D);
       double lq = 0;
       if (k > 0) {
         double mr, sr;
