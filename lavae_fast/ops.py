@@ -146,6 +146,10 @@ def _place_backward(ctx, grad_loglik, grad_canvas):
 torch.library.register_autograd("lavae_fast::place_loglik", _place_backward, setup_context=_place_setup)
 
 
+# gumbel_topk_relaxed's formula. With the C++ extension loaded, CPU tensors take the same formula
+# from csrc/autograd.cpp instead (registered to AutogradCPU, which wins over this registration to
+# the Autograd key): it spares the Python glue around the op, a large share of the op's time at
+# the training shape. The two must stay the same.
 def _gumbel_setup(ctx, inputs, output):
     logits, n, tau, max_objects, gumbel, window, canvas = inputs
     relaxed, _, index = output

@@ -467,15 +467,72 @@ def test_gumbel_backward_recomputes_the_rows_from_the_noise(ext, case, dtype):
         assert torch.isfinite(got).all()
 
 
-def test_gumbel_autograd_passes_the_noise_at_window_1(ext):
+def _saved_for_backward(fn):
+    """The tensors autograd saves while fn() runs (its saved-tensor pack hook sees each)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("python_formula", [False, True], ids=["registered", "python"])
+def test_gumbel_autograd_passes_the_noise_at_window_1(ext, python_formula):
     # The autograd formula saves the noise for the C++ backward where it recomputes the rows (CPU,
-    # window 1), and only there: a window > 1 reads the saved rows.
+    # window 1), and only there: a window > 1 reads the saved rows. Both formulas: the one CPU
+    # tensors get (csrc/autograd.cpp, with the extension) and lavae_fast.ops' own in Python (every
+    # other device), run here through a plain autograd.Function around the same two callbacks.
     logits, n, gumbel = gumbel_case(3, 36, 4, 1.0, seed=83)
-    lg = logits.clone().requires_grad_()
+    g = torch.Generator().manual_seed(5)
+    w = [torch.randn(3, 4, 36, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)]
     for window, canvas, noise in [(1, None, True), (3, (6, 6), False)]:
-        _, relaxed, _ = ops.gumbel_topk_relaxed(lg, n, 0.5, 4, gumbel, window=window, canvas=canvas)
-        saved = relaxed.grad_fn.saved_tensors
-        assert (saved[-1] is not None and saved[-1].data_ptr() == gumbel.data_ptr()) == noise, window
+        lg = logits.clone().requires_grad_()
+        if python_formula:
+            def fn(lg=lg, window=window, canvas=canvas):
+                return _PythonFormula.apply(lg, n, 0.5, 4, gumbel, window, None if canvas is None else list(canvas))
+        else:
+            def fn(lg=lg, window=window, canvas=canvas):
+                return ops.gumbel_topk_relaxed(lg, n, 0.5, 4, gumbel, window=window, canvas=canvas)[1:]
+        out, saved = _saved_for_backward(fn)
+        relaxed, log_q = out[0], out[1]
+        if not python_formula:  # CPU tensors take csrc/autograd.cpp's formula
+            assert "GumbelTopkRelaxed" in relaxed.grad_fn.name(), relaxed.grad_fn.name()
+        assert any(t.data_ptr() == relaxed.data_ptr() for t in saved)
+        assert any(t.data_ptr() == gumbel.data_ptr() for t in saved) == noise, window
+        # And the gradient (through the noise at window 1) is the reference's.
+        (got,) = torch.autograd.grad((relaxed, log_q), lg, w)
+        want = run_with_grads(_gumbel_window_fn(ref, n, 0.5, 4, gumbel, window, canvas), [logits], [0], w)[1][0]
+        close64(f"grad_logits (window {window})", got, want)
+
+
+def _gumbel_window_fn(impl, n, tau, M, gumbel, window, canvas):
+    def fn(logits):
+        index, relaxed, log_q = impl.gumbel_topk_relaxed(logits, n, tau, M, gumbel, window=window, canvas=canvas)
+        return relaxed, log_q, index
+
+    return fn
+
+
+class _PythonFormula(torch.autograd.Function):
+    """lavae_fast.ops' Python autograd formula of gumbel_topk_relaxed (its setup_context and backward
+    callbacks) around the op, for CPU tensors, which otherwise get csrc/autograd.cpp's."""
+
+    @staticmethod
+    def forward(logits, n, tau, M, gumbel, window, canvas):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.lavae_fast.gumbel_topk_relaxed(logits, n, tau, M, gumbel, window, canvas)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ops._gumbel_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_relaxed, grad_log_q, grad_index):
+        return ops._gumbel_backward(ctx, grad_relaxed, grad_log_q, grad_index)
 
 
 def test_gumbel_backward_checks_the_noise(ext):
