@@ -161,7 +161,7 @@ def test_the_walk_finds_the_package():
     graph = import_graph()
     for name in ("lavae_fast.train", "lavae_fast.ops", "lavae_fast.data.generator", "lavae_fast.pretrained.shipping"):
         assert name in graph
-    assert "lavae_fast.ops" in graph["lavae_fast.model"]
+    assert "lavae_fast.engine.ops" in graph["lavae_fast.models.lavae"]
     if _kernels_dir() is not None:
         assert "lavae_fast.kernels.place" in graph["lavae_fast.kernels"]
 
@@ -188,7 +188,7 @@ def test_readers_of_a_run_do_not_import_the_trainer(reader):
 
 def test_the_model_knows_only_the_ops_api():
     graph = import_graph()
-    assert "lavae_fast.reference" not in graph["lavae_fast.model"]
+    assert "lavae_fast.engine.reference" not in graph["lavae_fast.models.lavae"]
 
 
 def test_the_kernels_import_nothing_above_them():
