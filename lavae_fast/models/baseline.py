@@ -90,7 +90,7 @@ class BetaVAE(nn.Module):
         by name ("multi-dsprites", "multi-mnist-10k"), a run directory or a checkpoint file;
         ``canvas`` as in :meth:`lavae_fast.LAVAE.from_pretrained` (same checks and errors; a LAVAE
         checkpoint is refused)."""
-        from ..runtime.checkpoint import read_model_checkpoint, restore_model
+        from ..hub.reader import read_model_checkpoint, restore_model
 
         device = check_device(device)  # before reading: a device this process lacks fails at once
         state, path = read_model_checkpoint(name_or_path, "baseline")

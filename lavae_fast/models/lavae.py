@@ -488,10 +488,10 @@ class LAVAE(nn.Module):
         digest is verified. Raises ValueError for an unknown name,
         :class:`lavae_fast.pretrained.NotShipped` (a FileNotFoundError) for a name not shipped in
         this version, FileNotFoundError for a missing path, and
-        :class:`lavae_fast.checkpoint.CheckpointError` (a ValueError) for a damaged file or a
+        :class:`lavae_fast.runtime.checkpoint.CheckpointError` (a ValueError) for a damaged file or a
         checkpoint of the β-VAE baseline.
         """
-        from ..runtime.checkpoint import read_model_checkpoint, restore_model
+        from ..hub.reader import read_model_checkpoint, restore_model
 
         device = check_device(device)  # before reading: a device this process lacks fails at once
         state, path = read_model_checkpoint(name_or_path, "lavae")
