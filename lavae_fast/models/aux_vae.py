@@ -31,8 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .lavae import THRESHOLD_IN_GAMMAS, ConvAct, ResBlock, gaussian_kl
 from ..engine.ops import counted_peaks
+from .layers import ConvAct, ResBlock, gaussian_kl
+from .scene import THRESHOLD_IN_GAMMAS
 
 __all__ = ["AuxVAE", "AuxOutput", "warmup_loss", "auto_target_scale", "smooth_target", "auto_blur", "peak_target", "ink_anchors", "auto_radius"]
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine._common import check_device, check_real
-from .lavae import (LEAK, ConvAct, ResBlock, _as_dtype, _check_canvas, _check_size, _EvalMode, check_images,
-                    gaussian_kl)
+from .inputs import as_dtype, check_canvas, check_images, check_size
+from .layers import LEAK, ConvAct, EvalMode, ResBlock, gaussian_kl
 
 __all__ = ["BetaVAE", "BetaVAEOutput"]
 
@@ -61,10 +61,10 @@ class BetaVAE(nn.Module):
     def __init__(self, channels: int = 1, canvas: Optional[Sequence[int]] = (64, 64), *, latent_channels: int = 16,
                  width: int = 64):
         super().__init__()
-        channels = _check_size("channels", channels)
-        latent_channels = _check_size("latent_channels", latent_channels)
-        width = _check_size("width", width)
-        canvas = _check_canvas(canvas)
+        channels = check_size("channels", channels)
+        latent_channels = check_size("latent_channels", latent_channels)
+        width = check_size("width", width)
+        canvas = check_canvas(canvas)
         self.channels = channels
         self.canvas = canvas
         self.latent_channels = latent_channels
@@ -113,7 +113,7 @@ class BetaVAE(nn.Module):
     def _input(self, x: Tensor, name: str = "x") -> Tensor:
         """``x`` checked and cast to the parameters' dtype (float16/bfloat16/float64 images too)."""
         self.check_input(x, name)
-        return _as_dtype(x, self.dec_out.weight.dtype)
+        return as_dtype(x, self.dec_out.weight.dtype)
 
     def encode(self, x: Tensor):
         """x [B,C,H,W] → (μ, log σ²), each [B,16,⌈H/8⌉,⌈W/8⌉]."""
@@ -153,7 +153,7 @@ class BetaVAE(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         """λ [B,C,H,W] decoded from z = μ (batch norm in eval mode)."""
         x = self._input(x)
-        with _EvalMode(self):
+        with EvalMode(self):
             mu, _ = self.encode(x)
             return torch.sigmoid(self.decode_logits(mu, x.shape[-2:]))
 
@@ -163,11 +163,11 @@ class BetaVAE(nn.Module):
         canvas = canvas or self.canvas
         if canvas is None:
             raise ValueError("this model accepts any canvas: pass canvas=(H, W) to sample")
-        num = _check_size("num", num)
-        canvas = _check_canvas(canvas)
+        num = check_size("num", num)
+        canvas = check_canvas(canvas)
         dev = next(self.parameters()).device
         z = torch.randn(num, *self.latent_shape(*canvas), generator=generator).to(dev)
-        with _EvalMode(self):
+        with EvalMode(self):
             return torch.sigmoid(self.decode_logits(z, tuple(canvas)))
 
     @torch.no_grad()
@@ -175,9 +175,9 @@ class BetaVAE(nn.Module):
         """Importance-sampled estimate of log p(x) [B] (nats) with q(z|x) as proposal, K samples,
         batch norm in eval mode; ``chunk`` samples at a time (default: chunk·B ≤ 256)."""
         x = self._input(x)
-        K = _check_size("K", K)
+        K = check_size("K", K)
         if chunk is not None:
-            chunk = _check_size("chunk", chunk)
+            chunk = check_size("chunk", chunk)
         was = self.training
         self.eval()
         try:

@@ -27,12 +27,18 @@ among location inference, appearance inference and sprite generation"). With the
 
 Every convolution is followed by Leaky ReLU then batch norm (the paper's order), except the output
 layers (heads and the sprite decoder's last conv) and the sprite decoder's last residual block.
+
+The class is written in three modules: this one (construction, configuration, the encoder's
+pieces and the −ELBO with its parts), :mod:`.inference` (a scene's latents: :meth:`LAVAE.infer`,
+:meth:`LAVAE.decode`, :meth:`LAVAE.sample`, the edits) and :mod:`.bound` (the importance-sampled
+:meth:`LAVAE.log_likelihood`), mixed into :class:`LAVAE`. The layers are :mod:`.layers`', the input
+checks :mod:`.inputs`', the latents and the numbers of SPEC §1–2 :mod:`.scene`'s.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,225 +47,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine import ops as _ops_api
-from ..engine._common import MIN_TAU, check_device, check_int, check_real, check_tau
+from ..engine._common import MIN_TAU, check_device, check_real, check_tau
 from ..engine.noise import Noise, gumbel_from_uniform
+from .bound import ImportanceBoundMixin
+from .inference import InferenceMixin
+from .inputs import as_dtype, check_canvas, check_images, check_size
+from .layers import ConvAct, EvalMode, HeadConv2d, ResidualNet, SpriteDecoder, gaussian_kl, use_fused_norm
+from .scene import EPS_LAMBDA, THRESHOLD_IN_GAMMAS, Latents, location_gamma
 
+# What lavae_fast.model (this module's old path) defined and this module does not use, kept under
+# the old names: recipe.py imports count_threshold and _as_dtype from there, train.py count_threshold.
+from .layers import LEAK, ResBlock  # noqa: F401
+from .scene import count_threshold  # noqa: F401
 
-# The location scale and the count threshold (SPEC §2): h_loc is multiplied by γ = ½·ln D (D = H·W
-# locations; the paper rounds it to 4 at 64×64, we keep the formula) and n̂ counts the local maxima
-# of the scaled map above THRESHOLD_IN_GAMMAS·γ = 4γ. The one place either is computed.
-THRESHOLD_IN_GAMMAS = 4.0
-
-
-def location_gamma(D: int) -> float:
-    """γ = ½·ln D for a canvas of D = H·W locations (SPEC §2)."""
-    return 0.5 * math.log(D)
-
-
-def count_threshold(D: int) -> float:
-    """The count threshold 4γ on a canvas of D = H·W locations (SPEC §2)."""
-    return THRESHOLD_IN_GAMMAS * location_gamma(D)
+_as_dtype, _check_canvas, _check_size, _EvalMode = as_dtype, check_canvas, check_size, EvalMode
 
 __all__ = ["LAVAE", "LAVAEOutput", "Latents", "SpeedConfig", "SpriteDecoder", "ResidualNet", "use_fused_norm", "check_images", "gaussian_kl",
            "MIN_TAU"]
 
-LEAK = 0.01  # Leaky ReLU slope (PyTorch's default; the paper gives none)
-# MIN_TAU (imported above from lavae_fast._common, where gumbel_topk_relaxed reads it too): the
+# MIN_TAU (imported above from lavae_fast.engine._common, where gumbel_topk_relaxed reads it too): the
 # smallest τ the forward accepts; below it the relaxed sample is one-hot to float32 precision.
 # A sprite larger than this is not an object of a scene (the paper's are 17 and 21 px): the decoder
 # holds width·S² activations per present object and layer (48·127² floats ≈ 3 MB), so a typo'd
 # size would otherwise try to allocate gigabytes before anything says why.
 MAX_SPRITE_SIZE = 127
-EPS_LAMBDA = 1e-4  # λ = ε + (1−2ε)·min(Σ, 1), SPEC §1
 # The appearance head's initial weights are PyTorch's default times this (see LAVAE.__init__).
 APP_HEAD_INIT_SCALE = 1e-2
 LOG_2PI = math.log(2 * math.pi)
-
-
-# ---------------------------------------------------------------------------------------------
-# Input checks (entry points only: inside the model the tensors are ours)
-# ---------------------------------------------------------------------------------------------
-
-
-def check_images(x, channels: int, canvas: Optional[Tuple[int, int]], name: str = "x", *,
-                 values: bool = True) -> None:
-    """Raise a ValueError/TypeError naming the problem unless ``x`` is a valid image batch.
-
-    x must be a floating tensor [B,C,H,W] with data (not on the meta device) with B ≥ 1,
-    C = ``channels``, (H,W) = ``canvas`` (when given), no NaN and values in [0,1] (the Bernoulli
-    likelihood is defined only there). ``values=False`` skips the two checks that read the values
-    (a device sync): for a caller whose model checks them anyway.
-    """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor with values in [0,1], got dtype {x.dtype}")
-    if x.device.type == "meta":
-        raise ValueError(f"{name} is on the meta device (a shape without values): pass images that hold data")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape [B,C,H,W], got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need at least one image")
-    if x.shape[1] != channels:
-        raise ValueError(f"{name} must have {channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
-    if canvas is not None and tuple(x.shape[-2:]) != tuple(canvas):
-        raise ValueError(f"{name} must have canvas H×W = {tuple(canvas)}, got {tuple(x.shape[-2:])}")
-    if not values:
-        return
-    if torch.isnan(x).any():
-        raise ValueError(f"{name} contains NaN")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0 or hi > 1:
-        raise ValueError(f"{name} must have values in [0,1] (Bernoulli likelihood), got values in [{lo:g}, {hi:g}]")
-
-
-def _check_size(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
-    """``value`` as an int, or a ValueError/TypeError naming ``name`` and the allowed range
-    (:func:`lavae_fast._common.check_int`)."""
-    return check_int(value, name, minimum=minimum, maximum=maximum)
-
-
-def _check_canvas(canvas):
-    """``canvas`` as an (H, W) tuple of positive ints, or None; a TypeError/ValueError otherwise."""
-    if canvas is None:
-        return None
-    try:
-        canvas = tuple(canvas)
-    except TypeError:
-        raise TypeError(f"canvas must be (H, W) or None, got {canvas!r}") from None
-    if len(canvas) != 2:
-        raise ValueError(f"canvas must be (H, W) with positive sides, got {canvas}")
-    return (_check_size("canvas H", canvas[0]), _check_size("canvas W", canvas[1]))
-
-
-def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Images of another floating dtype (float16, bfloat16, float64) are cast to the model's:
-    values in [0,1] survive the cast (exactly from the half types; float64 rounds to float32)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
-class _EvalMode:
-    """Batch norm in eval mode for the body of a ``with`` (restored after): inference, decoding
-    and sampling must not change the running statistics of a model that is being trained."""
-
-    def __init__(self, module: nn.Module):
-        self.module, self.was = module, module.training
-
-    def __enter__(self):
-        self.module.eval()
-        return self.module
-
-    def __exit__(self, *exc):
-        self.module.train(self.was)
-        return False
-
-
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(μ, diag e^logvar) ‖ N(0, I)) summed over the last dim: ½Σ(μ² + σ² − 1 − log σ²)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
-
-
-class HeadConv2d(nn.Conv2d):
-    """A head's last convolution: in its parameters' dtype even under bf16 autocast.
-
-    A bf16 h_loc is rounded to steps of ~0.06 nats near the peaks; on a broad peak neighbouring
-    pixels then tie, and every tie is one more counted 3×3 local maximum. Measured on the shipped
-    dSprites model (500 test images per split), counted right on the 0–3 / 7-object splits: 0.98 /
-    0.33 with bf16 heads, 0.99 / 0.46 with float32 heads under bf16, 0.99 / 0.45 all in float32.
-    The heads are a few % of the inference nets' FLOPs. Same parameters as nn.Conv2d (checkpoints
-    are unchanged)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.to(self.weight.dtype))
-
-
-class ConvAct(nn.Sequential):
-    """conv 3×3 (same padding) → Leaky ReLU → batch norm (the paper's order).
-
-    With ``fused_norm`` (set by :func:`use_fused_norm`) the Leaky ReLU and the batch norm run as one
-    op (:func:`lavae_fast.norm.lrelu_batch_norm`: two passes over the activation forward and two
-    backward, against ~2.5× that traffic for the framework's kernels); same math, same state."""
-
-    fused_norm = False
-
-    def __init__(self, cin: int, cout: int, norm: bool = True):
-        layers = [nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(LEAK)]
-        if norm:
-            layers.append(nn.BatchNorm2d(cout))
-        super().__init__(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused_norm and len(self) == 3:
-            from ..engine.norm import lrelu_batch_norm
-
-            return lrelu_batch_norm(self[0](x), self[2], self[1].negative_slope)
-        return super().forward(x)
-
-
-def use_fused_norm(module: nn.Module, enabled: bool = True) -> None:
-    """Switch every :class:`ConvAct` inside ``module`` to (or back from) the fused Leaky ReLU +
-    batch-norm op."""
-    for m in module.modules():
-        if isinstance(m, ConvAct):
-            m.fused_norm = enabled
-
-
-class ResBlock(nn.Module):
-    """x + (conv → LReLU → BN → conv → LReLU → BN)(x); ``norm=False`` drops the batch norms."""
-
-    def __init__(self, width: int, norm: bool = True):
-        super().__init__()
-        self.body = nn.Sequential(ConvAct(width, width, norm), ConvAct(width, width, norm))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
-
-
-class ResidualNet(nn.Sequential):
-    """Stem conv C → width, then ``blocks`` residual blocks at full resolution (no down-sampling)."""
-
-    def __init__(self, cin: int, width: int, blocks: int = 4):
-        super().__init__(ConvAct(cin, width), *[ResBlock(width) for _ in range(blocks)])
-
-
-class SpriteDecoder(nn.Module):
-    """f_sprite: z_app [P,L] → sprites [P,C,S,S] in (0,1) (SPEC §1, appendix B).
-
-    fc L → 64·4·4 → LReLU → BN → conv 64 → (width − L) → LReLU → BN → bilinear up-sampling to S×S
-    → concat the broadcast z_app (L channels; width in all) → 3 residual blocks of 2 convs → conv →
-    C → sigmoid. **Decisions:** the fc output is reshaped to 64×4×4 *before* its batch norm
-    (BatchNorm2d), which normalises over the 16 positions as well, so that a batch holding a single
-    present object still trains (BatchNorm1d refuses a batch of one); "no LReLU + BN in the last
-    residual block" is read as: its convs keep the Leaky ReLU between them but have no batch norm,
-    so the block stays non-linear while the output path is free of batch statistics.
-    """
-
-    def __init__(self, latent_size: int, channels: int, sprite_size: int, width: int = 48, seed_side: int = 4,
-                 seed_channels: int = 64):
-        super().__init__()
-        if width <= latent_size:
-            raise ValueError(f"sprite width must exceed latent_size={latent_size}, got {width}")
-        self.sprite_size = sprite_size
-        self.seed_shape = (seed_channels, seed_side, seed_side)
-        self.fc = nn.Linear(latent_size, seed_channels * seed_side * seed_side)
-        self.fc_post = nn.Sequential(nn.LeakyReLU(LEAK), nn.BatchNorm2d(seed_channels))
-        self.conv = ConvAct(seed_channels, width - latent_size)
-        self.blocks = nn.Sequential(ResBlock(width), ResBlock(width), ResBlock(width, norm=False))
-        self.out = nn.Conv2d(width, channels, 3, padding=1)
-
-    def forward(self, z: Tensor) -> Tensor:
-        P, L = z.shape
-        S = self.sprite_size
-        h = self.fc_post(self.fc(z).view(P, *self.seed_shape))
-        h = F.interpolate(self.conv(h), size=(S, S), mode="bilinear", align_corners=False)
-        h = torch.cat([h, z[:, :, None, None].expand(P, L, S, S)], dim=1)
-        return torch.sigmoid(self.out(self.blocks(h)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,34 +133,13 @@ class LAVAEOutput:
         return THRESHOLD_IN_GAMMAS * self.gamma
 
 
-@dataclass
-class Latents:
-    """A scene's latent description: n [B], index [B,M] (−1 = absent), z_app [B,M,L].
-
-    ``canvas`` is (H, W); :meth:`LAVAE.decode` renders it. The manipulation helpers of
-    :class:`LAVAE` return modified copies.
-    """
-
-    n: Tensor
-    index: Tensor
-    z_app: Tensor
-    canvas: Tuple[int, int]
-
-    @property
-    def rows(self) -> Tensor:
-        return torch.where(self.index >= 0, self.index // self.canvas[1], -1)
-
-    @property
-    def cols(self) -> Tensor:
-        return torch.where(self.index >= 0, self.index % self.canvas[1], -1)
-
 
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
 
 
-class LAVAE(nn.Module):
+class LAVAE(InferenceMixin, ImportanceBoundMixin, nn.Module):
     """Location-Appearance VAE.
 
     Args:
@@ -423,15 +216,15 @@ class LAVAE(nn.Module):
         super().__init__()
         from ..engine.ops import MAX_OBJECTS
 
-        channels = _check_size("channels", channels)
-        sprite_size = _check_size("sprite_size", sprite_size)
-        max_objects = _check_size("max_objects", max_objects, 1, MAX_OBJECTS)
-        latent_size = _check_size("latent_size", latent_size)
-        width = _check_size("width", width)
-        sprite_width = _check_size("sprite_width", sprite_width)
+        channels = check_size("channels", channels)
+        sprite_size = check_size("sprite_size", sprite_size)
+        max_objects = check_size("max_objects", max_objects, 1, MAX_OBJECTS)
+        latent_size = check_size("latent_size", latent_size)
+        width = check_size("width", width)
+        sprite_width = check_size("sprite_width", sprite_width)
         if sprite_size % 2 == 0:
             raise ValueError(f"sprite_size must be odd and positive (the centre pixel lands on the location), got {sprite_size}")
-        canvas = _check_canvas(canvas)
+        canvas = check_canvas(canvas)
         if sprite_size > MAX_SPRITE_SIZE:
             raise ValueError(f"sprite_size must be <= {MAX_SPRITE_SIZE} (lavae_fast.model.MAX_SPRITE_SIZE), "
                              f"got {sprite_size}")
@@ -653,9 +446,9 @@ class LAVAE(nn.Module):
         check_images(x, self.channels, self.canvas, name)
 
     def _input(self, x: Tensor, name: str = "x") -> Tensor:
-        """``x`` checked and cast to the parameters' dtype (see :func:`_as_dtype`)."""
+        """``x`` checked and cast to the parameters' dtype (see :func:`~lavae_fast.models.inputs.as_dtype`)."""
         self.check_input(x, name)
-        return _as_dtype(x, self.prior_logits.dtype)
+        return as_dtype(x, self.prior_logits.dtype)
 
     def prior_log_probs(self) -> Tensor:
         """log p(n) for n = 0..M ([M+1], a normalised distribution)."""
@@ -866,263 +659,3 @@ class LAVAE(nn.Module):
         i = torch.arange(M, device=n.device)
         terms = torch.log((D - i).clamp(min=1).to(dtype))
         return (terms[None, :] * ((i[None, :] < n[:, None]) & (i[None, :] < D)).to(dtype)).sum(1)
-
-    # -- deterministic inference, decoding, manipulation -----------------------------------
-
-    INFER_LOCATIONS = ("peaks", "top")
-
-    @torch.no_grad()
-    def infer(self, x: Tensor, *, locations: str = "peaks") -> Latents:
-        """Most probable scene: n̂ objects, their locations, and z_app = μ at each. Batch norm runs
-        in eval mode (a model in training mode is left as it was, running statistics included).
-
-        ``locations``: where the n̂ objects are put.
-            "peaks" (default): at the n̂ peaks the counter counted (local maxima of h_loc above 4γ,
-            ``count_window``), highest first.
-            "top": at the top-n̂ pixels of h_loc (sequential argmax without replacement, the mode
-            of the draws) — on a blunt peak its neighbours outrank a lower object's peak, so this
-            puts two objects on one and misses another.
-        The paper samples the locations and does not define a point estimate. Measured on the
-        shipped multi-dSprites model (fresh scenes, seed 2026, 500 per split, 48×48): location
-        accuracy 0.851 with "top" and 0.981 with "peaks" on the 0–3 split (0.452 and 0.697 on the
-        7-object one); 15% of the "top" locations were not a local maximum. Multi-MNIST-10k:
-        0.593 → 0.915.
-        """
-        if locations not in self.INFER_LOCATIONS:
-            raise ValueError(f"locations must be one of {self.INFER_LOCATIONS}, got {locations!r}")
-        x = self._input(x)
-        B, C, H, W = x.shape
-        with _EvalMode(self):
-            h_app, h_loc, n_hat = self.encode(x, check=False)
-        index = self.locate(h_loc, n_hat, locations)
-        maps = self._one_hot(index, H * W, h_app.dtype).view(B, self.max_objects, H, W)
-        app = self._ops.gather_appearance(h_app, maps, n_hat, index=index)
-        mu = app[..., : self.latent_size]
-        return Latents(n=n_hat, index=index, z_app=mu, canvas=(H, W))
-
-    @torch.no_grad()
-    def locate(self, h_loc: Tensor, n_hat: Tensor, locations: str = "peaks") -> Tensor:
-        """Where :meth:`infer` puts the n̂ objects, from the γ-scaled h_loc [B,1,H,W] and n̂ [B] of
-        :meth:`encode` (or a forward pass's ``h_loc``, ``n_hat``): flat indices [B,M], −1 from slot
-        n̂ on. ``locations``: "peaks" or "top" (see :meth:`infer`)."""
-        if locations not in self.INFER_LOCATIONS:
-            raise ValueError(f"locations must be one of {self.INFER_LOCATIONS}, got {locations!r}")
-        if locations == "peaks":
-            H, W = h_loc.shape[-2:]
-            return _ops_api.peak_index(h_loc.float(), count_threshold(H * W), n_hat, self.max_objects,
-                                       self._count_window)
-        logits = h_loc.flatten(1)
-        H, W = h_loc.shape[-2:]
-        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits),
-                                                    **self._draw_window(H, W))
-        return index
-
-    @torch.no_grad()
-    def draw_locations(self, h_loc: Tensor, n: Tensor, gumbel: Tensor) -> Tensor:
-        """q's hard location draws for the γ-scaled h_loc [B,1,H,W] (a forward pass's ``h_loc``),
-        n [B] objects and Gumbel noise [B,H·W], with this model's exclusion window: flat indices
-        [B,M], −1 from slot n on. What the −ELBO and the bound place the sprites at."""
-        H, W = h_loc.shape[-2:]
-        logits = h_loc.flatten(1)
-        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n, 1.0, self.max_objects, gumbel.to(logits),
-                                                    **self._draw_window(H, W))
-        return index
-
-    @torch.no_grad()
-    def decode(self, latents: Latents) -> Tensor:
-        """Render a scene: Bernoulli means λ [B,C,H,W] (SPEC §1 composition). Batch norm runs in
-        eval mode. ``latents.index`` and ``n`` may be any integer dtype; indices must lie on the
-        canvas (−1 for absent slots, ≥ 0 for the first n)."""
-        n, index, z_app, (H, W) = self._check_latents(latents)
-        B, M = index.shape
-        with _EvalMode(self):
-            sprites = self._decode_present(z_app, n)
-        maps = self._one_hot(index, H * W, sprites.dtype).view(B, M, H, W)
-        blank = sprites.new_zeros(B, self.channels, H, W)
-        _, lam = self._ops.place_and_loglik(blank, sprites, maps, n, index=index, eps=EPS_LAMBDA, return_lambda=True)
-        return lam
-
-    def _check_latents(self, latents: Latents):
-        """(n int64 [B], index int64 [B,M], z_app [B,M,L] in the model's dtype, canvas (H, W) as
-        ints) of ``latents``, or a ValueError/TypeError naming ``latents`` or the field."""
-        if not isinstance(latents, Latents):
-            raise TypeError(f"latents must be a lavae_fast.Latents (e.g. model.infer(x)), got {type(latents).__name__}")
-        n, index, z_app, canvas = latents.n, latents.index, latents.z_app, latents.canvas
-        for name, t in (("n", n), ("index", index), ("z_app", z_app)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"latents.{name} must be a torch.Tensor, got {type(t).__name__}")
-        for name, t in (("n", n), ("index", index)):
-            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-                raise TypeError(f"latents.{name} must be an integer tensor, got dtype {t.dtype}")
-        if not z_app.is_floating_point():
-            raise TypeError(f"latents.z_app must be a floating-point tensor, got dtype {z_app.dtype}")
-        try:
-            H, W = canvas
-        except (TypeError, ValueError):
-            raise ValueError(f"latents.canvas must be (H, W), got {canvas!r}") from None
-        H, W = check_int(H, "latents.canvas H", minimum=1), check_int(W, "latents.canvas W", minimum=1)
-        M, L = self.max_objects, self.latent_size
-        if index.dim() != 2 or index.shape[1] != M or tuple(z_app.shape) != (index.shape[0], M, L) \
-                or tuple(n.shape) != (index.shape[0],):
-            raise ValueError(f"latents must have n [B], index [B,{M}] and z_app [B,{M},{L}], got "
-                             f"{tuple(n.shape)}, {tuple(index.shape)}, {tuple(z_app.shape)}")
-        n, index = n.long(), index.long()
-        if n.numel() and (int(n.min()) < 0 or int(n.max()) > M):
-            raise ValueError(f"latents.n must lie in [0, {M}], got values in [{int(n.min())}, {int(n.max())}]")
-        if index.numel() and (int(index.min()) < -1 or int(index.max()) >= H * W):
-            raise ValueError(f"latents.index must lie in [-1, {H * W - 1}] (−1 = absent; the canvas has {H}×{W} "
-                             f"locations), got values in [{int(index.min())}, {int(index.max())}]")
-        present = _ops_api.object_mask(n, M)
-        if bool((present & (index < 0)).any()):
-            raise ValueError("latents.index is −1 (absent) for a slot below n: the first n slots need locations")
-        if not torch.isfinite(z_app).all():
-            raise ValueError("latents.z_app contains NaN or Inf")
-        return n, index, z_app.to(self.prior_logits.dtype), (H, W)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """λ [B,C,H,W] of the most probable scene (:meth:`infer` then :meth:`decode`)."""
-        return self.decode(self.infer(x))
-
-    @torch.no_grad()
-    def sample(self, num: int, n: Union[None, int, Tensor] = None, *, canvas: Optional[Sequence[int]] = None,
-               generator: Optional[torch.Generator] = None, return_latents: bool = False):
-        """Draw ``num`` scenes from the prior: n ~ p(n) (or given: an int or a [num] integer tensor),
-        locations uniform without replacement, z_app ~ N(0, I). Returns λ [num,C,H,W]
-        (and the :class:`Latents` when ``return_latents``). A canvas with fewer than M pixels holds
-        at most D objects: a given n must not exceed D, and p(n) is drawn from conditioned on n ≤ D."""
-        if canvas is None:
-            canvas = self.canvas
-        if canvas is None:
-            raise ValueError("this model accepts any canvas: pass canvas=(H, W) to sample")
-        num = _check_size("num", num)
-        H, W = _check_canvas(canvas)
-        D, M = H * W, self.max_objects
-        top = min(M, D)  # the most objects a scene holds: one location each
-        dev = self.prior_logits.device
-        if n is None:
-            p = self.prior_log_probs().exp().cpu()[: top + 1]  # the whole p(n) when D ≥ M
-            n = torch.multinomial(p, num, replacement=True, generator=generator)
-        else:
-            n = self._sample_counts(n, num, top, (H, W))
-        n = n.to(dev)
-        g = gumbel_from_uniform(torch.rand(num, D, generator=generator, dtype=torch.float64)).float().to(dev)
-        # Top-n of pure Gumbel noise = n uniform draws without replacement.
-        index, _, _ = self._ops.gumbel_topk_relaxed(torch.zeros(num, D, device=dev), n, 1.0, M, g)
-        z = torch.randn(num, M, self.latent_size, generator=generator).to(dev)
-        z = z * _ops_api.object_mask(n, M)[..., None].to(z.dtype)
-        lat = Latents(n=n, index=index, z_app=z, canvas=(H, W))
-        lam = self.decode(lat)
-        return (lam, lat) if return_latents else lam
-
-    @staticmethod
-    def _sample_counts(n, num: int, top: int, canvas: Tuple[int, int]) -> Tensor:
-        """:meth:`sample`'s given ``n`` as an int64 [num] CPU tensor, or a TypeError/ValueError
-        naming ``n``: an int (or 0-d integer tensor) for every scene, or [num] integers, each in
-        [0, top] (top = min(M, H·W): one location per object)."""
-        limits = f"[0, {top}] (at most max_objects, and one location each on the {canvas[0]}×{canvas[1]} canvas)"
-        if (n.dim() == 0) if isinstance(n, Tensor) else (isinstance(n, str) or not hasattr(n, "__len__")):
-            v = check_int(n, "n")
-            if not 0 <= v <= top:
-                raise ValueError(f"n must be in {limits}, got {v}")
-            return torch.full((num,), v, dtype=torch.long)
-        try:
-            t = torch.as_tensor(n).cpu()
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"n must be an int or [{num}] integers, got {type(n).__name__} {n!r}") from None
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"n must be an int or [{num}] integers, got dtype {t.dtype}")
-        if tuple(t.shape) != (num,):
-            raise ValueError(f"n must be an int or [{num}] integers (one per scene), got shape {tuple(t.shape)}")
-        if num and (int(t.min()) < 0 or int(t.max()) > top):
-            raise ValueError(f"n must be in {limits}, got values in [{int(t.min())}, {int(t.max())}]")
-        return t.long()
-
-    def _check_slot(self, latents: Latents, obj, name: str = "obj") -> int:
-        """Slot ``obj`` of ``latents`` as an int, or a TypeError/ValueError naming it (as ``name``):
-        an int in [0, M) present (below n) in every image."""
-        obj = check_int(obj, name, minimum=0, maximum=self.max_objects - 1)
-        if bool((latents.n <= obj).any()):
-            raise ValueError(f"{name}={obj} is absent in some images (n = {latents.n.tolist()})")
-        return obj
-
-    def move_object(self, latents: Latents, obj: int, row: int, col: int) -> Latents:
-        """A copy of ``latents`` with object ``obj`` placed at pixel (row, col) in every image.
-        ``obj``, ``row`` and ``col``: ints (or 0-d integer tensors), the pixel on the canvas."""
-        _, _, _, (H, W) = self._check_latents(latents)
-        obj = self._check_slot(latents, obj)
-        row, col = check_int(row, "row"), check_int(col, "col")
-        for name, v, side in (("row", row, H), ("col", col, W)):
-            if not 0 <= v < side:
-                raise ValueError(f"{name} must lie in [0, {side - 1}] ((row, col) on the {H}×{W} canvas), got {v}")
-        index = latents.index.clone()
-        index[:, obj] = row * W + col
-        return replace(latents, index=index)
-
-    def swap_objects(self, latents: Latents, i: int, j: int) -> Latents:
-        """A copy with objects ``i`` and ``j`` exchanging locations (each keeps its appearance)."""
-        self._check_latents(latents)
-        i, j = self._check_slot(latents, i, "i"), self._check_slot(latents, j, "j")
-        index = latents.index.clone()
-        index[:, [i, j]] = index[:, [j, i]]
-        return replace(latents, index=index)
-
-    def change_appearance(self, latents: Latents, obj: int, dim: int, value: float) -> Latents:
-        """A copy with appearance dimension ``dim`` (an int) of object ``obj`` set to ``value``
-        (a finite number)."""
-        self._check_latents(latents)
-        obj = self._check_slot(latents, obj)
-        dim = check_int(dim, "dim", minimum=0, maximum=self.latent_size - 1)
-        value = check_real(value, "value")
-        z = latents.z_app.clone()
-        z[:, obj, dim] = value
-        return replace(latents, z_app=z)
-
-    # -- evaluation: importance-sampled bound (SPEC §7) -------------------------------------
-
-    @torch.no_grad()
-    def log_likelihood(self, x: Tensor, K: int = 100, *, chunk: Optional[int] = None,
-                       generator: Optional[torch.Generator] = None) -> Tensor:
-        """Importance-sampled estimate of log p(x) [B] in nats (a stochastic lower bound):
-        log (1/K) Σ_k p(x, z_k)/q(z_k|x), with n = n̂, hard location draws (exact log q of the draws
-        without replacement) and z_app ~ q. Batch norm runs in eval mode. ``chunk`` samples are
-        processed together (default: as many as keep chunk·B ≤ 256 images)."""
-        x = self._input(x)
-        K = _check_size("K", K)
-        if chunk is not None:
-            chunk = _check_size("chunk", chunk)
-        was_training = self.training
-        self.eval()
-        try:
-            B, C, H, W = x.shape
-            D, M, L = H * W, self.max_objects, self.latent_size
-            h_app, h_loc, n_hat = self.encode(x, check=False)
-            if chunk is None:
-                chunk = max(1, min(K, 256 // B))
-            log_pn = self.prior_log_probs()[n_hat]
-            log_p_loc = -self._log_falling(D, n_hat, M, h_loc.dtype)
-            logw = []
-            for k0 in range(0, K, chunk):
-                k = min(chunk, K - k0)
-                rep = lambda t: t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731  [k·B, ...], sample-major
-                xr, n = rep(x), rep(n_hat)
-                logits = rep(h_loc.flatten(1))
-                u = torch.rand(k * B, D, generator=generator, dtype=torch.float64)
-                g = gumbel_from_uniform(u).to(logits)
-                index, _, log_q = self._ops.gumbel_topk_relaxed(logits, n, 1.0, M, g, **self._draw_window(H, W))
-                maps = self._one_hot(index, D, logits.dtype).view(k * B, M, H, W)
-                app = self._ops.gather_appearance(rep(h_app), maps, n, index=index)
-                mu, logvar = app.split(L, dim=-1)
-                eps = torch.randn(k * B, M, L, generator=generator).to(mu)
-                pres = _ops_api.object_mask(n, M).to(mu.dtype)
-                z = (mu + torch.exp(0.5 * logvar) * eps) * pres[..., None]
-                sprites = self._decode_present(z, n)
-                loglik = self._ops.place_and_loglik(xr, sprites, maps, n, index=index, eps=EPS_LAMBDA)
-                # log N(z;0,I) − log N(z;μ,σ) = −½Σ(z² − ε² − log σ²); the 2π terms cancel.
-                app_ratio = (-0.5 * (z.pow(2) - eps.pow(2) - logvar) * pres[..., None]).sum((1, 2))
-                lw = loglik + rep(log_pn) + rep(log_p_loc) + app_ratio - log_q
-                logw.append(lw.view(k, B))
-            logw = torch.cat(logw, 0)
-            return torch.logsumexp(logw, 0) - math.log(K)
-        finally:
-            self.train(was_training)
