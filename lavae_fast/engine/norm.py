@@ -1,10 +1,11 @@
 """Fused Leaky ReLU → batch norm (training statistics): ``bn(F.leaky_relu(y, slope))`` in two passes.
 
 Every conv of the inference nets is followed by Leaky ReLU then BatchNorm2d in training mode (the
-paper's order, see ``ConvAct`` in :mod:`lavae_fast.model`). Done op by op this reads and writes the
-activation several times; the fused op reads y twice and writes out once in the forward pass (pass 1:
-per-channel Σa, Σa²; pass 2: out), and reads grad_out and y twice and writes grad_y once in the
-backward pass. The activation a = leaky_relu(y) and x̂ are recomputed from y, never stored.
+paper's order, see ``ConvAct`` in :mod:`lavae_fast.models.layers`). Done op by op this reads and
+writes the activation several times; the fused op reads y twice and writes out once in the forward
+pass (pass 1: per-channel Σa, Σa²; pass 2: out), and reads grad_out and y twice and writes grad_y
+once in the backward pass. The activation a = leaky_relu(y) and x̂ are recomputed from y, never
+stored.
 
 Ops (namespace ``lavae_fast``, defined here with ``torch.library`` like :mod:`lavae_fast.ops`, from the
 schemas of ``lavae_fast/op_schemas.inc``):

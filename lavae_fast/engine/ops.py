@@ -48,7 +48,7 @@ __all__ = ["place_and_loglik", "gumbel_topk_relaxed", "check_exclusion", "check_
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 # The schemas come from lavae_fast/op_schemas.inc, the one source that the C++ test driver checks
-# the CPU kernels against (lavae_fast/_schemas.py); norm.py defines the batch-norm ops.
+# the CPU kernels against (engine/_schemas.py); norm.py defines the batch-norm ops.
 _OP_NAMES = ("place_loglik", "place_loglik_backward", "gumbel_topk_relaxed", "gumbel_topk_relaxed_backward",
              "count_objects", "gather_appearance", "gather_appearance_backward")
 _lib = torch.library.Library("lavae_fast", "DEF")
