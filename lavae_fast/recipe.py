@@ -14,7 +14,10 @@ budget, so that a loop of your own stays a few lines::
         loss, logs = recipe.loss(x, step, ids)
         opt.zero_grad(); loss.backward(); opt.step()
 
-(``examples/train_loop.py`` is that loop, complete.) Every random number of a step — the Gumbel
+(``examples/train_loop.py`` is that loop, complete.) ``Recipe(model, ...)`` returns the recipe of
+the model's kind: :class:`LAVAERecipe` or :class:`BetaVAERecipe`, behind one interface, which is
+all that :class:`lavae_fast.trainer.Trainer` knows of a model. A third kind of model trains by
+subclassing :class:`Recipe` and :func:`register_recipe`-ing it under the name ``--model`` takes. Every random number of a step — the Gumbel
 noise, z_app's noise, the forced-n coin, the aux VAE's noise — is a function of (seed, step,
 sample id) (:mod:`lavae_fast.noise`), so a loop is reproducible and a data-parallel share of a batch
 draws what the whole batch would. ``recipe.state_dict()`` holds the auxiliary VAE, the one piece of
@@ -28,8 +31,9 @@ The warm-up target's form and the defaults are decisions SPEC §5 leaves to us, 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
 
+import numpy as np
 import torch
 
 from . import schedules
@@ -38,12 +42,15 @@ from .aux_vae import (AUTO_PEAK, AuxVAE, auto_blur, auto_radius, auto_target_sca
                       warmup_loss)
 from .baseline import BetaVAE
 from .data.registry import DATASETS
+from .data.generator import parse_canvas
 from .model import THRESHOLD_IN_GAMMAS, LAVAE, _as_dtype, check_images, count_threshold, location_gamma
+from .metrics import index_rows_cols, location_accuracy, peak_distances
 from .noise import MAX_KEY, check_sample_ids, draw_noise, draw_normal
 
-__all__ = ["Recipe", "LR", "probe_location_gradients"]
+__all__ = ["Recipe", "LAVAERecipe", "BetaVAERecipe", "RECIPES", "register_recipe", "recipe_class", "LR",
+           "probe_location_gradients", "image_grid"]
 
-LR = 1e-3  # Adamax, every parameter but the location net's (paper appendix B)
+LR = schedules.LR  # Adamax, every parameter but the location net's (paper appendix B)
 WARMUP_TARGETS = ("cones", "map")
 WARMUP_ANCHORS = ("ink", "map")
 
@@ -102,9 +109,62 @@ def _auto_or_number(name: str, value, positive: bool) -> Union[str, float]:
     return v
 
 
+def image_grid(x: torch.Tensor, lam: torch.Tensor, rows=None, cols=None, n=None, count: int = 8) -> torch.Tensor:
+    """[3, 2H+2, count·(W+2)] grid: inputs on top, reconstructions below with the inferred
+    locations marked by red crosses."""
+    x, lam = x[:count].detach().float().cpu(), lam[:count].detach().float().cpu()
+    if x.shape[1] == 1:
+        x, lam = x.expand(-1, 3, -1, -1), lam.expand(-1, 3, -1, -1)
+    lam = lam.clone()
+    B, _, H, W = x.shape
+    if rows is not None:
+        for b in range(B):
+            for i in range(int(n[b])):
+                r, c = int(rows[b, i]), int(cols[b, i])
+                for dr, dc in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < H and 0 <= cc < W:
+                        lam[b, :, rr, cc] = torch.tensor([1.0, 0.0, 0.0])
+    grid = torch.full((3, 2 * H + 2, B * (W + 2)), 0.5)
+    for b in range(B):
+        grid[:, 1 : H + 1, b * (W + 2) + 1 : b * (W + 2) + 1 + W] = x[b]
+        grid[:, H + 2 : 2 * H + 2, b * (W + 2) + 1 : b * (W + 2) + 1 + W] = lam[b]
+    return grid.clamp(0, 1)
+
+
+# The recipe of each model kind (model_config["kind"], the trainer's --model), by name.
+RECIPES: Dict[str, Type["Recipe"]] = {}
+
+
+def register_recipe(cls: Type["Recipe"]) -> Type["Recipe"]:
+    """Make ``cls`` (a :class:`Recipe` subclass with a ``kind`` and a ``model_class``) the recipe of
+    its kind: the trainer, ``--model`` and ``Recipe(model)`` find it by that name, and its model class
+    is built from checkpoints of that kind (:data:`lavae_fast.loading.MODEL_CLASSES`). Usable as a
+    class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Recipe)) or not isinstance(getattr(cls, "kind", None), str) \
+            or not cls.kind:
+        raise TypeError(f"register_recipe takes a Recipe subclass with a kind, got {cls!r}")
+    from .loading import MODEL_CLASSES
+
+    RECIPES[cls.kind] = cls
+    # The checkpoint's model_config names the kind: the trainer and the readers of a run build the
+    # model's class from it (lavae_fast.loading).
+    MODEL_CLASSES.setdefault(cls.kind, cls.model_class)
+    return cls
+
+
+def recipe_class(kind: str) -> Type["Recipe"]:
+    """The recipe registered for model kind ``kind`` (ValueError naming the known kinds)."""
+    if kind not in RECIPES:
+        raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(sorted(RECIPES))})")
+    return RECIPES[kind]
+
+
 class Recipe:
-    """The paper's recipe for ``model`` (a :class:`~lavae_fast.LAVAE` or the β-VAE baseline) over
-    ``steps`` steps; every milestone scales with ``steps`` (100k = the paper's schedule).
+    """The paper's recipe for ``model`` over ``steps`` steps; every milestone scales with ``steps``
+    (100k = the paper's schedule). ``Recipe(model, steps, ...)`` makes the recipe of the model's
+    kind (:class:`LAVAERecipe` for a :class:`~lavae_fast.LAVAE`, :class:`BetaVAERecipe` for the
+    β-VAE baseline).
 
     Args:
         model: the model to train (its parameters are grouped by :meth:`optimizer`).
@@ -122,19 +182,40 @@ class Recipe:
             :mod:`lavae_fast.aux_vae`; "auto" where a default is derived from the sizes).
         aux: the auxiliary VAE (LAVAE only); default: a new :class:`~lavae_fast.aux_vae.AuxVAE` on
             the model's device.
+
+    The location and warm-up arguments are checked for every kind and used by LAVAE's recipe only.
+
+    What the trainer asks of a recipe (a subclass overrides what its model needs): the class
+    attributes ``kind`` (its name) and ``model_class``; :meth:`prepare_config` (settings the kind
+    refuses or derives), :meth:`model_config` and :meth:`build_aux` (what the trainer builds and
+    checkpoints), :meth:`from_config`, :meth:`precision`, :meth:`forward_module`; per step
+    :meth:`step` and :meth:`forward`; at log steps :meth:`log_metrics`, :meth:`log_constants` and
+    :meth:`image_grid`; :meth:`state_dict` for what a resume needs besides model and optimiser.
     """
+
+    kind: str = ""
+    model_class: type = type(None)
+    supports_bf16 = False  # whether the model has a bf16 path (LAVAE's convolutions)
+
+    def __new__(cls, model=None, *args, **kwargs):
+        if cls is Recipe:  # Recipe(model, ...): the recipe of the model's kind
+            for recipe in RECIPES.values():
+                if isinstance(model, recipe.model_class):
+                    cls = recipe
+                    break
+            else:
+                known = " or ".join(f"lavae_fast.{r.model_class.__name__}" for r in RECIPES.values())
+                raise TypeError(f"model must be a {known}, got {type(model).__name__}")
+        return super().__new__(cls)
 
     def __init__(self, model, steps: int, *, dataset: Optional[str] = None, seed: int = 0, lr: float = LR,
                  loc_lr: Optional[float] = None, loc_lr_decay: float = schedules.LOC_LR_DECAY,
                  warmup_weight: float = 1.0, warmup_target: str = "cones", warmup_anchor: str = "ink",
                  warmup_scale="auto", warmup_peak: float = AUTO_PEAK, warmup_blur="auto", warmup_radius="auto",
                  aux: Optional[AuxVAE] = None):
-        if isinstance(model, LAVAE):
-            self.kind = "lavae"
-        elif isinstance(model, BetaVAE):
-            self.kind = "baseline"
-        else:
-            raise TypeError(f"model must be a lavae_fast.LAVAE or lavae_fast.BetaVAE, got {type(model).__name__}")
+        if not isinstance(model, self.model_class):
+            raise TypeError(f"model must be a lavae_fast.{self.model_class.__name__} for {type(self).__name__}, got "
+                            f"{type(model).__name__}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if dataset is not None and dataset not in DATASETS:
@@ -164,38 +245,69 @@ class Recipe:
         self.warmup_peak = float(warmup_peak)
         self.warmup_blur = _auto_or_number("warmup_blur", warmup_blur, positive=False)
         self.warmup_radius = _auto_or_number("warmup_radius", warmup_radius, positive=True)
-        if self.kind == "lavae" and aux is None:
-            device = next(model.parameters()).device
-            aux = AuxVAE(model.channels).to(device)
-        self.aux = aux if self.kind == "lavae" else None
+        self.aux = self._default_aux(model, aux)
+
+    def _default_aux(self, model, aux):
+        """The auxiliary model this recipe trains beside ``model`` (None: none)."""
+        return None
+
+    # ---- what the trainer builds from its config ---------------------------------------------
 
     @classmethod
-    def from_args(cls, model, args, aux: Optional[AuxVAE] = None) -> "Recipe":
-        """The recipe of the training CLI's settings: a :class:`lavae_fast.train_config.TrainConfig`, or
-        the namespace :func:`lavae_fast.train.build_parser` parses (the same attributes)."""
-        if args.model == "baseline":
-            return cls(model, args.steps, dataset=args.dataset, seed=args.seed, lr=args.lr)
-        return cls(model, args.steps, dataset=args.dataset, seed=args.seed, lr=args.lr, loc_lr=args.loc_lr,
-                   loc_lr_decay=args.loc_lr_decay, warmup_weight=args.warmup_weight,
-                   warmup_target=args.warmup_target, warmup_anchor=args.warmup_anchor,
-                   warmup_scale=args.warmup_scale, warmup_peak=args.warmup_peak, warmup_blur=args.warmup_blur,
-                   warmup_radius=args.warmup_radius, aux=aux)
+    def prepare_config(cls, config, recorded: Callable[[str], Any]) -> None:
+        """Check ``config`` (a :class:`~lavae_fast.train_config.TrainConfig`) for this kind and fill
+        the settings it derives, in place; raise ``ValueError`` naming a setting it refuses.
+        ``recorded(key)``: the value the run being resumed recorded (None if none). Called before
+        the run folder is touched and again once the data fixed the canvas."""
+
+    @classmethod
+    def model_config(cls, config, channels: int) -> Dict[str, Any]:
+        """The model's construction config (checkpointed as ``model_config``; ``kind`` names the
+        class) of a :class:`~lavae_fast.train_config.TrainConfig`."""
+        return {"kind": cls.kind, "channels": channels, "canvas": list(parse_canvas(config.canvas))}
+
+    @classmethod
+    def build_aux(cls, channels: int):
+        """The auxiliary module the trainer builds, checkpoints (as ``aux``) and passes to
+        :meth:`from_config`; None for none."""
+        return None
+
+    @classmethod
+    def from_config(cls, model, config, aux=None) -> "Recipe":
+        """The recipe of a :class:`~lavae_fast.train_config.TrainConfig` (or the namespace
+        ``lavae_fast.train.build_parser()`` parses: the same attributes)."""
+        return cls(model, config.steps, dataset=config.dataset, seed=config.seed, lr=config.lr)
+
+    @classmethod
+    def from_args(cls, model, args, aux=None) -> "Recipe":
+        """:meth:`from_config` of the recipe of ``args.model``."""
+        return recipe_class(args.model).from_config(model, args, aux=aux)
+
+    @classmethod
+    def precision(cls, request: str, native: bool, why: str) -> Tuple[str, str]:
+        """``--bf16`` auto|on|off → ("bf16" or "float32", the reason to print), given whether the
+        device computes bf16 natively and why (:func:`lavae_fast.performance.bf16_native`)."""
+        if request not in ("auto", "on", "off"):
+            raise ValueError(f"--bf16 must be auto, on or off, got {request!r}")
+        if not cls.supports_bf16:
+            return "float32", f"--model {cls.kind} has no bf16 path"
+        if request == "on":
+            return "bf16", "--bf16 on"
+        if request == "off":
+            return "float32", "--bf16 off"
+        return ("bf16" if native else "float32"), f"--bf16 auto: {why}"
+
+    @classmethod
+    def forward_module(cls, model, config):
+        """What runs the model in a one-process run: the model itself, or its ``torch.compile``d
+        wrapper (same parameters) with ``--compile``."""
+        return torch.compile(model) if config.compile else model
 
     # ---- optimisation -----------------------------------------------------------------------
 
     def parameter_groups(self) -> list:
-        """Adamax groups: the location inference net (loc residual net + head) with its own
-        learning rate, the rest of the model, the aux VAE (LAVAE); one group for the baseline."""
-        if self.kind == "baseline":
-            return [{"params": list(self.model.parameters()), "lr": self.lr, "name": "model"}]
-        loc = self.model.location_parameters()
-        loc_ids = {id(p) for p in loc}
-        rest = [p for p in self.model.parameters() if id(p) not in loc_ids]
-        return [
-            {"params": loc, "lr": self.loc_lr, "name": "location"},
-            {"params": rest, "lr": self.lr, "name": "model"},
-            {"params": list(self.aux.parameters()), "lr": self.lr, "name": "aux"},
-        ]
+        """Adamax groups (one, ``model``, unless the kind says otherwise)."""
+        return [{"params": list(self.model.parameters()), "lr": self.lr, "name": "model"}]
 
     def optimizer(self) -> torch.optim.Optimizer:
         """Adamax over :meth:`parameter_groups` (paper appendix B)."""
@@ -203,12 +315,8 @@ class Recipe:
 
     def learning_rates(self, step: int) -> Dict[str, float]:
         """Each group's learning rate at ``step``: a pure function of (step, steps)."""
-        step = _check_step(step)
-        rates = {"model": self.lr}
-        if self.kind == "lavae":
-            rates["location"] = self.loc_lr * schedules.loc_lr_factor(step, self.steps, self.loc_lr_decay)
-            rates["aux"] = self.lr
-        return rates
+        _check_step(step)
+        return {"model": self.lr}
 
     def step(self, opt: torch.optim.Optimizer, step: int) -> Dict[str, float]:
         """Set ``opt``'s learning rates for ``step`` (the location net's decay); call it before
@@ -263,18 +371,139 @@ class Recipe:
                     if isinstance(counts, torch.Tensor) else type(counts).__name__)
             raise TypeError(f"counts must be None or an integer tensor [{x.shape[0]}] (one per image), got {what}")
         forward = model if forward is None else forward
+        loss, out, log = self._forward(x, step, ids, counts, forward, aux_forward, probe)
+        return loss, out, (log if as_tensors else _as_floats(log))
+
+    def _forward(self, x, step, ids, counts, forward, aux_forward, probe):
+        """(loss, output, logs as tensors or numbers) of checked inputs: the kind's own objective."""
+        raise NotImplementedError
+
+    # ---- what the trainer logs ----------------------------------------------------------------
+
+    def log_metrics(self, out, centres, counts) -> Dict[str, Optional[float]]:
+        """Metrics of a log step's batch beyond :meth:`forward`'s logs, from its output and the
+        true object centres [B] (lists of (row, col)) and counts [B]; {} by default."""
+        return {}
+
+    def log_constants(self, num_pixels: int) -> Dict[str, float]:
+        """Numbers logged at every log step that do not change with the step (LAVAE's threshold)."""
+        return {}
+
+    def image_grid(self, x: torch.Tensor, out) -> torch.Tensor:
+        """The TensorBoard image of a batch: inputs over reconstructions (:func:`image_grid`)."""
+        return image_grid(x, out.lam)
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, object]:
+        """What a resumed loop needs besides the model and the optimiser: the aux VAE's state."""
+        return {"aux": None if self.aux is None else self.aux.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Load what :meth:`state_dict` returned (of a recipe for the same kind of model). Raises a
+        TypeError for a state that is not a dict and a ValueError naming the missing or unexpected
+        keys, or an ``aux`` that does not fit this recipe (a LAVAE recipe's aux VAE state is a
+        dict, a baseline recipe's is None)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict (Recipe.state_dict()), got {type(state).__name__}")
+        want = set(self.state_dict())
+        missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+        if missing or unexpected:
+            raise ValueError(f"state does not fit Recipe.state_dict(): missing key(s) {missing}, unexpected key(s) "
+                             f"{unexpected}")
+        if self.aux is None:
+            if state["aux"] is not None:
+                raise ValueError(f"state['aux'] holds an aux VAE, but this recipe ({self.kind}) has none")
+            return
+        if not isinstance(state["aux"], dict):
+            raise ValueError(f"state['aux'] must be the aux VAE's state dict (a LAVAE recipe's), got "
+                             f"{type(state['aux']).__name__}")
+        self.aux.load_state_dict(state["aux"])
+
+
+@register_recipe
+class LAVAERecipe(Recipe):
+    """LAVAE's recipe (SPEC §5): the location net's own decaying learning rate, τ's schedule, n
+    forced to 1 early on, and the warm-up of h_loc on the aux VAE's KL map."""
+
+    kind = "lavae"
+    model_class = LAVAE
+    supports_bf16 = True
+
+    def _default_aux(self, model, aux):
+        if aux is None:
+            aux = AuxVAE(model.channels).to(next(model.parameters()).device)
+        return aux
+
+    @classmethod
+    def prepare_config(cls, config, recorded: Callable[[str], Any]) -> None:
+        import inspect
+
+        from .ops import check_exclusion, default_exclusion_window
+
+        params = inspect.signature(LAVAE).parameters
+        latent = params["latent_size"].default
+        if config.sprite_width <= latent:  # its residual blocks carry the latent_size z_app channels
+            raise ValueError(f"--sprite-width must exceed LAVAE's latent size {latent}, got {config.sprite_width}")
+        if config.exclusion_window is None and config.resume:
+            # A resumed run keeps its own window unless one is asked for: a run from before the
+            # setting drew with 1 (the default since is 5, or what the canvas holds).
+            config.exclusion_window = recorded("exclusion_window")
+        M = params["max_objects"].default
+        H, W = parse_canvas(config.canvas)
+        if config.exclusion_window is None:  # the default: 5, or what this canvas holds (SPEC §2)
+            config.exclusion_window = default_exclusion_window((H, W), M)
+        # SPEC §2's H·W > (M − 1)·w², checked before the run directory is touched.
+        check_exclusion(config.exclusion_window, (H, W), H * W, M, "--exclusion-window")
+
+    @classmethod
+    def model_config(cls, config, channels: int) -> Dict[str, Any]:
+        S = DATASETS[config.dataset].sprite_size
+        return {**super().model_config(config, channels), "sprite_size": S, "width": config.width,
+                "sprite_width": config.sprite_width, "ops": config.ops, "location_mode": config.location_mode,
+                "loc_kl": config.loc_kl, "count_window": config.count_window,
+                "exclusion_window": config.exclusion_window}
+
+    @classmethod
+    def build_aux(cls, channels: int):
+        return AuxVAE(channels)
+
+    @classmethod
+    def from_config(cls, model, config, aux=None) -> "Recipe":
+        return cls(model, config.steps, dataset=config.dataset, seed=config.seed, lr=config.lr, loc_lr=config.loc_lr,
+                   loc_lr_decay=config.loc_lr_decay, warmup_weight=config.warmup_weight,
+                   warmup_target=config.warmup_target, warmup_anchor=config.warmup_anchor,
+                   warmup_scale=config.warmup_scale, warmup_peak=config.warmup_peak, warmup_blur=config.warmup_blur,
+                   warmup_radius=config.warmup_radius, aux=aux)
+
+    @classmethod
+    def forward_module(cls, model, config):
+        return model  # LAVAE compiles its nets itself (LAVAE.accelerate)
+
+    def parameter_groups(self) -> list:
+        """Adamax groups: the location inference net (loc residual net + head) with its own
+        learning rate, the rest of the model, the aux VAE."""
+        loc = self.model.location_parameters()
+        loc_ids = {id(p) for p in loc}
+        rest = [p for p in self.model.parameters() if id(p) not in loc_ids]
+        return [
+            {"params": loc, "lr": self.loc_lr, "name": "location"},
+            {"params": rest, "lr": self.lr, "name": "model"},
+            {"params": list(self.aux.parameters()), "lr": self.lr, "name": "aux"},
+        ]
+
+    def learning_rates(self, step: int) -> Dict[str, float]:
+        step = _check_step(step)
+        return {"model": self.lr,
+                "location": self.loc_lr * schedules.loc_lr_factor(step, self.steps, self.loc_lr_decay),
+                "aux": self.lr}
+
+    def _forward(self, x, step, ids, counts, forward, aux_forward, probe):
+        model = self.model
         device = x.device
         H, W = x.shape[-2:]
         D = H * W
         log = {}
-        if self.kind == "baseline":
-            beta = schedules.beta(step, self.steps)
-            eps = draw_normal(self.seed, step, ids, model.latent_shape(H, W), device=device)
-            out = forward(x, eps=eps, beta=beta)
-            log.update(loss=out.neg_elbo.detach().mean(), recon=out.recon.detach().mean(),
-                       kl=out.kl.detach().mean(), beta=beta)
-            return out.loss, out, (log if as_tensors else _as_floats(log))
-
         aux_forward = self.aux if aux_forward is None else aux_forward
         gamma = location_gamma(D)
         threshold = count_threshold(D)
@@ -316,7 +545,7 @@ class Recipe:
                        hloc_max_obj=_masked_mean(hmax, has), hloc_max_empty=_masked_mean(hmax, ~has))
         log.update(nhat0=(n_hat == 0).float().mean(), nhat_mean=n_hat.float().mean(),
                    tau=tau, force_n_prob=p_force, warmup_weight=w_warm, forced=out.forced.detach().float().mean())
-        return loss, out, (log if as_tensors else _as_floats(log))
+        return loss, out, log
 
     def warmup_target_of(self, kl_map: torch.Tensor, x: torch.Tensor, gamma: float) -> Tuple[torch.Tensor, float]:
         """h_loc's warm-up target [B,1,H,W] from the aux VAE's KL map [B,1,H,W], and the map's scale."""
@@ -336,29 +565,36 @@ class Recipe:
                                  x=x if self.warmup_anchor == "ink" else None, half=S // 2)
         return target, scale
 
-    # ---- state ----------------------------------------------------------------------------------
+    def log_metrics(self, out, centres, counts) -> Dict[str, Optional[float]]:
+        model = self.model
+        rows, cols = index_rows_cols(model.locate(out.h_loc.detach(), out.n_hat), out.h_loc.shape[-1])
+        m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
+        d = peak_distances(out.h_loc, centres, counts, model.count_window)
+        return {"loc_acc": m / t if t else None, "peak_dist_median": float(np.median(d)) if len(d) else None}
 
-    def state_dict(self) -> Dict[str, object]:
-        """What a resumed loop needs besides the model and the optimiser: the aux VAE's state."""
-        return {"aux": None if self.aux is None else self.aux.state_dict()}
+    def log_constants(self, num_pixels: int) -> Dict[str, float]:
+        return {"threshold": count_threshold(num_pixels)}
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        """Load what :meth:`state_dict` returned (of a recipe for the same kind of model). Raises a
-        TypeError for a state that is not a dict and a ValueError naming the missing or unexpected
-        keys, or an ``aux`` that does not fit this recipe (a LAVAE recipe's aux VAE state is a
-        dict, a baseline recipe's is None)."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict (Recipe.state_dict()), got {type(state).__name__}")
-        want = set(self.state_dict())
-        missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
-        if missing or unexpected:
-            raise ValueError(f"state does not fit Recipe.state_dict(): missing key(s) {missing}, unexpected key(s) "
-                             f"{unexpected}")
-        if self.aux is None:
-            if state["aux"] is not None:
-                raise ValueError("state['aux'] holds an aux VAE, but this recipe (β-VAE baseline) has none")
-            return
-        if not isinstance(state["aux"], dict):
-            raise ValueError(f"state['aux'] must be the aux VAE's state dict (a LAVAE recipe's), got "
-                             f"{type(state['aux']).__name__}")
-        self.aux.load_state_dict(state["aux"])
+    def image_grid(self, x: torch.Tensor, out) -> torch.Tensor:
+        return image_grid(x, out.lam, out.rows, out.cols, out.n)
+
+
+@register_recipe
+class BetaVAERecipe(Recipe):
+    """The β-VAE baseline's recipe (SPEC §6): one Adamax group, β annealed 0 → 1 over the budget."""
+
+    kind = "baseline"
+    model_class = BetaVAE
+
+    @classmethod
+    def prepare_config(cls, config, recorded: Callable[[str], Any]) -> None:
+        config.exclusion_window = 1  # the baseline draws no locations; 1 is what runs before the setting record
+
+    def _forward(self, x, step, ids, counts, forward, aux_forward, probe):
+        H, W = x.shape[-2:]
+        beta = schedules.beta(step, self.steps)
+        eps = draw_normal(self.seed, step, ids, self.model.latent_shape(H, W), device=x.device)
+        out = forward(x, eps=eps, beta=beta)
+        log = {"loss": out.neg_elbo.detach().mean(), "recon": out.recon.detach().mean(), "kl": out.kl.detach().mean(),
+               "beta": beta}
+        return out.loss, out, log

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 __all__ = [
     "PAPER_STEPS",
+    "LR",
     "progress",
     "tau",
     "loc_lr_factor",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 PAPER_STEPS = 100_000
+LR = 1e-3  # Adamax, every parameter but the location net's (paper appendix B)
 WARMUP_FRACTION = 0.3  # 30k of 100k
 ANNEAL_FRACTION = 0.3  # the next 30k of 100k
 

@@ -1,14 +1,18 @@
-"""The training CLI's settings as a dataclass (:class:`TrainConfig`).
+"""A training run's settings as data: :class:`TrainConfig`, the one source of the CLI options.
 
-The parser (:func:`lavae_fast.train.build_parser`) stays the one place for the options' spelling,
-defaults and help; :class:`TrainConfig` holds the parsed values, one field per option (the option's
-``dest``), in the parser's order, plus the two the trainer records after choosing the precision.
-A test checks that the fields and the parser's options correspond one to one.
+Each field of :class:`TrainConfig` is one setting, with its default, its validator and its help:
+:func:`build_parser` generates ``python -m lavae_fast.train``'s options from the fields (in field
+order: ``args.json`` keeps it), config files (``--config FILE``) name the same fields, and a Python
+user builds a ``TrainConfig(out=..., steps=...)`` that :meth:`TrainConfig.checked` validates with
+the options' own validators (:class:`ConfigError` naming the setting), so that the CLI and the
+library accept exactly the same values.
 
-The fields marked ``run_defining`` define a run: ``--resume`` refuses a continuation that changes
-any of them (:func:`lavae_fast.train.resume_refusal`); the rest (logging cadence, device, threads,
+The fields marked ``run_defining`` define a run: a resume refuses a continuation that changes any
+of them (:func:`lavae_fast.trainer.resume_refusal`); the rest (logging cadence, device, threads,
 speed flags) may change between sessions. The data set directory (``data``) is compared by content,
-its fingerprint stored in the checkpoint, not by the path that names it.
+its fingerprint stored in the checkpoint, not by the path that names it. The one table of defaults
+for runs written before a setting existed or changed is :data:`ADDED_SETTINGS` and
+:data:`LEGACY_DEFAULTS` below.
 
 ``args.json`` and the checkpoint's ``args`` are :meth:`TrainConfig.to_dict`: the keys and values the
 argparse namespace had, in the same order, so run directories written before this class still
@@ -21,70 +25,186 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["TrainConfig", "run_defining_fields", "read_config_file", "config_argv", "config_file_text", "CONFIG_DIR",
-           "ConfigFileError", "resolved_settings"]
+from . import _cli
+from .data.registry import DATASETS
+from .schedules import LR
 
-_RUN = {"run_defining": True}  # metadata of the fields that define a run
+__all__ = ["TrainConfig", "ConfigError", "build_parser", "run_defining_fields", "read_config_file", "config_argv",
+           "config_file_text", "CONFIG_DIR", "ConfigFileError", "resolved_settings", "ADDED_SETTINGS",
+           "LEGACY_DEFAULTS"]
+
+
+class ConfigError(ValueError):
+    """A setting the trainer cannot run with; the message names the setting and what it takes.
+    The CLI reports it as a usage error (exit code 2)."""
+
+
+def _scale(s):
+    if s == "auto":
+        return s
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, got {s!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, got {s}")
+    return v
+
+
+def _auto_or_length(positive: bool):
+    """'auto' or a finite length in pixels (> 0 when ``positive``, else >= 0)."""
+    need = "> 0" if positive else ">= 0"
+
+    def parse(s):
+        if s == "auto":
+            return s
+        try:
+            v = float(s)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a number {need}, got {s!r}") from None
+        if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a number {need}, got {s!r}")
+        return v
+
+    return parse
+
+
+def _setting(default, help: Optional[str] = None, *, run: bool = False, type=None, choices=None, kind: str = "value",
+             metavar: Optional[str] = None, group: Optional[str] = None, required: bool = False):
+    """A field of :class:`TrainConfig` and the CLI option that sets it. ``kind``: "value" (``--x V``),
+    "flag" (``--x``: true), "switch" (``--x`` / ``--no-x``), "bf16" (``--bf16 [auto|on|off]`` and
+    ``--no-bf16``); ``run``: the setting defines the run; ``group``: the help section."""
+    cli = {"help": help, "type": type, "choices": choices, "kind": kind, "metavar": metavar, "group": group,
+           "required": required}
+    return field(default=default, metadata={"run_defining": run, "cli_option": cli})
+
+
 _RECORDED = {"cli": False}  # metadata of the fields set by the trainer, not by an option
+# The choices of --model: the kinds of lavae_fast.recipe.RECIPES when the parser is built.
+_RECIPE_KINDS = "registered recipes"
+SPEED = "speed (none of these changes what a step computes, bf16 aside)"
+# Filled in where the help is printed (performance imports torch; this module stays light).
+_BF16_SLOWDOWN = "{bf16_slowdown}"
 
 
 @dataclass
 class TrainConfig:
-    """One training run's settings; see ``python -m lavae_fast.train --help`` for each option."""
+    """One training run's settings; ``python -m lavae_fast.train --help`` prints each one's help.
 
-    model: str = field(metadata=_RUN)
-    dataset: str = field(metadata=_RUN)
-    data: Optional[str]
-    canvas: Union[List[int], Tuple[int, int]] = field(metadata=_RUN)
-    n_train: int = field(metadata=_RUN)
-    n_test: int
-    n_test7: int
-    n_val: int
-    data_seed: int = field(metadata=_RUN)
-    steps: int = field(metadata=_RUN)
-    batch_size: int = field(metadata=_RUN)
-    seed: int = field(metadata=_RUN)
-    device: str
-    out: str
-    resume: bool
-    overwrite: bool
-    ops: str
-    location_mode: str = field(metadata=_RUN)
-    loc_kl: str = field(metadata=_RUN)
-    count_window: int = field(metadata=_RUN)
-    exclusion_window: Optional[int] = field(metadata=_RUN)
-    width: int = field(metadata=_RUN)
-    sprite_width: int = field(metadata=_RUN)
-    lr: float = field(metadata=_RUN)
-    loc_lr: Optional[float] = field(metadata=_RUN)
-    loc_lr_decay: float = field(metadata=_RUN)
-    warmup_scale: Union[str, float] = field(metadata=_RUN)
-    warmup_peak: float = field(metadata=_RUN)
-    warmup_blur: Union[str, float] = field(metadata=_RUN)
-    warmup_target: str = field(metadata=_RUN)
-    warmup_anchor: str = field(metadata=_RUN)
-    warmup_radius: Union[str, float] = field(metadata=_RUN)
-    warmup_weight: float = field(metadata=_RUN)
-    log_every: int
-    probe_gradients: bool
-    ckpt_every: int
-    eval_every: int
-    eval_size: int
-    image_every: Optional[int]
-    stop_at: Optional[int]
-    threads: Optional[int]
-    channels_last: bool
-    fused_norm: bool
-    compile: bool
-    bf16: str
-    tune_allocator: bool
-    no_progress: bool
-    sync_bn: bool
-    dist_backend: str
+    Every field has its default, so ``TrainConfig(out="runs/x", steps=2000)`` is a complete config
+    (``out`` is the one setting without one); :meth:`checked` validates the values."""
+
+    model: str = _setting("lavae", "the model: LAVAE or the β-VAE baseline (a recipe registered by "
+                                   "lavae_fast.recipe.register_recipe adds its kind)", run=True, choices=_RECIPE_KINDS)
+    dataset: str = _setting("multi-dsprites", run=True, choices=sorted(DATASETS))
+    data: Optional[str] = _setting(None, "data set directory (python -m lavae_fast.data generate); default: generate "
+                                         "a small one in memory")
+    canvas: Union[List[int], Tuple[int, int]] = _setting((64, 64), "N or HxW (in-memory data only)", run=True,
+                                                         type=_cli.canvas)
+    n_train: int = _setting(20000, "in-memory training images", run=True, type=_cli.positive_int)
+    n_test: int = _setting(1000, "in-memory 0–3-object test images (0: none)", type=_cli.nonneg_int)
+    n_test7: int = _setting(1000, "in-memory 7-object test images (0: none, e.g. on a canvas too small for 7)",
+                            type=_cli.nonneg_int)
+    n_val: int = _setting(500, "validation images (0–3 objects, generated in memory from the data's settings and a "
+                               "stream of their own: held out from training and testing); at each --eval-every the "
+                               "model is evaluated on them and the best so far (count accuracy, then -ELBO) is kept "
+                               "as RUN_DIR/checkpoint.best.pt, the checkpoint to ship; 0: no validation",
+                          type=_cli.nonneg_int)
+    data_seed: int = _setting(0, run=True, type=_cli.nonneg_int)
+    steps: int = _setting(100_000, "budget; 100000 = the paper's schedule", run=True, type=_cli.positive_int)
+    batch_size: int = _setting(64, "global batch; under torchrun each of the N processes takes batch-size/N images",
+                               run=True, type=_cli.batch_size)
+    seed: int = _setting(0, run=True, type=_cli.nonneg_int)
+    device: str = _setting("cpu")
+    out: Optional[str] = _setting(None, "run directory (owned by one trainer at a time)", required=True)
+    resume: bool = _setting(False, "continue from RUN_DIR/checkpoint.pt", kind="flag")
+    overwrite: bool = _setting(False, "start afresh in a run directory that holds a run, deleting all of that run's "
+                                      "files: checkpoints, metrics.jsonl, args.json, tb/, evaluation results and "
+                                      "figures/ (all or nothing; without it such a directory is refused)", kind="flag")
+    ops: str = _setting("fused", choices=["fused", "reference"])
+    location_mode: str = _setting(
+        "relaxed", "training estimator of the locations (SPEC §3): the relaxed Gumbel-softmax samples place the "
+                   "sprites (default, the paper's) or straight-through (hard in value, relaxed in gradient)",
+        run=True, choices=["relaxed", "straight_through"])
+    loc_kl: str = _setting(
+        "relaxed", "location term log q in training (SPEC §3): log q at the relaxed sample (default), the exact log q "
+                   "of the hard draws plus the straight-through gradient, or the exact log q with its own gradient "
+                   "only (see lavae_fast.model.LAVAE)", run=True, choices=["relaxed", "straight_through", "hard"])
+    count_window: int = _setting(
+        3, "the counter's neighbourhood (odd): n̂ counts the points of h_loc above 4γ that are maxima of their N×N "
+           "window (default 3, SPEC §2's 3×3; see lavae_fast.ops.count_objects)", run=True,
+        type=_cli.odd_positive_int, metavar="N")
+    exclusion_window: Optional[int] = _setting(
+        None, "q's exclusion window (odd): each location draw removes its N×N neighbourhood from the later draws' "
+              "candidates, in training, the bound and inference (default 5, measured better than the paper's 1 — "
+              "only the drawn pixel — in docs/recipe.md, or the largest odd window the canvas holds where it cannot "
+              "hold 5; SPEC §2; see lavae_fast.ops.gumbel_topk_relaxed)", run=True, type=_cli.odd_positive_int,
+        metavar="N")
+    width: int = _setting(44, "channels of LAVAE's residual nets", run=True, type=_cli.channels)
+    sprite_width: int = _setting(48, run=True, type=_cli.channels)
+    lr: float = _setting(LR, run=True, type=_cli.positive_float)
+    loc_lr: Optional[float] = _setting(None, "location-net lr (default: 1e-4 MNIST, 5e-4 dSprites)", run=True,
+                                       type=_cli.positive_float)
+    loc_lr_decay: float = _setting(100.0, "total exponential decay of the location-net lr over the horizon (paper: "
+                                          "100)", run=True, type=_cli.positive_float)
+    warmup_scale: Union[str, float] = _setting(
+        "auto", "multiplier of the aux VAE's KL map as h_loc's target: a number (1 = the raw map, nats per latent "
+                "location) or 'auto' (peaks lifted to 2·4γ, see aux_vae.auto_target_scale)", run=True, type=_scale)
+    warmup_peak: float = _setting(
+        2.0, "height of the target's object peaks as a multiple of the threshold 4γ (with --warmup-target map: of the "
+             "auto-scaled map's typical peak)", run=True, type=_cli.positive_float)
+    warmup_blur: Union[str, float] = _setting(
+        "auto", "σ in pixels of the Gaussian blur applied to the KL map before it becomes h_loc's target (0: none; "
+                "'auto': sprite size / 7, see aux_vae.smooth_target)", run=True, type=_auto_or_length(False))
+    warmup_target: str = _setting(
+        "cones", "h_loc's warm-up target: 'cones' (default) one cone of height --warmup-peak·4γ at each point the "
+                 "smoothed, scaled KL map counts (aux_vae.peak_target); 'map' that map itself", run=True,
+        choices=["cones", "map"])
+    warmup_anchor: str = _setting(
+        "ink", "with --warmup-target cones: a cone stands at the map's peak, or at the ink centroid of the image in "
+               "the sprite-sized window around it (aux_vae.ink_anchors)", run=True, choices=["ink", "map"])
+    warmup_radius: Union[str, float] = _setting(
+        "auto", "with --warmup-target cones: their radius in pixels ('auto': sprite size / 4)", run=True,
+        type=_auto_or_length(True))
+    warmup_weight: float = _setting(
+        1.0, "multiplier of the warm-up loss, on top of its schedule (default 1, the paper's; ×300 was needed by "
+             "straight-through only, see docs/recipe.md)", run=True, type=_cli.positive_float)
+    log_every: int = _setting(50, type=_cli.positive_int)
+    probe_gradients: bool = _setting(False, "at each log step, log how hard each loss term pushes on h_loc (hgrad_*; "
+                                            "a few extra partial backward passes)", kind="flag")
+    ckpt_every: int = _setting(500, type=_cli.positive_int)
+    eval_every: int = _setting(1000, "0: never", type=_cli.nonneg_int)
+    eval_size: int = _setting(256, "test images per split at --eval-every", type=_cli.positive_int)
+    image_every: Optional[int] = _setting(None, "image grids (default: --eval-every)", type=_cli.nonneg_int)
+    stop_at: Optional[int] = _setting(None, "stop after this step (as if interrupted)", type=_cli.positive_int)
+    threads: Optional[int] = _setting(None, "torch threads (default: the CPUs this process may use)",
+                                      type=_cli.positive_int)
+    channels_last: bool = _setting(True, "channels-last memory format for the convolutions (default: on)",
+                                   kind="switch", group=SPEED)
+    fused_norm: bool = _setting(True, "each Leaky ReLU + batch norm as one fused op (lavae_fast.norm; default: on)",
+                                kind="switch", group=SPEED)
+    compile: bool = _setting(False, "torch.compile the convolutional nets (20-40 s of compilation at the first step)",
+                             kind="switch", group=SPEED)
+    bf16: str = _setting(
+        "auto", "bf16 autocast for LAVAE's convolutions. auto (default): bf16 where the device computes it natively "
+                "(a CPU with avx512_bf16 or amx_bf16, a CUDA GPU that supports it), float32 elsewhere; on (or a bare "
+                "--bf16): always (where bf16 is emulated, e.g. an AVX2-only CPU, ~" + _BF16_SLOWDOWN + "x slower); "
+                "off: float32. The choice is printed and recorded in args.json and the checkpoint; --resume keeps "
+                "the recorded one", choices=["auto", "on", "off"], kind="bf16", group=SPEED)
+    tune_allocator: bool = _setting(True, "keep freed activations in the process instead of unmapping them (glibc; "
+                                          "see lavae_fast.performance)", kind="switch", group=SPEED)
+    no_progress: bool = _setting(False, kind="flag")
+    sync_bn: bool = _setting(False, "distributed GPU runs: batch norm over the global batch (SyncBatchNorm) in the "
+                                    "inference nets and the aux VAE; refused on the CPU, where SyncBatchNorm does not "
+                                    "run", kind="flag")
+    dist_backend: str = _setting("auto", "torchrun runs: process-group backend (auto: nccl for --device cuda, gloo on "
+                                         "the CPU)", choices=["auto", "gloo", "nccl"])
     # Set by the trainer once it has chosen the precision (recorded; --resume keeps it).
     precision: Optional[str] = field(default=None, metadata=_RECORDED)
     precision_reason: Optional[str] = field(default=None, metadata=_RECORDED)
@@ -93,7 +213,11 @@ class TrainConfig:
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         """The config of a parsed namespace (``build_parser().parse_args(...)``); an attribute
         without a field, or a field without a value, is an error."""
-        return cls(**vars(args))
+        values = vars(args)
+        missing = [f for f in cls.cli_fields() if f not in values]
+        if missing:
+            raise TypeError(f"TrainConfig.from_args: the namespace lacks {', '.join(missing)}")
+        return cls(**values)
 
     def to_dict(self) -> Dict[str, Any]:
         """The settings as a plain dict, in field order (``args.json``, the checkpoint's ``args``)."""
@@ -104,10 +228,92 @@ class TrainConfig:
         """The fields set by a command-line option (each is an option's ``dest``)."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True))
 
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        """A checked config of settings by name (``batch_size`` or ``batch-size``; the others keep
+        their defaults), as a config file gives them. Raises :class:`ConfigError`."""
+        return cls._parse(config_argv(build_parser(), {k.replace("-", "_"): v for k, v in values.items()},
+                                      "TrainConfig", error=ConfigError))
+
+    def checked(self) -> "TrainConfig":
+        """This config with every value validated and normalised as the CLI's options would be (a
+        canvas ``64`` becomes ``(64, 64)``): a new config, or :class:`ConfigError` naming the first
+        setting that is wrong. The recorded ``precision`` fields are kept as they are."""
+        values = {k: v for k, v in self.to_dict().items() if k in self.cli_fields()}
+        if values.get("out") is None:
+            raise ConfigError("out: a run directory is required (TrainConfig(out=...), --out RUN_DIR)")
+        checked = TrainConfig._parse(config_argv(build_parser(), values, "TrainConfig", error=ConfigError,
+                                                 keep=("resume", "overwrite")))
+        checked.precision, checked.precision_reason = self.precision, self.precision_reason
+        return checked
+
+    @classmethod
+    def _parse(cls, argv: List[str]) -> "TrainConfig":
+        return cls.from_args(build_parser(raising=True).parse_args(argv))
+
 
 def run_defining_fields() -> Tuple[str, ...]:
     """The fields marked ``run_defining``, in field order."""
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("run_defining"))
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """A parser whose errors are :class:`ConfigError` (the library's), not a usage message and exit."""
+
+    def error(self, message):
+        # "argument --batch-size: ..." names the option; a Python user set the field batch_size.
+        message = re.sub(r"argument --([a-z0-9-]+)", lambda m: f"{m.group(1).replace('-', '_')} (--{m.group(1)})",
+                         message)
+        raise ConfigError(message)
+
+
+def build_parser(raising: bool = False) -> argparse.ArgumentParser:
+    """``python -m lavae_fast.train``'s parser, one option per :class:`TrainConfig` field (in field
+    order) plus ``--config``. ``raising``: errors raise :class:`ConfigError` instead of exiting."""
+    from .performance import BF16_EMULATED_SLOWDOWN
+
+    cls = _RaisingParser if raising else argparse.ArgumentParser
+    p = cls(prog="python -m lavae_fast.train", description="Train LAVAE or the β-VAE baseline.")
+    p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE_OR_NAME",
+                   help="settings from a YAML file (one `option: value` line each, e.g. `batch_size: 16`), a run's "
+                        "args.json, or the config that trained a shipped model by name (lavae-multi-dsprites, "
+                        "lavae-multi-mnist-10k, lavae-multi-dsprites-64, baseline-multi-dsprites, "
+                        "baseline-multi-mnist-10k: lavae_fast/configs/); options typed on the command line "
+                        "override it")
+    groups: Dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        cli = f.metadata.get("cli_option")
+        if cli is None:
+            continue
+        where = p if cli["group"] is None else groups.setdefault(cli["group"], p.add_argument_group(cli["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        help = cli["help"]
+        if help is not None:
+            help = help.replace(_BF16_SLOWDOWN, str(BF16_EMULATED_SLOWDOWN))
+        kind = cli["kind"]
+        if kind == "flag":
+            where.add_argument(flag, action="store_true", help=help)
+        elif kind == "switch":
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        elif kind == "bf16":
+            where.add_argument(flag, nargs="?", choices=cli["choices"], const="on", default=f.default, help=help)
+            where.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="off",
+                               help=f"same as {flag} off")
+        else:
+            kw = {"required": True} if cli["required"] else {"default": f.default}
+            if cli["type"] is not None:
+                kw["type"] = cli["type"]
+            if cli["choices"] == _RECIPE_KINDS:
+                from .recipe import RECIPES
+
+                kw["choices"] = list(RECIPES)
+            elif cli["choices"] is not None:
+                kw["choices"] = cli["choices"]
+            if cli["metavar"] is not None:
+                kw["metavar"] = cli["metavar"]
+            where.add_argument(flag, help=help, **kw)
+    _cli.accept_negative_numbers(p)
+    return p
 
 
 # Run settings whose default changed, with the value of the versions before the change: a run
@@ -132,7 +338,7 @@ MACHINE_KEYS = ("out", "data", "device", "threads", "no_progress", "resume", "ov
 IGNORED_KEYS = ("precision", "precision_reason", "resume", "overwrite")
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(ConfigError):
     """A config file that cannot be read or names a setting the trainer does not have."""
 
 
@@ -171,44 +377,47 @@ def read_config_file(path_or_name: str) -> Dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
-def config_argv(parser: argparse.ArgumentParser, values: Dict[str, Any], where: str = "--config") -> List[str]:
+def config_argv(parser: argparse.ArgumentParser, values: Dict[str, Any], where: str = "--config",
+                error: type = None, keep: Sequence[str] = ()) -> List[str]:
     """The command-line tokens that set ``values`` (option dest → value) through ``parser``'s own
     options, so that a config file's values are parsed and checked exactly as typed options are
-    (and options typed after them override them). Raises :class:`ConfigFileError` for a key that is
-    no option (with the closest names) or a value of the wrong kind for a flag."""
+    (and options typed after them override them). Raises ``error`` (:class:`ConfigFileError` by
+    default) for a key that is no option (with the closest names) or a value of the wrong kind for
+    a flag. :data:`IGNORED_KEYS` are skipped, but for those in ``keep``."""
+    fail = ConfigFileError if error is None else error
     actions: Dict[str, argparse.Action] = {}
     for a in parser._actions:  # the first option of each setting (--bf16, not --no-bf16)
         if a.option_strings and a.dest not in ("help", "config"):
             actions.setdefault(a.dest, a)
     argv: List[str] = []
     for key, value in values.items():
-        if key in IGNORED_KEYS:
+        if key in IGNORED_KEYS and key not in keep:
             continue
         action = actions.get(key)
         if action is None:
             close = difflib.get_close_matches(key, list(actions), n=3)
-            raise ConfigFileError(f"{where}: unknown setting {key!r}" + (f" (did you mean {', '.join(close)}?)" if close
+            raise fail(f"{where}: unknown setting {key!r}" + (f" (did you mean {', '.join(close)}?)" if close
                                                                          else ""))
         flag = next(o for o in action.option_strings if o.startswith("--"))
         if isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
-                raise ConfigFileError(f"{where}: {key} must be true or false, got {value!r}")
+                raise fail(f"{where}: {key} must be true or false, got {value!r}")
             argv.append(flag if value else f"--no-{flag[2:]}")
         elif action.nargs == 0:  # store_true flags
             if not isinstance(value, bool):
-                raise ConfigFileError(f"{where}: {key} must be true or false, got {value!r}")
+                raise fail(f"{where}: {key} must be true or false, got {value!r}")
             if value != action.default:
                 if action.const is not True:
-                    raise ConfigFileError(f"{where}: {key} cannot be set to {value!r} from a file")
+                    raise fail(f"{where}: {key} cannot be set to {value!r} from a file")
                 argv.append(flag)
         elif value is None:
             if action.default is not None:
-                raise ConfigFileError(f"{where}: {key} must have a value (null is not allowed for it)")
+                raise fail(f"{where}: {key} must have a value (null is not allowed for it)")
         else:
             if isinstance(value, (list, tuple)):  # the canvas: [H, W]
                 value = "x".join(str(v) for v in value)
             elif isinstance(value, bool) or isinstance(value, (dict,)):
-                raise ConfigFileError(f"{where}: {key} takes a value like {action.default!r}, got {value!r}")
+                raise fail(f"{where}: {key} takes a value like {action.default!r}, got {value!r}")
             argv += [flag, str(value)]
     return argv
 

@@ -34,25 +34,18 @@ ARGS = ["--dataset", "multi-dsprites", "--canvas", "32", "--n-train", "64", "--n
         "--batch-size", "8", "--width", "6", "--sprite-width", "36", "--threads", "1", "--no-progress",
         "--log-every", "2", "--eval-every", "0", "--steps", "5", "--ckpt-every", "2", "--seed", "1"]
 
-# Runs under torchrun: lavae_fast.train.main, then each rank saves the parameters it ended with
+# Runs under torchrun: the trainer of lavae_fast.train's options, then each rank saves the parameters it ended with
 # (rank 0 alone writes checkpoints, so this is how the test sees rank 1's).
 RUNNER = textwrap.dedent("""
     import os, sys, torch
-    import lavae_fast.aux_vae as A
-    import lavae_fast.train as T
-    made = {}
-    build = T.build_model
-    def capture_model(cfg):
-        made["model"] = build(cfg)
-        return made["model"]
-    class CapturedAux(A.AuxVAE):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made["aux"] = self
-    T.build_model, A.AuxVAE = capture_model, CapturedAux
-    rc = T.main(sys.argv[2:])
-    torch.save({k: m.state_dict() for k, m in made.items()},
-               os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
+    from lavae_fast.train import build_parser, parse_with_config
+    from lavae_fast.train_config import TrainConfig
+    from lavae_fast.trainer import Trainer
+    config = TrainConfig.from_args(parse_with_config(build_parser(), sys.argv[2:]))
+    with Trainer(config) as trainer:
+        rc = trainer.setup().fit().exit_code
+        torch.save({"model": trainer.model.state_dict(), "aux": trainer.aux.state_dict()},
+                   os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
     sys.exit(rc)
 """)
 

@@ -231,12 +231,14 @@ LAYERS = {
         "itself, not its export, which needs the trainer)"),
 }
 
-# What sits above every layer: the trainer and its recipe, evaluation and figures, the CLIs, and
-# pretrained's export and command line. No module of a layer reaches one, however indirectly.
+# What sits above every layer: the trainer, its configuration, run folders and recipes, evaluation
+# and figures, the CLIs, and pretrained's export and command line. No module of a layer reaches
+# one, however indirectly.
 ABOVE_THE_LAYERS = frozenset({
-    "lavae_fast.train", "lavae_fast.train_config", "lavae_fast.recipe", "lavae_fast.schedules",
-    "lavae_fast.evaluate", "lavae_fast.figures", "lavae_fast.metrics", "lavae_fast.demo", "lavae_fast._cli",
-    "lavae_fast.pretrained.shipping", "lavae_fast.pretrained.__main__", "lavae_fast.data.__main__",
+    "lavae_fast.train", "lavae_fast.train_config", "lavae_fast.trainer", "lavae_fast.run_folder",
+    "lavae_fast.recipe", "lavae_fast.schedules", "lavae_fast.evaluate", "lavae_fast.figures", "lavae_fast.metrics",
+    "lavae_fast.demo", "lavae_fast._cli", "lavae_fast.pretrained.shipping", "lavae_fast.pretrained.__main__",
+    "lavae_fast.data.__main__",
 })
 
 

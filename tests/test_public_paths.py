@@ -27,7 +27,7 @@ DOCUMENTS = ["README.md", *(os.path.join("docs", f) for f in sorted(os.listdir(o
 
 # The modules the documents name (in prose, `import`s and `python -m`), and the names they use from them.
 MODULES = {
-    "lavae_fast": ["LAVAE", "BetaVAE", "Recipe", "ops", "reference", "__version__"],
+    "lavae_fast": ["LAVAE", "BetaVAE", "Recipe", "Trainer", "TrainConfig", "ops", "reference", "__version__"],
     "lavae_fast.model": ["LAVAE", "Latents"],  # an old path, named as one
     "lavae_fast.ops": ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance", "engine"],
     "lavae_fast.reference": ["place_and_loglik", "gumbel_topk_relaxed", "count_objects", "gather_appearance"],
@@ -35,6 +35,7 @@ MODULES = {
     "lavae_fast.performance": ["bf16_native", "tune_allocator"],
     "lavae_fast._backends": ["cpu_capability", "kernels_package"],
     "lavae_fast.data": ["MultiObjectDataset", "generate_arrays"],
+    "lavae_fast.recipe": ["Recipe", "LAVAERecipe", "BetaVAERecipe", "register_recipe"],
     "lavae_fast.train": ["main"],
     "lavae_fast.evaluate": ["main"],
     "lavae_fast.figures": ["main"],
@@ -49,6 +50,7 @@ MEMBERS = {
               "exclusion_window", "eval"],
     "BetaVAE": ["from_pretrained"],
     "Recipe": ["optimizer", "step", "loss"],
+    "Trainer": ["setup", "fit", "evaluate"],
 }
 # ``python -m`` commands (torchrun's ``-m`` included) and the console scripts of setup.py.
 COMMANDS = ["lavae_fast.data", "lavae_fast.train", "lavae_fast.evaluate", "lavae_fast.figures", "lavae_fast.pretrained"]

@@ -36,9 +36,16 @@ __all__ = ["export", "training_command", "git_commit", "read_measured_metrics", 
 DATA_KEYS = ("dataset", "data", "canvas", "n_train", "n_test", "n_test7", "data_seed")
 
 
+# The settings that are paths on the machine that trained a model: the shipped provenance names
+# them by these placeholders, not by that machine's folders.
+PATH_PLACEHOLDERS = {"out": "RUN_DIR", "data": "DATA_DIR"}
+
+
 def training_command(args: Dict[str, Any]) -> str:
     """``python -m lavae_fast.train …`` with every recorded argument that differs from the
-    trainer's default, spelled as its own option (so the command is what was run, up to defaults)."""
+    trainer's default, spelled as its own option (so the command is what was run, up to defaults),
+    but for the paths of the machine that ran it: ``--out RUN_DIR`` and ``--data DATA_DIR`` stand
+    for them (:data:`PATH_PLACEHOLDERS`)."""
     import argparse
     import shlex
 
@@ -63,7 +70,7 @@ def training_command(args: Dict[str, Any]) -> str:
         elif action.nargs == 0:  # store_true / store_false: the flag alone says it
             parts.append(flag)
         else:
-            parts += [flag, str(value)]
+            parts += [flag, PATH_PLACEHOLDERS.get(action.dest, str(value))]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -169,9 +176,10 @@ def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, m
         "export_commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
         "data": {**{k: args.get(k) for k in DATA_KEYS}, "fingerprint": state.get("data_fingerprint")},
         "metrics": measured,
-        "metrics_file": None if measured is None else os.path.abspath(metrics),
+        # File names, not this machine's paths: the checkpoint's sha256 identifies it.
+        "metrics_file": None if measured is None else os.path.basename(metrics),
         "step": int(state["step"]),
-        "source": {"file": os.path.abspath(used), "sha256": state.get("sha256")},
+        "source": {"file": os.path.basename(used), "sha256": state.get("sha256")},
         "lavae_fast_version": __version__,
         "torch_version": str(torch.__version__),  # a str subclass weights_only would refuse
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
