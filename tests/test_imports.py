@@ -211,8 +211,9 @@ def test_the_kernels_import_nothing_above_them():
 # The layers that the folders show (issue 25; shared/STYLE.md, lesson 13)
 # ---------------------------------------------------------------------------------------------
 
-# Bottom to top. A module of a layer may import the modules of its own layer and those listed
-# here ("pkg.*": that package and every module under it), nothing else of lavae_fast.
+# The engine at the bottom, the models on it, runtime beside them (it needs neither), the hub on
+# the models and runtime. A module of a layer may import the modules of its own layer and those
+# listed here ("pkg.*": that package and every module under it), nothing else of lavae_fast.
 LAYERS = {
     "lavae_fast.engine": (
         ["lavae_fast._C", f"{KERNELS}.*"],
@@ -272,7 +273,8 @@ def layer_violations(graph: dict) -> list:
 def imported_by(graph: dict, start: str) -> set:
     """The modules that ``start`` imports, transitively (not the packages above each: importing any
     module of lavae_fast runs the package's __init__, which imports the public API, the recipe
-    included; what a layer depends on is what its own modules import)."""
+    included, and the trainer when asked for; what a layer depends on is what its own modules
+    import)."""
     seen, todo = set(), list(graph.get(start, ()))
     while todo:
         node = todo.pop()
