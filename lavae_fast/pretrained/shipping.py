@@ -1,7 +1,7 @@
 """Turn a run (directory or checkpoint file) into a shippable model file with its provenance.
 
 The file is a checkpoint in the run's own format (written by
-:func:`lavae_fast.checkpoint.save_checkpoint`: atomic, with its SHA-256) holding only
+:func:`lavae_fast.runtime.checkpoint.save_checkpoint`: atomic, with its SHA-256) holding only
 :data:`lavae_fast.pretrained.SHIPPED_KEYS` — no optimiser, no warm-up VAE — plus ``provenance``:
 
 * ``command``: the training command, rebuilt from the run's recorded arguments;
@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .._version import __version__
-from ..checkpoint import load_run_checkpoint, save_checkpoint
+from ..runtime.checkpoint import load_run_checkpoint, save_checkpoint
 from ..train_config import resolved_settings
 from . import KINDS, REGISTRY, SHIPPED_KEYS, model_file, names
 
@@ -96,8 +96,8 @@ def read_measured_metrics(path: str, state: Dict[str, Any], used: str) -> Dict[s
     digest), of other data than the run's, or measured with other counting or exclusion windows
     than the model's own. Shipping a model with another model's numbers is what this prevents."""
     from ..evaluate import RESULTS_KIND
-    from ..loading import MODEL_CLASSES
-    from ..checkpoint import restore_model
+    from ..hub.loading import MODEL_CLASSES
+    from ..hub.reader import restore_model
 
     try:
         with open(path) as f:
