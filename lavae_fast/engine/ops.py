@@ -29,6 +29,9 @@ TypeError that names the argument.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import math
 from typing import Optional
 
@@ -40,7 +43,7 @@ from . import reference as _ref
 from ._common import (INT64_MAX, MAX_WINDOW, MIN_TAU, check_int, check_real, check_tau, check_window, counted_peaks,
                       grad_h_app_layout, local_maxima_mask, object_mask, peak_index)
 
-__all__ = ["place_and_loglik", "gumbel_topk_relaxed", "check_exclusion", "check_exclusion_window",
+__all__ = ["use_engine", "current_engine", "place_and_loglik", "gumbel_topk_relaxed", "check_exclusion", "check_exclusion_window",
            "default_exclusion_window", "DEFAULT_EXCLUSION_WINDOW", "count_objects", "gather_appearance", "object_mask",
            "counted_peaks", "local_maxima_mask", "peak_index", "engine", "ENGINES", "register_triton_kernels", "MIN_TAU",
            "MAX_OBJECTS"]
@@ -564,6 +567,28 @@ def gather_appearance(h_app: Tensor, loc: Tensor, n: Tensor, *, index: Optional[
 # ---------------------------------------------------------------------------------------------
 
 ENGINES = ("fused", "reference")
+# The engine a model runs where it was not given one (LAVAE(ops=None), the default): a context, so
+# that which implementation computes a step is the caller's choice at run time, not a model's
+# stored state (a checkpoint does not pin it). contextvars: per thread and per asyncio task.
+_ENGINE_IN_USE = contextvars.ContextVar("lavae_fast_engine", default="fused")
+
+
+def current_engine() -> str:
+    """The name of the engine in use here: "fused" unless :func:`use_engine` says otherwise."""
+    return _ENGINE_IN_USE.get()
+
+
+@contextlib.contextmanager
+def use_engine(name: str):
+    """``with use_engine("reference"): model(x)`` runs every model that was not given an engine of
+    its own (``LAVAE(ops=...)``) on ``name``'s ops: "fused" or "reference" (see :func:`engine`).
+    Yields that engine's namespace; the previous choice is restored on exit."""
+    impl = engine(name)
+    token = _ENGINE_IN_USE.set(name)
+    try:
+        yield impl
+    finally:
+        _ENGINE_IN_USE.reset(token)
 
 
 def engine(name: str):

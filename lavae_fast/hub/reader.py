@@ -73,6 +73,9 @@ def model_kwargs(config: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     not today's default."""
     cfg = dict(config)
     kind = cfg.pop("kind")
+    # The engine is chosen where a model runs (lavae_fast.ops.use_engine), not stored with it: the
+    # checkpoints written before recorded the one they trained with.
+    cfg.pop("ops", None)
     if kind == "lavae":
         for k, v in LEGACY_LAVAE_CONFIG.items():
             cfg.setdefault(k, v)

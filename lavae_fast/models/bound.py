@@ -3,7 +3,7 @@
 :class:`ImportanceBoundMixin` holds :meth:`~ImportanceBoundMixin.log_likelihood` of
 :class:`~lavae_fast.models.lavae.LAVAE`. It runs on the model's own pieces, which LAVAE defines:
 ``_input``, ``encode``, ``prior_log_probs``, ``_log_falling``, ``_draw_window``, ``_one_hot``,
-``_decode_present``, the engine ``_ops``, ``max_objects`` and ``latent_size``.
+``_decode_present``, the engine ``engine``, ``max_objects`` and ``latent_size``.
 """
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ class ImportanceBoundMixin:
                 logits = rep(h_loc.flatten(1))
                 u = torch.rand(k * B, D, generator=generator, dtype=torch.float64)
                 g = gumbel_from_uniform(u).to(logits)
-                index, _, log_q = self._ops.gumbel_topk_relaxed(logits, n, 1.0, M, g, **self._draw_window(H, W))
+                index, _, log_q = self.engine.gumbel_topk_relaxed(logits, n, 1.0, M, g, **self._draw_window(H, W))
                 maps = self._one_hot(index, D, logits.dtype).view(k * B, M, H, W)
-                app = self._ops.gather_appearance(rep(h_app), maps, n, index=index)
+                app = self.engine.gather_appearance(rep(h_app), maps, n, index=index)
                 mu, logvar = app.split(L, dim=-1)
                 eps = torch.randn(k * B, M, L, generator=generator).to(mu)
                 pres = _ops_api.object_mask(n, M).to(mu.dtype)
                 z = (mu + torch.exp(0.5 * logvar) * eps) * pres[..., None]
                 sprites = self._decode_present(z, n)
-                loglik = self._ops.place_and_loglik(xr, sprites, maps, n, index=index, eps=EPS_LAMBDA)
+                loglik = self.engine.place_and_loglik(xr, sprites, maps, n, index=index, eps=EPS_LAMBDA)
                 # log N(z;0,I) − log N(z;μ,σ) = −½Σ(z² − ε² − log σ²); the 2π terms cancel.
                 app_ratio = (-0.5 * (z.pow(2) - eps.pow(2) - logvar) * pres[..., None]).sum((1, 2))
                 lw = loglik + rep(log_pn) + rep(log_p_loc) + app_ratio - log_q

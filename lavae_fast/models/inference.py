@@ -7,7 +7,7 @@ and :meth:`~InferenceMixin.draw_locations` (images → latents), :meth:`~Inferen
 prior), :meth:`~InferenceMixin.move_object`, :meth:`~InferenceMixin.swap_objects` and
 :meth:`~InferenceMixin.change_appearance` (edits). They run on the model's own pieces, which LAVAE
 defines: ``_input``, ``encode``, ``_decode_present``, ``_draw_window``, ``_one_hot``,
-``prior_log_probs`` and ``prior_logits``, the engine ``_ops``, the sizes (``channels``, ``canvas``,
+``prior_log_probs`` and ``prior_logits``, the engine ``engine``, the sizes (``channels``, ``canvas``,
 ``max_objects``, ``latent_size``) and ``_count_window``.
 """
 
@@ -59,7 +59,7 @@ class InferenceMixin:
             h_app, h_loc, n_hat = self.encode(x, check=False)
         index = self.locate(h_loc, n_hat, locations)
         maps = self._one_hot(index, H * W, h_app.dtype).view(B, self.max_objects, H, W)
-        app = self._ops.gather_appearance(h_app, maps, n_hat, index=index)
+        app = self.engine.gather_appearance(h_app, maps, n_hat, index=index)
         mu = app[..., : self.latent_size]
         return Latents(n=n_hat, index=index, z_app=mu, canvas=(H, W))
 
@@ -76,7 +76,7 @@ class InferenceMixin:
                                        self._count_window)
         logits = h_loc.flatten(1)
         H, W = h_loc.shape[-2:]
-        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits),
+        index, _, _ = self.engine.gumbel_topk_relaxed(logits, n_hat, 1.0, self.max_objects, torch.zeros_like(logits),
                                                     **self._draw_window(H, W))
         return index
 
@@ -87,7 +87,7 @@ class InferenceMixin:
         [B,M], −1 from slot n on. What the −ELBO and the bound place the sprites at."""
         H, W = h_loc.shape[-2:]
         logits = h_loc.flatten(1)
-        index, _, _ = self._ops.gumbel_topk_relaxed(logits, n, 1.0, self.max_objects, gumbel.to(logits),
+        index, _, _ = self.engine.gumbel_topk_relaxed(logits, n, 1.0, self.max_objects, gumbel.to(logits),
                                                     **self._draw_window(H, W))
         return index
 
@@ -102,7 +102,7 @@ class InferenceMixin:
             sprites = self._decode_present(z_app, n)
         maps = self._one_hot(index, H * W, sprites.dtype).view(B, M, H, W)
         blank = sprites.new_zeros(B, self.channels, H, W)
-        _, lam = self._ops.place_and_loglik(blank, sprites, maps, n, index=index, eps=EPS_LAMBDA, return_lambda=True)
+        _, lam = self.engine.place_and_loglik(blank, sprites, maps, n, index=index, eps=EPS_LAMBDA, return_lambda=True)
         return lam
 
     def _check_latents(self, latents: Latents):
@@ -171,7 +171,7 @@ class InferenceMixin:
         n = n.to(dev)
         g = gumbel_from_uniform(torch.rand(num, D, generator=generator, dtype=torch.float64)).float().to(dev)
         # Top-n of pure Gumbel noise = n uniform draws without replacement.
-        index, _, _ = self._ops.gumbel_topk_relaxed(torch.zeros(num, D, device=dev), n, 1.0, M, g)
+        index, _, _ = self.engine.gumbel_topk_relaxed(torch.zeros(num, D, device=dev), n, 1.0, M, g)
         z = torch.randn(num, M, self.latent_size, generator=generator).to(dev)
         z = z * _ops_api.object_mask(n, M)[..., None].to(z.dtype)
         lat = Latents(n=n, index=index, z_app=z, canvas=(H, W))

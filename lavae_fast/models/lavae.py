@@ -149,7 +149,9 @@ class LAVAE(InferenceMixin, ImportanceBoundMixin, nn.Module):
         max_objects: M (10). latent_size: L (32).
         width: channels of the two full-resolution residual nets and the location head.
         sprite_width: channels of the sprite decoder's residual blocks (includes the L z_app ones).
-        ops: "fused" (lavae_fast.ops) or "reference" (lavae_fast.reference).
+        ops: None (default): the engine in use where the model runs (:func:`lavae_fast.ops.use_engine`,
+            "fused" unless a caller says otherwise; not model state, so no checkpoint pins it); or
+            "fused" (lavae_fast.ops) / "reference" (lavae_fast.reference) to pin this model's.
         location_mode: "relaxed" (default, the paper's estimator: in training the relaxed
             Gumbel-softmax samples place the sprites and read the appearance) or
             "straight_through" (hard in value, relaxed in gradient) — SPEC §3. Hard draws are
@@ -207,7 +209,7 @@ class LAVAE(InferenceMixin, ImportanceBoundMixin, nn.Module):
         latent_size: int = 32,
         width: int = 44,
         sprite_width: int = 48,
-        ops: str = "fused",
+        ops: Optional[str] = None,
         location_mode: str = "relaxed",
         loc_kl: str = "relaxed",
         count_window: int = 3,
@@ -297,17 +299,18 @@ class LAVAE(InferenceMixin, ImportanceBoundMixin, nn.Module):
 
     # -- configuration ---------------------------------------------------------------------
 
-    def set_ops(self, ops: str) -> None:
-        """Pick the engine: "fused" (lavae_fast.ops) or "reference" (lavae_fast.reference), see
-        :func:`lavae_fast.ops.engine`."""
-        self._ops = _ops_api.engine(ops)
+    def set_ops(self, ops: Optional[str]) -> None:
+        """Pin the engine: "fused" (lavae_fast.ops) or "reference" (lavae_fast.reference), see
+        :func:`lavae_fast.ops.engine`; None (the default): the engine in use where the model runs
+        (:func:`lavae_fast.ops.use_engine`, "fused" unless said otherwise)."""
+        self._ops = None if ops is None else _ops_api.engine(ops)
         self.ops_name = ops
 
     @property
     def engine(self):
-        """The namespace of engine ops this model runs (:func:`lavae_fast.ops.engine` of
-        :attr:`ops_name`): for code that calls an op the way the model does, e.g. ``count_objects``."""
-        return self._ops
+        """The namespace of engine ops this model runs now (its own, or :func:`lavae_fast.ops.use_engine`'s):
+        for code that calls an op the way the model does, e.g. ``count_objects``."""
+        return self._ops if self._ops is not None else _ops_api.engine(_ops_api.current_engine())
 
     def set_location_mode(self, mode: str) -> None:
         if mode not in ("straight_through", "relaxed"):
@@ -467,7 +470,7 @@ class LAVAE(InferenceMixin, ImportanceBoundMixin, nn.Module):
         if self._speed.bf16:  # the engine ops and everything after them stay float32
             h_app, h_loc = h_app.float(), h_loc.float()
         h_loc = h_loc * gamma
-        n_hat = self._ops.count_objects(h_loc.float(), THRESHOLD_IN_GAMMAS * gamma, self.max_objects,
+        n_hat = self.engine.count_objects(h_loc.float(), THRESHOLD_IN_GAMMAS * gamma, self.max_objects,
                                         self._count_window)
         return h_app, h_loc, n_hat
 
@@ -549,7 +552,7 @@ class LAVAE(InferenceMixin, ImportanceBoundMixin, nn.Module):
 
         logits = h_loc.flatten(1)  # [B,D]
         window = self._draw_window(H, W)
-        index, relaxed, log_q = self._ops.gumbel_topk_relaxed(logits, n, float(tau), M, noise.gumbel, **window)
+        index, relaxed, log_q = self.engine.gumbel_topk_relaxed(logits, n, float(tau), M, noise.gumbel, **window)
         if hard is None:
             hard = not self.training
         if hard or self.location_mode == "straight_through":
@@ -562,13 +565,13 @@ class LAVAE(InferenceMixin, ImportanceBoundMixin, nn.Module):
             kw = {}
         z_maps = z.view(B, M, H, W)
 
-        app = self._ops.gather_appearance(h_app, z_maps, n, **kw)  # [B,M,2L]
+        app = self.engine.gather_appearance(h_app, z_maps, n, **kw)  # [B,M,2L]
         mu, logvar = app.split(self.latent_size, dim=-1)
         present = _ops_api.object_mask(n, M)
         pf = present.to(mu.dtype)[..., None]
         z_app = (mu + torch.exp(0.5 * logvar) * noise.eps) * pf
         sprites = self._decode_present(z_app, n)
-        loglik, lam = self._ops.place_and_loglik(x, sprites, z_maps, n, return_lambda=True, eps=EPS_LAMBDA, **kw)
+        loglik, lam = self.engine.place_and_loglik(x, sprites, z_maps, n, return_lambda=True, eps=EPS_LAMBDA, **kw)
 
         kl_app = (gaussian_kl(mu, logvar) * present.to(mu.dtype)).sum(1)
         kl_n = -self.prior_log_probs()[n]
