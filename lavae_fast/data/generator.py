@@ -375,38 +375,16 @@ def generate(
             # A trial placement of the split's largest count: a crowded configuration fails here,
             # in well under a second, rather than after the other splits were generated.
             place(probe_rng, PROBE_IMAGES, k, canvas, table.patch, table.boxes, f"{dataset} {split}")
-    # A generation that was killed leaves its temporaries (possibly hundreds of MB): drop them.
-    storage.remove_stale_temporaries(out_dir)
-    storage.remove_stale_staging(os.path.realpath(out_dir))
-    # Staged beside the real directory (a symlinked --out keeps pointing at the set).
-    real_out = os.path.realpath(out_dir)
-    target = storage.staging_dir(real_out) if replacing else out_dir
-    try:
-        writer = storage.DatasetWriter(target)
+    # Written into out_dir, or beside it and swapped in (replacing a set); nothing half-written is left.
+    with storage.writing_set(out_dir, overwrite) as writer:
         splits = {}
-        try:
-            for split, n, (a, b) in (("train", n_train, (lo, hi)), ("test", n_test, (lo, hi)),
-                                     ("test7", n_test7, (test7_count, test7_count))):
-                sink = writer.split_sink(split)
-                _generate(dataset, n, seed, canvas, (a, b), None, split, mnist_dir, pool_size, workers, progress,
-                          table, pack=True, sink=sink)
-                splits[split] = writer.finish_split(split, min_objects=a, max_objects=b)
-        except BaseException:
-            # A fresh directory is left without a partial set; a staged one is removed below.
-            writer.discard() if not replacing else writer.abort()
-            raise
+        for split, n, (a, b) in (("train", n_train, (lo, hi)), ("test", n_test, (lo, hi)),
+                                 ("test7", n_test7, (test7_count, test7_count))):
+            sink = writer.split_sink(split)
+            _generate(dataset, n, seed, canvas, (a, b), None, split, mnist_dir, pool_size, workers, progress,
+                      table, pack=True, sink=sink)
+            splits[split] = writer.finish_split(split, min_objects=a, max_objects=b)
         _write_meta(writer, table, dataset, canvas, seed, lo, hi, test7_count, mnist_dir, splits)
-        if replacing:
-            storage.swap_in(target, real_out)
-    except BaseException as exc:
-        if replacing and os.path.isdir(target):
-            import shutil
-
-            shutil.rmtree(target, ignore_errors=True)  # ours alone, and incomplete: the old set stays
-        if replacing and isinstance(exc, OSError) and "disk space" in str(exc):
-            raise OSError(exc.errno, f"{exc} (the old set in {out_dir} is kept until the new one is complete, "
-                                     "so replacing it needs room for both; it is unchanged)") from exc
-        raise
     return out_dir
 
 

@@ -28,9 +28,11 @@ _SPLIT_CACHE: Dict[tuple, MultiObjectDataset] = {}
 def load_run_split(args: Dict, split: str) -> MultiObjectDataset:
     """The split ("train", "test", "test7", "val") of the run's data: the ``data`` directory when
     given, else generated in memory with :func:`lavae_fast.data.generate_arrays` (reproducible from
-    ``data_seed``; 0–3 objects, 7 on ``test7``). "val" (``n_val`` images, 0–3 objects) is always
-    generated in memory, from its own random stream: held out from training and from the test
-    splits, it is what the trainer chooses its best checkpoint on. Cached per process."""
+    ``data_seed``; 0–3 objects, 7 on ``test7``). "val" (``n_val`` images) is held out from training
+    and from the test splits; it is what the trainer chooses its best checkpoint on: the first
+    ``n_val`` images of the directory's own val split where it has one (an imported set, stored in
+    random order), else generated in memory (0–3 objects) from its own random stream. An imported
+    set has no "test7": asking for it raises DataFormatError (a ValueError). Cached per process."""
     root = args.get("data")
     if split == "val":
         return _validation_split(args)
@@ -56,6 +58,11 @@ def _validation_split(args: Dict) -> MultiObjectDataset:
     root = args.get("data")
     if root:
         meta = read_meta(root)
+        if "val" in meta["splits"]:
+            key = ("dir", os.path.realpath(root), fingerprint(meta), "val", n)
+            if key not in _SPLIT_CACHE:
+                _SPLIT_CACHE[key] = MultiObjectDataset(root, "val", verify=True).head(n)
+            return _SPLIT_CACHE[key]
         src = meta.get("mnist_source")
         kw = dict(dataset=meta["dataset"], seed=int(meta["seed"]), canvas=(int(meta["height"]), int(meta["width"])),
                   counts=(int(meta["min_objects"]), int(meta["max_objects"])),

@@ -12,6 +12,22 @@ Layout of ``DIR`` (one directory per data set)::
     {split}.{label}.npy       int32 [N, K] per-object labels, −1 padded
     pool_source_indices.npy   multi-MNIST only: the MNIST training indices of the digit pool
 
+Imported sets (``python -m lavae_fast.data import``, :mod:`.importer`) have the splits train, val
+and test, format ``lavae_fast.data/2``, and differ only in what /1 could not say:
+
+    {split}.images.npy        as above when ``meta["values"] == "binary"`` (``bitpacked`` true);
+                              uint8 [N, C, H, W] grey levels when ``"grey"`` (value = byte / 255)
+    {split}.counts.npy        int16 [N]; −1 for every image when ``annotations`` is "none"
+    {split}.centres.npy       int32 [N, K, 2]; all −1 unless ``annotations`` is "centres"
+                              (K = 0 for an unlabelled set)
+    {split}.boxes.npy         int32 [N, K, 4], all −1 (an import has no boxes)
+    {split}.source_index.npy  int32 [N]: each image's position in the source (sorted file name
+                              order of a folder, the row of an array)
+    source_names.npy          unicode [S]: a folder's image file names, in source order
+
+Format /1 (the generated sets) is unchanged; the loader reads both, and an older loader refuses
+a /2 set by its format rather than misreading grey levels as bits or −1 as a count.
+
 All ``.npy`` files can be memory-mapped. Each is written under a temporary name
 (``NAME.tmp-PID``) and renamed with ``os.replace``; ``meta.json`` is written last, so an
 interrupted run leaves a directory the loader refuses rather than half-written files it would
@@ -29,25 +45,32 @@ disk is an ``OSError`` naming the file, not a SIGBUS from a write into a mapping
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from .._io import atomic_write
 from .._process import pid_alive
 
-__all__ = ["FORMAT", "DataFormatError", "DatasetWriter", "read_meta", "load_split", "file_sha256",
+__all__ = ["FORMAT", "FORMAT_IMPORTED", "READABLE_FORMATS", "DataFormatError", "DatasetWriter", "read_meta",
+           "load_split", "file_sha256",
            "remove_stale_temporaries", "fingerprint", "meta_digest", "is_generator_file", "staging_dir",
-           "swap_in", "remove_stale_staging"]
+           "swap_in", "remove_stale_staging", "writing_set", "ANNOTATIONS"]
 
 FORMAT = "lavae_fast.data/1"
+FORMAT_IMPORTED = "lavae_fast.data/2"
+READABLE_FORMATS = (FORMAT, FORMAT_IMPORTED)
 META = "meta.json"
+# What an imported set's labels say: nothing (counts −1), the counts, or counts and centres.
+# A generated set has counts and centres (and boxes and per-object labels).
+ANNOTATIONS = ("none", "counts", "centres")
 _STORED_DTYPES = {"images": np.uint8, "counts": np.int16, "centres": np.int32, "boxes": np.int32}
 _LABEL_DTYPE = np.int32
 
@@ -70,8 +93,10 @@ def _tmp_name(path: str) -> str:
 
 # The names the generator writes (see the module docstring); temporaries are these plus .tmp-PID.
 # Cleanup matches only these, never a user's own "results.tmp-4000000".
-_DATA_FILE_RE = re.compile(r"^(?:(?:train|test|test7)\.[a-z_]+\.npy|pool_source_indices\.npy|meta\.json)$")
-_TMP_RE = re.compile(r"^((?:train|test|test7)\.[a-z_]+\.npy|pool_source_indices\.npy|meta\.json)\.tmp-(\d+)$")
+_DATA_FILE_RE = re.compile(r"^(?:(?:train|val|test|test7)\.[a-z_]+\.npy|(?:pool_source_indices|source_names)\.npy"
+                           r"|meta\.json)$")
+_TMP_RE = re.compile(r"^((?:train|val|test|test7)\.[a-z_]+\.npy|(?:pool_source_indices|source_names)\.npy"
+                     r"|meta\.json)\.tmp-(\d+)$")
 
 
 def is_generator_file(name: str) -> bool:
@@ -243,6 +268,47 @@ def remove_stale_staging(out_dir: str) -> List[str]:
     return removed
 
 
+@contextlib.contextmanager
+def writing_set(out_dir, overwrite: bool = False) -> Iterator["DatasetWriter"]:
+    """``with writing_set(out_dir) as writer:`` write a whole set (its meta.json last), all or
+    nothing: a fresh ``out_dir`` gets the set directly, and any exception in the block (an
+    interruption, a full disk, a check that fails half-way) removes everything written; an
+    existing set (``overwrite``) is replaced only by a complete new one, written beside it and
+    swapped in when the block ends (:func:`swap_in`), the old set unchanged otherwise."""
+    out_dir = os.fspath(out_dir)
+    if not out_dir:
+        raise ValueError("out_dir: empty path")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"out_dir: {out_dir} exists and is not a directory")
+    replacing = os.path.exists(os.path.join(out_dir, META))
+    if replacing and not overwrite:
+        raise FileExistsError(f"out_dir: {out_dir} already holds a data set ({META}); pass --overwrite "
+                              "(overwrite=True) to replace it")
+    remove_stale_temporaries(out_dir)
+    real_out = os.path.realpath(out_dir)
+    remove_stale_staging(real_out)
+    # Staged beside the real directory (a symlinked out_dir keeps pointing at the set).
+    target = staging_dir(real_out) if replacing else out_dir
+    try:
+        writer = DatasetWriter(target)
+        try:
+            yield writer
+            if not os.path.isfile(os.path.join(target, META)):
+                raise RuntimeError("internal: a set was written without its meta.json")
+        except BaseException:
+            writer.discard() if not replacing else writer.abort()
+            raise
+        if replacing:
+            swap_in(target, real_out)
+    except BaseException as exc:
+        if replacing and os.path.isdir(target):
+            shutil.rmtree(target, ignore_errors=True)  # ours alone, and incomplete: the old set stays
+        if replacing and isinstance(exc, OSError) and "disk space" in str(exc):
+            raise OSError(exc.errno, f"{exc} (the old set in {out_dir} is kept until the new one is complete, "
+                                     "so replacing it needs room for both; it is unchanged)") from exc
+        raise
+
+
 class DatasetWriter:
     """Writes one data set directory; see the module docstring for the layout."""
 
@@ -263,6 +329,7 @@ class DatasetWriter:
         remove_stale_temporaries(out_dir)
         self._created = not os.path.exists(out_dir)
         self._open: Dict[str, Tuple[dict, str]] = {}
+        self._memmaps: Dict[str, Tuple[np.ndarray, str]] = {}
         self._files: Dict[str, dict] = {}
 
     def _path(self, name: str) -> str:
@@ -273,18 +340,9 @@ class DatasetWriter:
         temporary .npy (the largest set does not need to fit in memory twice)."""
 
         def sink(n: int, image_shape: Tuple[int, int, int], k: int, label_names: List[str]) -> dict:
-            os.makedirs(self.dir, exist_ok=True)
             path = self._path(f"{split}.images.npy")
             tmp = _tmp_name(path)
-            try:
-                images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *image_shape))
-                _reserve(tmp, path)
-            except OSError as exc:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                if "disk space" in str(exc):
-                    raise
-                raise OSError(exc.errno, _full_disk_hint(exc, path)) from exc
+            images = self._open_memmap(path, tmp, (n, *image_shape), np.uint8)
             res = {
                 "images": images,
                 "counts": np.zeros(n, np.int64),
@@ -296,6 +354,53 @@ class DatasetWriter:
             return res
 
         return sink
+
+    def _open_memmap(self, path: str, tmp: str, shape, dtype) -> np.ndarray:
+        os.makedirs(self.dir, exist_ok=True)
+        try:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+            _reserve(tmp, path)
+        except OSError as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if "disk space" in str(exc):
+                raise
+            raise OSError(exc.errno, _full_disk_hint(exc, path)) from exc
+        return arr
+
+    def open_array(self, name: str, shape, dtype) -> np.ndarray:
+        """A writable memory-mapped .npy of ``shape`` and ``dtype`` under a temporary name (disk
+        reserved up front), for an array too large to build in memory first. ``name`` is a file of
+        the set (``{split}.images.npy``); :meth:`close_array` puts it in place, or ``final`` (another
+        file name of the set) when the array becomes that file. An unfinished one is removed by
+        :meth:`abort`."""
+        path = self._path(name)
+        arr = self._open_memmap(path, _tmp_name(path), shape, dtype)
+        self._memmaps[name] = (arr, _tmp_name(path))
+        return arr
+
+    def close_array(self, name: str, final: Optional[str] = None) -> dict:
+        """Flush and fsync the array :meth:`open_array` made, rename it to ``final`` (default its
+        own name) and record it; returns the file's entry for meta.json."""
+        arr, tmp = self._memmaps.pop(name)
+        final = name if final is None else final
+        try:
+            arr.flush()
+            del arr
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as exc:
+            os.remove(tmp)
+            raise OSError(exc.errno, _full_disk_hint(exc, self._path(final))) from exc
+        os.replace(tmp, self._path(final))
+        return self._record(final, final)
+
+    def drop_array(self, name: str) -> None:
+        """Remove an array of :meth:`open_array` that is not to be kept (a working copy)."""
+        arr, tmp = self._memmaps.pop(name)
+        del arr
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
     def _record(self, key: str, name: str) -> dict:
         path = self._path(name)
@@ -352,6 +457,8 @@ class DatasetWriter:
             if os.path.exists(tmp):
                 os.remove(tmp)
         self._open.clear()
+        for name in list(self._memmaps):
+            self.drop_array(name)
 
     def discard(self) -> None:
         """Remove everything this writer wrote (an incomplete set is not left behind)."""
@@ -369,7 +476,10 @@ class DatasetWriter:
 
     def write_meta(self, meta: dict) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        meta = dict(meta, format=FORMAT, bitpacked=True, bitorder="big")
+        # A generated set says nothing of its format: /1, bit-packed. An import states its own.
+        meta = dict(meta)
+        for key, value in (("format", FORMAT), ("bitpacked", True), ("bitorder", "big")):
+            meta.setdefault(key, value)
         meta["meta_sha256"] = meta_digest(meta)
         path = self._path(META)
         with atomic_write(path, "w", tmp=_tmp_name(path), write_error=_disk_error(path)) as f:
@@ -397,12 +507,19 @@ def read_meta(root: str) -> dict:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise DataFormatError(f"{path} is not valid JSON ({e}); regenerate the data set") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise DataFormatError(f"{path}: format {got!r}, this loader reads {FORMAT!r}; regenerate the data set")
-    for key in ("dataset", "channels", "height", "width", "labels", "splits"):
+        raise DataFormatError(f"{path}: format {got!r}, this loader reads {' and '.join(map(repr, READABLE_FORMATS))}; "
+                              "regenerate the data set")
+    required = ("dataset", "channels", "height", "width", "labels", "splits")
+    if meta["format"] == FORMAT_IMPORTED:
+        required += ("values", "bitpacked", "annotations")
+    for key in required:
         if key not in meta:
             raise DataFormatError(f"{path}: missing key {key!r}; regenerate the data set")
+    if meta.get("bitpacked", True) not in (True, False) or meta.get("annotations", "centres") not in ANNOTATIONS:
+        raise DataFormatError(f"{path}: bitpacked {meta.get('bitpacked')!r} / annotations {meta.get('annotations')!r} "
+                              f"(expected true or false / one of {', '.join(ANNOTATIONS)}); re-import the data set")
     if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):
         raise DataFormatError(f"{path} was edited after generation (its content does not match its meta_sha256): "
                               "the sizes it states may not be those of the stored arrays; regenerate the data set")
@@ -444,8 +561,10 @@ def _load_file(root: str, entry: dict, mmap: bool, verify: bool) -> np.ndarray:
 
 def load_split(root: str, split: str, mmap: bool = True, verify: bool = False,
                meta: Optional[dict] = None) -> Tuple[dict, Dict[str, np.ndarray]]:
-    """(meta, arrays) of one split: ``images`` (packed), ``counts``, ``centres``, ``boxes`` and
-    one array per label, as stored. ``verify`` also checks every file's SHA-256 (reads it all)."""
+    """(meta, arrays) of one split: ``images`` (bit-packed, or grey levels where
+    ``meta["bitpacked"]`` is false), ``counts`` (−1: unknown, in a set imported without labels),
+    ``centres``, ``boxes`` and one array per label, as stored, plus ``source_index`` for an
+    imported set. ``verify`` also checks every file's SHA-256 (reads it all)."""
     root = os.fspath(root)
     meta = read_meta(root) if meta is None else meta
     splits = meta["splits"]
@@ -454,18 +573,27 @@ def load_split(root: str, split: str, mmap: bool = True, verify: bool = False,
     info = splits[split]
     keys = ["images", "counts", "centres", "boxes", *meta["labels"]]
     files = info.get("files", {})
+    if "source_index" in files:
+        keys.append("source_index")
     missing = [k for k in keys if k not in files]
     if missing:
         raise DataFormatError(f"{os.path.join(root, META)}: split {split!r} lists no file for {missing}")
     arrays = {k: _load_file(root, files[k], mmap, verify) for k in keys}
     n = arrays["counts"].shape[0]
     c, h, w = meta["channels"], meta["height"], meta["width"]
-    want = {"images": (n, c, h, (w + 7) // 8), "centres": (n, info["max_count"], 2), "boxes": (n, info["max_count"], 4)}
+    packed = meta.get("bitpacked", True)
+    want = {"images": (n, c, h, (w + 7) // 8 if packed else w), "centres": (n, info["max_count"], 2),
+            "boxes": (n, info["max_count"], 4)}
     want.update({k: (n, info["max_count"]) for k in meta["labels"]})
+    if "source_index" in arrays:
+        want["source_index"] = (n,)
     for k, shape in want.items():
         if arrays[k].shape != shape:
             raise DataFormatError(f"{root}: {split}.{k} has shape {arrays[k].shape}, expected {shape}")
     counts = np.asarray(arrays["counts"])
-    if n and (counts.min() < 0 or counts.max() > info["max_count"]):
+    if meta.get("annotations") == "none":
+        if n and (counts != -1).any():
+            raise DataFormatError(f"{root}: {split}.counts of a set without labels must all be −1; re-import")
+    elif n and (counts.min() < 0 or counts.max() > info["max_count"]):
         raise DataFormatError(f"{root}: {split}.counts outside 0..{info['max_count']}; regenerate")
     return meta, arrays
