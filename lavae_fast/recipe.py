@@ -41,7 +41,8 @@ from ._common import check_int
 from .aux_vae import (AUTO_PEAK, AuxVAE, auto_blur, auto_radius, auto_target_scale, peak_target, smooth_target,
                       warmup_loss)
 from .baseline import BetaVAE
-from .data.registry import DATASETS
+from .data.registry import DATASETS, IMPORTED, IMPORTED_LOC_LR
+from .data.runs import run_dataset_info
 from .data.generator import parse_canvas
 from .model import THRESHOLD_IN_GAMMAS, LAVAE, _as_dtype, check_images, count_threshold, location_gamma
 from .metrics import index_rows_cols, location_accuracy, peak_distances
@@ -218,8 +219,8 @@ class Recipe:
                             f"{type(model).__name__}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if dataset is not None and dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+        if dataset is not None and dataset not in DATASETS and dataset != IMPORTED:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS) + [IMPORTED]}, got {dataset!r}")
         if warmup_target not in WARMUP_TARGETS:
             raise ValueError(f"warmup_target must be one of {WARMUP_TARGETS}, got {warmup_target!r}")
         if warmup_anchor not in WARMUP_ANCHORS:
@@ -235,7 +236,7 @@ class Recipe:
         if loc_lr is None:
             if dataset is None:
                 dataset = "multi-dsprites" if model.channels == 3 else "multi-mnist-10k"
-            loc_lr = DATASETS[dataset].loc_lr
+            loc_lr = IMPORTED_LOC_LR if dataset == IMPORTED else DATASETS[dataset].loc_lr
         self.loc_lr = float(loc_lr)
         self.loc_lr_decay = float(loc_lr_decay)
         self.warmup_weight = float(warmup_weight)
@@ -382,7 +383,8 @@ class Recipe:
 
     def log_metrics(self, out, centres, counts) -> Dict[str, Optional[float]]:
         """Metrics of a log step's batch beyond :meth:`forward`'s logs, from its output and the
-        true object centres [B] (lists of (row, col)) and counts [B]; {} by default."""
+        true object centres [B] (lists of (row, col)) and counts [B] (None where the data does not
+        have them: an imported set without labels); {} by default."""
         return {}
 
     def log_constants(self, num_pixels: int) -> Dict[str, float]:
@@ -458,7 +460,8 @@ class LAVAERecipe(Recipe):
 
     @classmethod
     def model_config(cls, config, channels: int) -> Dict[str, Any]:
-        S = DATASETS[config.dataset].sprite_size
+        S = getattr(config, "sprite_size", None) or run_dataset_info(
+            {"dataset": config.dataset, "data": getattr(config, "data", None)}).sprite_size
         return {**super().model_config(config, channels), "sprite_size": S, "width": config.width,
                 "sprite_width": config.sprite_width, "location_mode": config.location_mode,
                 "loc_kl": config.loc_kl, "count_window": config.count_window,
@@ -566,6 +569,8 @@ class LAVAERecipe(Recipe):
         return target, scale
 
     def log_metrics(self, out, centres, counts) -> Dict[str, Optional[float]]:
+        if centres is None or counts is None:  # an unlabelled set: nothing to measure the locations against
+            return {}
         model = self.model
         rows, cols = index_rows_cols(model.locate(out.h_loc.detach(), out.n_hat), out.h_loc.shape[-1])
         m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)

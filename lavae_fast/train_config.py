@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _cli
-from .data.registry import DATASETS
+from .data.registry import DATASETS, IMPORTED
 from .schedules import LR
 
 __all__ = ["TrainConfig", "ConfigError", "build_parser", "run_defining_fields", "read_config_file", "config_argv",
@@ -102,7 +102,9 @@ class TrainConfig:
 
     model: str = _setting("lavae", "the model: LAVAE or the β-VAE baseline (a recipe registered by "
                                    "lavae_fast.recipe.register_recipe adds its kind)", run=True, choices=_RECIPE_KINDS)
-    dataset: str = _setting("multi-dsprites", run=True, choices=sorted(DATASETS))
+    dataset: str = _setting("multi-dsprites", "a generated data set, or 'imported': a set made by `python -m "
+                                              "lavae_fast.data import` (pass its directory as --data)", run=True,
+                            choices=sorted(DATASETS) + [IMPORTED])
     data: Optional[str] = _setting(None, "data set directory (python -m lavae_fast.data generate); default: generate "
                                          "a small one in memory")
     canvas: Union[List[int], Tuple[int, int]] = _setting((64, 64), "N or HxW (in-memory data only)", run=True,
@@ -150,6 +152,10 @@ class TrainConfig:
         metavar="N")
     width: int = _setting(44, "channels of LAVAE's residual nets", run=True, type=_cli.channels)
     sprite_width: int = _setting(48, run=True, type=_cli.channels)
+    sprite_size: Optional[int] = _setting(
+        None, "LAVAE's sprite side S in pixels (odd; default: the data set's: 17 multi-MNIST, 21 multi-dSprites, an "
+              "imported set's from its import, given or suggested by `python -m lavae_fast.data stats`)", run=True,
+        type=_cli.odd_positive_int, metavar="S")
     lr: float = _setting(LR, run=True, type=_cli.positive_float)
     loc_lr: Optional[float] = _setting(None, "location-net lr (default: 1e-4 MNIST, 5e-4 dSprites)", run=True,
                                        type=_cli.positive_float)
@@ -322,8 +328,9 @@ def build_parser(raising: bool = False) -> argparse.ArgumentParser:
 # directory written then may lack the key, and is compared against the old value, not today's.
 LEGACY_DEFAULTS = {"location_mode": "straight_through", "loc_kl": "straight_through"}
 # Run settings added later whose default is what the versions before them did: a run directory
-# written then lacks the key and is compared against that value (the counter was 3×3).
-ADDED_SETTINGS = {"count_window": 3, "exclusion_window": 1}
+# written then lacks the key and is compared against that value (the counter was 3×3; the sprite
+# side was the data set's, which None stands for).
+ADDED_SETTINGS = {"count_window": 3, "exclusion_window": 1, "sprite_size": None}
 
 
 # ---------------------------------------------------------------------------------------------

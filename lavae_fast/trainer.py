@@ -50,7 +50,8 @@ from . import distributed, performance
 from ._io import dumps_strict, write_json
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, TRAINING_KEYS, CheckpointError, RunDirectoryInUse,
                          load_run_checkpoint, save_checkpoint)
-from .data import DATASETS, load_run_split, parse_canvas
+from .data import load_run_split, parse_canvas
+from .data.runs import run_dataset_info
 from .loading import build_model
 from .engine.ops import use_engine
 from .noise import data_indices
@@ -268,9 +269,13 @@ class Trainer:
             raise TypeError(f"config must be a lavae_fast.TrainConfig, got {type(config).__name__}")
         config = config.checked()
         self.recipe_class = recipe_class(config.model)
-        self.channels = DATASETS[config.dataset].channels
+        try:
+            info = run_dataset_info(config.to_dict())
+        except ValueError as exc:  # --dataset imported without its --data, an unreadable meta.json
+            raise ConfigError(str(exc)) from None
+        self.channels = info.channels
         if config.loc_lr is None:
-            config.loc_lr = DATASETS[config.dataset].loc_lr
+            config.loc_lr = info.loc_lr
         config.canvas = list(parse_canvas(config.canvas))
         if config.exclusion_window is not None or not config.data:  # --data may fix another canvas
             self._prepare_config(config)
@@ -622,6 +627,8 @@ class _Loop:
         lo, hi = dist.shard(config.batch_size)
         idx = data_indices(config.seed, step, config.batch_size, len(t.train_data.counts))[lo:hi]
         x, counts = t.train_data.get_batch(idx.numpy())
+        if not getattr(t.train_data, "labelled", True):
+            counts = None  # an unlabelled set: -1 stands for "unknown", not for a count to log accuracy against
         x = x.to(dist.device, non_blocking=True)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -640,7 +647,7 @@ class _Loop:
 
     def _log(self, done: int, out, idx, counts, lrs) -> None:
         t, config, dist = self.t, self.t.config, self.t.dist
-        centres = np.asarray(t.train_data.centres)[idx.numpy()]
+        centres = np.asarray(t.train_data.centres)[idx.numpy()] if getattr(t.train_data, "has_centres", True) else None
         self.meter.add(**t.recipe.log_metrics(out, centres, counts))
         now = time.time()
         sums, n_summed = self.meter.totals()  # the interval's one read of the device's values

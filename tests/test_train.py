@@ -350,7 +350,7 @@ OLD_RUN_DEFINING = ["model", "dataset", "canvas", "steps", "batch_size", "seed",
                     "loc_lr_decay"]
 # Run-defining options added since, each with the value that runs written before it used
 # (train.ADDED_SETTINGS): a run directory without the key resumes with that value.
-ADDED_RUN_DEFINING = {"count_window": 3, "exclusion_window": 1}
+ADDED_RUN_DEFINING = {"count_window": 3, "exclusion_window": 1, "sprite_size": None}  # None: the data set's S
 
 
 def _parser_dests():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict
 
-__all__ = ["DataSetInfo", "DATASETS"]
+__all__ = ["DataSetInfo", "DATASETS", "IMPORTED", "IMPORTED_LOC_LR"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,3 +32,11 @@ DATASETS: Dict[str, DataSetInfo] = {
         DataSetInfo("multi-dsprites", "dsprites", 0, channels=3, sprite_size=21, loc_lr=5e-4),
     )
 }
+
+# ``--dataset imported --data DIR``: a set brought in by ``python -m lavae_fast.data import``; its
+# channels and sprite side are in its meta.json (lavae_fast.data.runs.run_dataset_info), not here.
+IMPORTED = "imported"
+# The location net's learning rate for an imported set: multi-dSprites' (the paper gives 1e-4 for
+# MNIST digits and 5e-4 for the shapes; a user's scenes are more often shapes than digits). A
+# setting (--loc-lr) like any other.
+IMPORTED_LOC_LR = 5e-4

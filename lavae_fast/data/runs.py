@@ -18,11 +18,39 @@ from typing import Dict, Optional
 
 from .dataset import MultiObjectDataset
 from .generator import generate_arrays, parse_canvas
+from .registry import DATASETS, IMPORTED, IMPORTED_LOC_LR, DataSetInfo
 from .storage import fingerprint, read_meta
 
-__all__ = ["load_run_split", "generate_split", "check_data_fits", "data_identity", "run_data_fingerprint"]
+__all__ = ["load_run_split", "generate_split", "check_data_fits", "data_identity", "run_data_fingerprint",
+           "run_dataset_info"]
 
 _SPLIT_CACHE: Dict[tuple, MultiObjectDataset] = {}
+
+
+def run_dataset_info(args: Dict) -> DataSetInfo:
+    """What a model of the run's data needs (channels, LAVAE's sprite side S, the location net's
+    learning rate): the registry's entry of ``args["dataset"]``, or for ``--dataset imported`` the
+    entry of its ``data`` directory (channels and S from its meta.json: the S given at import or
+    suggested from the objects' extents). Raises ValueError naming the problem."""
+    name = args.get("dataset")
+    if name != IMPORTED:
+        if name not in DATASETS:
+            raise ValueError(f"unknown data set {name!r} (known: {', '.join(sorted(DATASETS))}, {IMPORTED})")
+        return DATASETS[name]
+    root = args.get("data")
+    if not root:
+        raise ValueError(f"--dataset {IMPORTED} trains on a set made by `python -m lavae_fast.data import`: pass "
+                         "its directory as --data DIR")
+    meta = read_meta(root)
+    if meta.get("dataset") != IMPORTED:
+        raise ValueError(f"--data {root} holds {meta.get('dataset')!r}, not an imported set: pass --dataset "
+                         f"{meta.get('dataset')}")
+    S = meta.get("sprite_size")
+    if not S:
+        raise ValueError(f"--data {root}: its meta.json has no sprite size; pass --sprite-size S (odd), or re-import "
+                         "with --sprite-size")
+    return DataSetInfo(IMPORTED, IMPORTED, 0, channels=int(meta["channels"]), sprite_size=int(S),
+                       loc_lr=IMPORTED_LOC_LR)
 
 
 def load_run_split(args: Dict, split: str) -> MultiObjectDataset:
