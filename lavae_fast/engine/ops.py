@@ -30,7 +30,7 @@ TypeError that names the argument.
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import sys
 
 import math
 from typing import Optional
@@ -567,28 +567,31 @@ def gather_appearance(h_app: Tensor, loc: Tensor, n: Tensor, *, index: Optional[
 # ---------------------------------------------------------------------------------------------
 
 ENGINES = ("fused", "reference")
-# The engine a model runs where it was not given one (LAVAE(ops=None), the default): a context, so
-# that which implementation computes a step is the caller's choice at run time, not a model's
-# stored state (a checkpoint does not pin it). contextvars: per thread and per asyncio task.
-_ENGINE_IN_USE = contextvars.ContextVar("lavae_fast_engine", default="fused")
+# The engine a model runs where it was not given one (LAVAE(ops=None), the default): chosen at run
+# time by the caller (use_engine), not stored with the model, so no checkpoint pins it. A plain
+# module global rather than a ContextVar: torch.compile traces a global's read (guarding on its
+# value) where a ContextVar's read would break the graph of every model's forward. So the choice is
+# per process (the trainer runs one thread per process), not per thread.
+_engine_in_use = "fused"
 
 
 def current_engine() -> str:
     """The name of the engine in use here: "fused" unless :func:`use_engine` says otherwise."""
-    return _ENGINE_IN_USE.get()
+    return _engine_in_use
 
 
 @contextlib.contextmanager
 def use_engine(name: str):
     """``with use_engine("reference"): model(x)`` runs every model that was not given an engine of
     its own (``LAVAE(ops=...)``) on ``name``'s ops: "fused" or "reference" (see :func:`engine`).
-    Yields that engine's namespace; the previous choice is restored on exit."""
+    Yields that engine's namespace; the previous choice is restored on exit. Per process."""
+    global _engine_in_use
     impl = engine(name)
-    token = _ENGINE_IN_USE.set(name)
+    previous, _engine_in_use = _engine_in_use, name
     try:
         yield impl
     finally:
-        _ENGINE_IN_USE.reset(token)
+        _engine_in_use = previous
 
 
 def engine(name: str):
@@ -596,10 +599,10 @@ def engine(name: str):
     their C++/Triton kernels) or "reference" (:mod:`lavae_fast.reference`, plain PyTorch). Both have
     the same signatures, so a model (``LAVAE(ops=...)``, :meth:`LAVAE.set_ops`), a test or a
     benchmark can run either, and compare them in one process."""
-    if name == "fused":
-        import sys
+    impl = _ENGINE_MODULES.get(name)
+    if impl is None:
+        raise ValueError(f"ops must be 'fused' or 'reference', got {name!r}")
+    return impl
 
-        return sys.modules[__name__]
-    if name == "reference":
-        return _ref
-    raise ValueError(f"ops must be 'fused' or 'reference', got {name!r}")
+
+_ENGINE_MODULES = {"fused": sys.modules[__name__], "reference": _ref}
