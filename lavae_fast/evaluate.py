@@ -20,6 +20,11 @@ windows. ``python -m lavae_fast.pretrained export`` accepts only such a file, of
 exports. The output location is checked before the work; if the final write fails, the results
 are printed on standard output instead (exit code 1). The metrics are defined in
 :mod:`lavae_fast.metrics` (shared with the training loop's running diagnostics).
+
+What a model measures is its evaluator's, found by the model's class (:func:`register_evaluator`,
+:func:`evaluator_class`): :class:`LAVAEEvaluator` and :class:`BetaVAEEvaluator` here, and for any
+other model :class:`Evaluator`, the −ELBO of its output's ``neg_elbo`` and, where it has a
+``log_likelihood``, the bound. The evaluation itself (:func:`evaluate_split`) knows no kind of model.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -38,9 +43,12 @@ import torch
 from . import _cli
 from ._cli import nonneg_int, odd_positive_int, positive_int
 from ._io import atomic_write
+from .baseline import BetaVAE
 from .metrics import draws_on_objects, index_rows_cols, location_accuracy, peak_distances
+from .model import LAVAE
 
-__all__ = ["evaluate_split", "format_table", "main"]
+__all__ = ["evaluate_split", "Evaluator", "LAVAEEvaluator", "BetaVAEEvaluator", "EVALUATORS", "register_evaluator",
+           "evaluator_class", "format_table", "main"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,37 +69,197 @@ def _mean_sem(a) -> Dict[str, float]:
 DRAW_SAMPLES = 10
 
 
+class Evaluator:
+    """What one kind of model measures on a split, batch by batch; :func:`evaluate_split` drives it.
+
+    For each batch — images ``x`` [B, C, H, W] on the device, their true object counts [B] (an
+    int64 tensor on the CPU) and object centres [B, M, 2] (numpy, (row, col) in pixels, -1 past the
+    count) — the driver calls :meth:`forward` (the one-sample pass), records the output's
+    ``neg_elbo`` [B] (nats per image) and each per-image term [B] named in :attr:`terms`, calls
+    :meth:`observe`, then :meth:`bound` on the batch's images that get the K-sample bound. At the
+    end, :meth:`results` adds the kind's own metrics to the driver's.
+
+    This base class is the evaluator of any model without one of its own: one whose ``model(x)``
+    returns an object with ``neg_elbo`` [B], and whose ``log_likelihood(x, K=K, generator=g)`` [B]
+    (log p(x) estimates, nats), if it has one, gives the bound. A kind with its own noise or
+    metrics subclasses it and :func:`register_evaluator`'s the subclass for its model class.
+
+    Every random number is drawn from ``generator``, one CPU ``torch.Generator`` that the passes and
+    the bound share in batch order, so that an evaluation is reproducible from its seed.
+    """
+
+    # The output's per-image attributes [B] that add up to its neg_elbo (neg_elbo_terms).
+    terms: Tuple[str, ...] = ()
+
+    def __init__(self, model, *, generator: torch.Generator, device="cpu", K: int = 0):
+        self.model, self.generator, self.device, self.K = model, generator, device, K
+
+    @classmethod
+    def has_bound(cls, model) -> bool:
+        """Whether ``model`` gives the K-sample bound (:meth:`bound`)."""
+        return callable(getattr(model, "log_likelihood", None))
+
+    def forward(self, x: torch.Tensor):
+        """The model's one-sample pass on ``x`` [B, C, H, W]: an object with ``neg_elbo`` [B]."""
+        return self.model(x)
+
+    def observe(self, x: torch.Tensor, out, counts: torch.Tensor, centres: np.ndarray) -> None:
+        """Accumulate the kind's own metrics of a batch (nothing by default)."""
+
+    def bound(self, x: torch.Tensor) -> torch.Tensor:
+        """The K-sample upper bound on −log p(x) [B] (nats per image) of images ``x``."""
+        return -self.model.log_likelihood(x, K=self.K, generator=self.generator)
+
+    def results(self, nll: Sequence[float]) -> Dict:
+        """The kind's own metrics, added after the driver's; ``nll``: the bound of each bounded
+        image, in order (empty with K = 0)."""
+        return {}
+
+
+# The evaluator of each model class (and of its subclasses: looked up along the MRO).
+EVALUATORS: Dict[type, Type[Evaluator]] = {}
+
+
+def register_evaluator(model_class: type, evaluator: Type[Evaluator]) -> Type[Evaluator]:
+    """Make ``evaluator`` (an :class:`Evaluator` subclass) the one :func:`evaluate_split` uses for
+    ``model_class`` and its subclasses. Returns ``evaluator``."""
+    if not isinstance(model_class, type):
+        raise TypeError(f"register_evaluator: model_class must be a class, got {model_class!r}")
+    if not (isinstance(evaluator, type) and issubclass(evaluator, Evaluator)):
+        raise TypeError(f"register_evaluator: evaluator must be a lavae_fast.evaluate.Evaluator subclass, got "
+                        f"{evaluator!r}")
+    EVALUATORS[model_class] = evaluator
+    return evaluator
+
+
+def evaluator_class(model) -> Type[Evaluator]:
+    """The evaluator registered for ``model``'s class or the nearest of its bases; :class:`Evaluator`
+    if none is."""
+    for cls in type(model).__mro__:
+        if cls in EVALUATORS:
+            return EVALUATORS[cls]
+    return Evaluator
+
+
+class BetaVAEEvaluator(Evaluator):
+    """The β-VAE baseline: its latent noise drawn from the generator; −ELBO = recon + kl."""
+
+    terms = ("recon", "kl")
+
+    def forward(self, x):
+        eps = torch.randn(x.shape[0], *self.model.latent_shape(*x.shape[-2:]), generator=self.generator)
+        return self.model(x, eps=eps.to(self.device))
+
+
+class LAVAEEvaluator(Evaluator):
+    """LAVAE: besides the −ELBO (recon + kl_app + kl_n + kl_loc) and the bound, the counts and the
+    locations (see :func:`evaluate_split`)."""
+
+    terms = ("recon", "kl_app", "kl_n", "kl_loc")
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        self.images = self.correct = self.matched = self.matched_top = self.total = 0
+        self.dup = self.later = self.missed = self.objects = 0
+        self.right: List[bool] = []  # per image: counted right
+        self.dists: List[float] = []
+
+    def _gumbel(self, B: int, D: int) -> torch.Tensor:
+        from .noise import gumbel_from_uniform
+
+        return gumbel_from_uniform(torch.rand(B, D, generator=self.generator, dtype=torch.float64))
+
+    def forward(self, x):
+        from .noise import Noise
+
+        B, _, H, W = x.shape
+        model = self.model
+        noise = Noise(gumbel=self._gumbel(B, H * W).float(),
+                      eps=torch.randn(B, model.max_objects, model.latent_size, generator=self.generator),
+                      coin=torch.ones(B))
+        # τ only shapes the relaxed samples, which do not enter the −ELBO's value.
+        return model(x, noise=noise, tau=0.02)
+
+    def observe(self, x, out, counts, centres):
+        model, (B, _, H, W) = self.model, x.shape
+        for _ in range(DRAW_SAMPLES):
+            index = model.draw_locations(out.h_loc.float(), out.n_hat, self._gumbel(B, H * W).to(self.device))
+            d, n_later, m, n_obj = draws_on_objects(index, W, centres, counts)
+            self.dup, self.later, self.missed, self.objects = (self.dup + d, self.later + n_later,
+                                                               self.missed + m, self.objects + n_obj)
+        ok = out.n_hat.cpu() == counts
+        self.images += B
+        self.right.extend(ok.tolist())
+        self.correct += int(ok.sum())
+        # Where model.infer puts the objects, from this pass's h_loc (no second encoding): at the
+        # counted peaks, and at the mode of q's draws.
+        rows, cols = index_rows_cols(model.locate(out.h_loc, out.n_hat, "peaks"), W)
+        m, t = location_accuracy(rows, cols, out.n_hat, centres, counts)
+        self.matched, self.total = self.matched + m, self.total + t
+        rows, cols = index_rows_cols(model.locate(out.h_loc, out.n_hat, "top"), W)
+        self.matched_top += location_accuracy(rows, cols, out.n_hat, centres, counts)[0]
+        self.dists.extend(peak_distances(out.h_loc, centres, counts, model.count_window).tolist())
+
+    def results(self, nll):
+        res = {}
+        if self.K > 0 and nll:
+            # The bound on the images the model counts right: how much of the gap to the baseline
+            # is the miscounted images' (their bound carries missing or extra objects).
+            sel = [v for v, ok in zip(nll, self.right) if ok]
+            res["nll_bound_counted_right"] = _mean_sem(sel) if sel else None
+        total = self.total
+        res["count_accuracy"] = self.correct / max(self.images, 1)
+        res["location_accuracy"] = self.matched / total if total else float("nan")
+        # Where q's draws put the objects (their mode, top-n̂ of h_loc): below the peaks' accuracy
+        # while h_loc's peaks are blunt, and what the bound pays for (LAVAE.infer).
+        res["location_accuracy_draws"] = self.matched_top / total if total else float("nan")
+        res["near_duplicate_draws"] = self.dup / self.later if self.later else None  # None: no image had two draws
+        res["objects_missed"] = self.missed / self.objects if self.objects else None  # None: no image had an object
+        d = np.asarray(self.dists)
+        res["median_peak_distance"] = float(np.median(d)) if len(d) else float("nan")
+        return res
+
+
+register_evaluator(LAVAE, LAVAEEvaluator)
+register_evaluator(BetaVAE, BetaVAEEvaluator)
+
+
 @torch.no_grad()
 def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: Optional[int] = None,
                    n_bound: Optional[int] = None, device="cpu", seed: int = 0, progress: bool = False) -> Dict:
     """Metrics of ``model`` on ``data`` (an object with ``get_batch``, ``counts``, ``centres``).
 
-    The first ``n_eval`` images (default all) get count/location accuracy and the −ELBO; the first
-    ``n_bound`` of them (default n_eval) also get the K-sample bound, the expensive part.
-    Location accuracy is measured twice (see :meth:`lavae_fast.LAVAE.infer`): at the counted peaks
-    (``location_accuracy``) and at the top-n̂ pixels of h_loc, the mode of q's draws
-    (``location_accuracy_draws``).
+    The first ``n_eval`` images (default all) get the −ELBO and the model's own metrics; the first
+    ``n_bound`` of them (default n_eval) also get the K-sample bound, the expensive part. What is
+    measured beyond the −ELBO and the bound is the model's evaluator's (:func:`evaluator_class`;
+    the default, :class:`Evaluator`, measures those two for any model whose output has
+    ``neg_elbo``). A model without ``log_likelihood`` has no bound: K must then be 0 (ValueError).
 
     Where the −ELBO goes: ``neg_elbo_terms`` (the mean of each term: LAVAE's recon, kl_app, kl_n,
     kl_loc; the baseline's recon, kl) and ``neg_elbo_by_count`` (the mean −ELBO of the images with
-    k objects, by the true k); for LAVAE also, from DRAW_SAMPLES samples of q's hard draws per
-    image (with the model's exclusion window), ``near_duplicate_draws``, the share of the later
-    draws whose nearest true object an earlier draw already has, and ``objects_missed``, the share
-    of true objects that no draw reaches within 2 px (:func:`lavae_fast.metrics.draws_on_objects`).
-    """
-    from .baseline import BetaVAE
+    k objects, by the true k).
 
-    is_baseline = isinstance(model, BetaVAE)
+    LAVAE's (:class:`LAVAEEvaluator`): ``count_accuracy``; location accuracy, measured twice (see
+    :meth:`lavae_fast.LAVAE.infer`): at the counted peaks (``location_accuracy``) and at the
+    top-n̂ pixels of h_loc, the mode of q's draws (``location_accuracy_draws``); from
+    DRAW_SAMPLES samples of q's hard draws per image (with the model's exclusion window),
+    ``near_duplicate_draws``, the share of the later draws whose nearest true object an earlier
+    draw already has, and ``objects_missed``, the share of true objects that no draw reaches within
+    2 px (:func:`lavae_fast.metrics.draws_on_objects`); ``median_peak_distance``; and
+    ``nll_bound_counted_right``, the bound on the images it counts right.
+    """
     N = len(data.counts)
     n_eval = N if n_eval is None else min(n_eval, N)
     n_bound = n_eval if n_bound is None else min(n_bound, n_eval)
+    evaluator_cls = evaluator_class(model)
+    if K > 0 and n_bound > 0 and not evaluator_cls.has_bound(model):
+        raise ValueError(f"K = {K}: a {type(model).__name__} has no log_likelihood(x, K, generator) for the "
+                         "K-sample bound; evaluate it with K = 0")
     gen = torch.Generator().manual_seed(seed)
     model.eval()
+    evaluator = evaluator_cls(model, generator=gen, device=device, K=K)
     centres_all = np.asarray(data.centres)
-    res = {"images": n_eval, "bound_images": n_bound, "K": K}
-    nll, nelbo, correct, matched, matched_top, total, dists = [], [], 0, 0, 0, 0, []
-    terms, true_counts, dup, later, missed, objects = {}, [], 0, 0, 0, 0
-    right = []  # per image: counted right (LAVAE)
+    nll, nelbo, terms, true_counts = [], [], {}, []
     it = range(0, n_eval, batch_size)
     if progress:
         from tqdm import tqdm
@@ -103,69 +271,37 @@ def evaluate_split(model, data, *, K: int = 100, batch_size: int = 32, n_eval: O
         x = x.to(device)
         counts = torch.as_tensor(counts)
         true_counts.extend(counts.tolist())
-        if is_baseline:
-            out = model(x, eps=torch.randn(x.shape[0], *model.latent_shape(*x.shape[-2:]), generator=gen).to(device))
-            nelbo.extend(out.neg_elbo.cpu().tolist())
-            for k in ("recon", "kl"):
-                terms.setdefault(k, []).extend(getattr(out, k).cpu().tolist())
-        else:
-            from .noise import Noise, gumbel_from_uniform
-
-            B, _, H, W = x.shape
-            noise = Noise(
-                gumbel=gumbel_from_uniform(torch.rand(B, H * W, generator=gen, dtype=torch.float64)).float(),
-                eps=torch.randn(B, model.max_objects, model.latent_size, generator=gen),
-                coin=torch.ones(B),
-            )
-            # τ only shapes the relaxed samples, which do not enter the −ELBO's value.
-            out = model(x, noise=noise, tau=0.02)
-            nelbo.extend(out.neg_elbo.cpu().tolist())
-            for k in ("recon", "kl_app", "kl_n", "kl_loc"):
-                terms.setdefault(k, []).extend(getattr(out, k).cpu().tolist())
-            for _ in range(DRAW_SAMPLES):
-                g = gumbel_from_uniform(torch.rand(B, H * W, generator=gen, dtype=torch.float64)).to(device)
-                index = model.draw_locations(out.h_loc.float(), out.n_hat, g)
-                d, n_later, m, n_obj = draws_on_objects(index, W, centres_all[idx], counts)
-                dup, later, missed, objects = dup + d, later + n_later, missed + m, objects + n_obj
-            ok = out.n_hat.cpu() == counts
-            right.extend(ok.tolist())
-            correct += int(ok.sum())
-            # Where model.infer puts the objects, from this pass's h_loc (no second encoding): at the
-            # counted peaks, and at the mode of q's draws.
-            rows, cols = index_rows_cols(model.locate(out.h_loc, out.n_hat, "peaks"), W)
-            m, t = location_accuracy(rows, cols, out.n_hat, centres_all[idx], counts)
-            matched, total = matched + m, total + t
-            rows, cols = index_rows_cols(model.locate(out.h_loc, out.n_hat, "top"), W)
-            matched_top += location_accuracy(rows, cols, out.n_hat, centres_all[idx], counts)[0]
-            dists.extend(peak_distances(out.h_loc, centres_all[idx], counts, model.count_window).tolist())
+        out = evaluator.forward(x)
+        nelbo.extend(out.neg_elbo.cpu().tolist())
+        for k in evaluator.terms:
+            terms.setdefault(k, []).extend(getattr(out, k).cpu().tolist())
+        evaluator.observe(x, out, counts, centres_all[idx])
         nb = int(max(0, min(len(idx), n_bound - b0)))
         if nb > 0 and K > 0:
-            nll.extend((-model.log_likelihood(x[:nb], K=K, generator=gen)).cpu().tolist())
-    res["neg_elbo"] = _mean_sem(nelbo)
-    res["neg_elbo_terms"] = {k: float(np.mean(v)) if v else float("nan") for k, v in terms.items()}
-    tc, ne = np.asarray(true_counts), np.asarray(nelbo)
-    res["neg_elbo_by_count"] = {str(k): float(ne[tc == k].mean()) for k in np.unique(tc)} if len(ne) else {}
+            nll.extend(evaluator.bound(x[:nb]).cpu().tolist())
+    res = {"images": n_eval, "bound_images": n_bound, "K": K, **_elbo_results(nelbo, terms, true_counts)}
     if K > 0:
-        res["nll_bound"] = _mean_sem(nll)
-        nb_counts = tc[: len(nll)]
-        res["nll_bound_by_count"] = {str(k): _mean_sem(np.asarray(nll)[nb_counts == k].tolist())
-                                     for k in np.unique(nb_counts)} if nll else {}
-        if not is_baseline and nll:
-            # The bound on the images the model counts right: how much of the gap to the baseline
-            # is the miscounted images' (their bound carries missing or extra objects).
-            sel = [v for v, ok in zip(nll, right) if ok]
-            res["nll_bound_counted_right"] = _mean_sem(sel) if sel else None
-    if not is_baseline:
-        res["count_accuracy"] = correct / max(n_eval, 1)
-        res["location_accuracy"] = matched / total if total else float("nan")
-        # Where q's draws put the objects (their mode, top-n̂ of h_loc): below the peaks' accuracy
-        # while h_loc's peaks are blunt, and what the bound pays for (LAVAE.infer).
-        res["location_accuracy_draws"] = matched_top / total if total else float("nan")
-        res["near_duplicate_draws"] = dup / later if later else None  # None: no image had two draws
-        res["objects_missed"] = missed / objects if objects else None  # None: no image had an object
-        d = np.asarray(dists)
-        res["median_peak_distance"] = float(np.median(d)) if len(d) else float("nan")
+        res.update(_bound_results(nll, true_counts))
+    res.update(evaluator.results(nll))
     return res
+
+
+def _elbo_results(nelbo: List[float], terms: Dict[str, List[float]], true_counts: List[int]) -> Dict:
+    """The −ELBO of each image [n] (nats), its terms' [n] and the true counts [n] as the results'
+    ``neg_elbo`` (mean ± standard error), ``neg_elbo_terms`` and ``neg_elbo_by_count``."""
+    tc, ne = np.asarray(true_counts), np.asarray(nelbo)
+    return {"neg_elbo": _mean_sem(nelbo),
+            "neg_elbo_terms": {k: float(np.mean(v)) if v else float("nan") for k, v in terms.items()},
+            "neg_elbo_by_count": {str(k): float(ne[tc == k].mean()) for k in np.unique(tc)} if len(ne) else {}}
+
+
+def _bound_results(nll: List[float], true_counts: List[int]) -> Dict:
+    """The bound of the first images [m] (nats) as ``nll_bound`` and ``nll_bound_by_count`` (by the
+    true count of those images, the first m of ``true_counts``)."""
+    nb_counts = np.asarray(true_counts)[: len(nll)]
+    return {"nll_bound": _mean_sem(nll),
+            "nll_bound_by_count": {str(k): _mean_sem(np.asarray(nll)[nb_counts == k].tolist())
+                                   for k in np.unique(nb_counts)} if nll else {}}
 
 
 # ---------------------------------------------------------------------------------------------
