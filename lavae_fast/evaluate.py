@@ -25,6 +25,10 @@ What a model measures is its evaluator's, found by the model's class (:func:`reg
 :func:`evaluator_class`): :class:`LAVAEEvaluator` and :class:`BetaVAEEvaluator` here, and for any
 other model :class:`Evaluator`, the −ELBO of its output's ``neg_elbo`` and, where it has a
 ``log_likelihood``, the bound. The evaluation itself (:func:`evaluate_split`) knows no kind of model.
+
+From Python, :func:`evaluate_run` is this CLI without its parser: it loads and checks a run,
+evaluates it and returns :class:`RunResults` (``summary()`` is the printed table, ``save()``
+writes the file); errors are :class:`EvaluationError`, naming what cannot be used.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
@@ -47,8 +52,8 @@ from .baseline import BetaVAE
 from .metrics import draws_on_objects, index_rows_cols, location_accuracy, peak_distances
 from .model import LAVAE
 
-__all__ = ["evaluate_split", "Evaluator", "LAVAEEvaluator", "BetaVAEEvaluator", "EVALUATORS", "register_evaluator",
-           "evaluator_class", "format_table", "main"]
+__all__ = ["evaluate_split", "evaluate_run", "RunResults", "EvaluationError", "Evaluator", "LAVAEEvaluator",
+           "BetaVAEEvaluator", "EVALUATORS", "register_evaluator", "evaluator_class", "format_table", "main"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +403,188 @@ def data_tag(identity: Dict) -> str:
 
 
 PROG = "python -m lavae_fast.evaluate"
+SPLITS = ("train", "val", "test", "test7")
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's evaluation, as the CLI makes it: load, check, evaluate, write
+# ---------------------------------------------------------------------------------------------
+
+
+class EvaluationError(ValueError):
+    """A run, its data, a setting or an output location that the evaluation cannot use; the
+    message names it (the CLI prints ``error: MESSAGE`` and exits with code 1)."""
+
+
+@dataclass
+class RunResults:
+    """A run's evaluation (:func:`evaluate_run`): ``meta``, what was measured (the checkpoint, the
+    data, K, the windows); ``results``, {split: :func:`evaluate_split`'s dict}; ``path``, the
+    results file they go to (checked writable before the work)."""
+
+    meta: Dict
+    results: Dict[str, Dict]
+    path: str
+
+    @property
+    def document(self) -> Dict:
+        """The results file's content: {"meta": ..., "results": ...}."""
+        return {"meta": self.meta, "results": self.results}
+
+    def summary(self) -> str:
+        """What the CLI prints: a line naming the model, the data and K, and the table of every
+        split (:data:`DETAIL_KEYS`)."""
+        meta, data = self.meta, self.meta["data"]
+        head = (f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {meta['K']}"
+                + ("" if data["own"] else f" (data other than the run's: {data.get('path') or data['fingerprint']})"))
+        return head + "\n" + format_table(self.results, DETAIL_KEYS)
+
+    def save(self, prog: str = PROG) -> bool:
+        """Write :attr:`document` to :attr:`path` (atomically) and print ``wrote PATH``; if the
+        write fails, print the results on standard output and why on standard error, naming
+        ``prog``. Returns whether the file was written."""
+        from ._io import write_results
+
+        if not write_results(self.path, self.document, prog):
+            return False
+        print(f"wrote {self.path}")
+        return True
+
+
+def evaluate_run(run: str, *, splits: Sequence[str] = ("test", "test7"), K: int = 100, n_eval: Optional[int] = None,
+                 n_bound: Optional[int] = None, batch_size: int = 32, data: Optional[str] = None,
+                 out: Optional[str] = None, device="cpu", ops: Optional[str] = None,
+                 count_window: Optional[int] = None, exclusion_window: Optional[int] = None, seed: int = 0,
+                 progress: bool = False) -> RunResults:
+    """Evaluate the model of ``run`` (a run directory or a checkpoint file) on ``splits`` of its
+    data (``data``: another data set directory) with :func:`evaluate_split`: what
+    ``python -m lavae_fast.evaluate`` does before printing and writing the results
+    (:meth:`RunResults.summary`, :meth:`RunResults.save`).
+
+    ``out``: the results file (default :func:`default_results_path`); ``ops``, ``count_window``,
+    ``exclusion_window``: the engine and the windows to evaluate with (default the model's own;
+    a window the model has none of is an error). Everything that can fail on the inputs — the
+    checkpoint, the data, the settings, the output location — is checked before the work, raising
+    :class:`EvaluationError` naming it."""
+    model, ckpt, used = _load_run(run, device)
+    train_args, identity, own = _run_data(ckpt, data)
+    # Where the results go is checked (and its folder made) before the long work.
+    path = _results_file(run, out, identity, own)
+    _set_options(model, run, ckpt["model_config"]["kind"], ops, count_window, exclusion_window, K)
+    datas = _load_splits(model, ckpt, train_args, splits, explicit=bool(data))
+    t0 = time.time()
+    results = {split: evaluate_split(model, datas[split], K=K, batch_size=batch_size, n_eval=n_eval,
+                                     n_bound=n_bound, device=device, seed=seed, progress=progress)
+               for split in splits}
+    # What was measured, so that the file cannot be attributed to another model or other data:
+    # the checkpoint (file, step, digest), the data (path or generator settings, fingerprint,
+    # whether it is the run's own), the proposal and counting settings, the sample sizes.
+    meta = {"kind": RESULTS_KIND, "run_dir": os.path.abspath(run),
+            "checkpoint": {"file": os.path.abspath(used), "step": int(ckpt["step"]), "sha256": ckpt.get("sha256")},
+            "step": int(ckpt["step"]), "model": ckpt["model_config"]["kind"],
+            "data": {**identity, "own": own}, "dataset": identity.get("dataset"), "canvas": identity.get("canvas"),
+            "splits": list(splits), "K": K, "n_eval": n_eval, "n_bound": n_bound, "seed": seed,
+            "count_window": getattr(model, "count_window", None),
+            "exclusion_window": getattr(model, "exclusion_window", None),
+            "seconds": round(time.time() - t0, 1)}
+    return RunResults(meta, results, path)
+
+
+def _load_run(run: str, device):
+    """(model in eval mode, its verified checkpoint, the file read) of a run directory or a
+    checkpoint file; its class is the one its model_config's kind names."""
+    from .checkpoint import read_model_checkpoint, restore_model
+    from .loading import MODEL_CLASSES
+
+    if not os.path.exists(run):  # a run, not a shipped model's name (its results need a home)
+        raise EvaluationError(f"no checkpoint at {run}")
+    try:
+        ckpt, used = read_model_checkpoint(run)
+        model = restore_model(MODEL_CLASSES[ckpt["model_config"]["kind"]], ckpt, used, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise EvaluationError(str(exc)) from exc
+    return model, ckpt, used
+
+
+def _run_data(ckpt: Dict, data: Optional[str]):
+    """(the run's settings with ``data`` as its data set, the data's identity, whether it is the
+    data the run was trained on)."""
+    from .data import data_identity, run_data_fingerprint
+
+    train_args = dict(ckpt["args"])
+    if data:
+        train_args["data"] = data
+    try:
+        identity = data_identity(train_args)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EvaluationError(f"{'--data ' + data if data else 'the run' + chr(39) + 's data'}: {exc}") from exc
+    return train_args, identity, identity["fingerprint"] == run_data_fingerprint(ckpt)
+
+
+def _results_file(run: str, out: Optional[str], identity: Dict, own: bool) -> str:
+    """The results file (``out``, or beside the run), its folder made and checked writable."""
+    from ._io import OutputLocationError, check_output_file
+
+    path = out or default_results_path(run, None if own else data_tag(identity))
+    try:
+        check_output_file(path, "--out" if out else "the results file")
+    except OutputLocationError as exc:
+        raise EvaluationError(str(exc)) from exc
+    return path
+
+
+def _set_options(model, run: str, kind: str, ops: Optional[str], count_window: Optional[int],
+                 exclusion_window: Optional[int], K: int) -> None:
+    """Apply the engine and the windows asked for, refusing those the model has no use for."""
+    if ops and hasattr(model, "set_ops"):
+        model.set_ops(ops)
+    for option, value, setter, lacks in (("--count-window", count_window, "set_count_window", "does not count"),
+                                         ("--exclusion-window", exclusion_window, "set_exclusion_window",
+                                          "draws no locations")):
+        if value is None:
+            continue
+        if not hasattr(model, setter):
+            raise EvaluationError(f"{option}: {run} holds a {kind} model, which {lacks}")
+        try:
+            getattr(model, setter)(value)
+        except ValueError as exc:
+            raise EvaluationError(f"{option}: {exc}") from exc
+    if K > 0 and not evaluator_class(model).has_bound(model):
+        raise EvaluationError(f"--K {K}: {run} holds a {kind} model, which has no log_likelihood(x, K, generator) "
+                              "for the K-sample bound: evaluate it with --K 0")
+
+
+def _load_splits(model, ckpt: Dict, train_args: Dict, splits: Sequence[str], explicit: bool) -> Dict:
+    """{split: its data}, each checked to fit the model (and, for the run's own data, to be the set
+    it was trained on) and, for a model with an exclusion window, to hold that window."""
+    from .data import check_data_fits, load_run_split
+
+    datas = {}
+    for split in splits:
+        if split not in SPLITS:
+            raise EvaluationError(f"unknown split {split!r}: the splits are {', '.join(SPLITS)}")
+        try:
+            datas[split] = load_run_split(train_args, split)
+        except (ValueError, OSError) as exc:  # a missing, damaged or (7 objects on 32×32) impossible split
+            raise EvaluationError(f"split {split!r}: {exc}") from exc
+        try:
+            check_data_fits(ckpt, datas[split], explicit=explicit)
+        except ValueError as exc:
+            raise EvaluationError(f"split {split!r}: {exc}") from exc
+        if getattr(model, "exclusion_window", 1) != 1 and len(datas[split].counts):
+            from .ops import check_exclusion
+
+            H, W = datas[split].get_batch([0])[0].shape[-2:]
+            try:
+                check_exclusion(model.exclusion_window, (H, W), H * W, model.max_objects, "--exclusion-window")
+            except ValueError as exc:
+                raise EvaluationError(f"split {split!r}: {exc}") from exc
+    return datas
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: parse, evaluate_run, print, write
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -413,7 +600,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     splits = [s for s in args.splits.split(",") if s]
-    bad = [s for s in splits if s not in ("train", "val", "test", "test7")]
+    bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         parser.error(f"--splits must be a comma-separated subset of train,val,test,test7, got {args.splits!r}")
     try:
@@ -422,92 +609,15 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--device {args.device!r}: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ._io import OutputLocationError, check_output_file, write_results
-    from .checkpoint import read_model_checkpoint, restore_model
-    from .data import check_data_fits, data_identity, load_run_split, run_data_fingerprint
-    from .loading import MODEL_CLASSES
-
-    if not os.path.exists(args.run_dir):  # a run, not a shipped model's name (its results need a home)
-        raise SystemExit(f"error: no checkpoint at {args.run_dir}")
     try:
-        ckpt, used = read_model_checkpoint(args.run_dir)
-        model = restore_model(MODEL_CLASSES[ckpt["model_config"]["kind"]], ckpt, used, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
+        run = evaluate_run(args.run_dir, splits=splits, K=args.K, n_eval=args.n_eval, n_bound=args.n_bound,
+                           batch_size=args.batch_size, data=args.data, out=args.out, device=args.device,
+                           ops=args.ops, count_window=args.count_window, exclusion_window=args.exclusion_window,
+                           seed=args.seed, progress=sys.stderr.isatty())
+    except EvaluationError as exc:
         raise SystemExit(f"error: {exc}")
-    train_args = dict(ckpt["args"])
-    if args.data:
-        train_args["data"] = args.data
-    try:
-        identity = data_identity(train_args)
-    except (OSError, ValueError, KeyError) as exc:
-        raise SystemExit(f"error: {'--data ' + args.data if args.data else 'the run' + chr(39) + 's data'}: {exc}")
-    own = identity["fingerprint"] == run_data_fingerprint(ckpt)
-    # Where the results go is checked (and its folder made) before the long work.
-    out = args.out or default_results_path(args.run_dir, None if own else data_tag(identity))
-    try:
-        check_output_file(out, "--out" if args.out else "the results file")
-    except OutputLocationError as exc:
-        raise SystemExit(f"error: {exc}")
-    if args.ops and hasattr(model, "set_ops"):
-        model.set_ops(args.ops)
-    if args.count_window is not None:
-        if not hasattr(model, "set_count_window"):
-            raise SystemExit(f"error: --count-window: {args.run_dir} holds a {ckpt['model_config']['kind']} model, "
-                             "which does not count")
-        try:
-            model.set_count_window(args.count_window)
-        except ValueError as exc:
-            raise SystemExit(f"error: --count-window: {exc}")
-    if args.exclusion_window is not None:
-        if not hasattr(model, "set_exclusion_window"):
-            raise SystemExit(f"error: --exclusion-window: {args.run_dir} holds a {ckpt['model_config']['kind']} "
-                             "model, which draws no locations")
-        try:
-            model.set_exclusion_window(args.exclusion_window)
-        except ValueError as exc:
-            raise SystemExit(f"error: --exclusion-window: {exc}")
-    datas = {}
-    for split in splits:
-        try:
-            datas[split] = load_run_split(train_args, split)
-        except (ValueError, OSError) as exc:  # a missing, damaged or (7 objects on 32×32) impossible split
-            raise SystemExit(f"error: split {split!r}: {exc}")
-        try:
-            check_data_fits(ckpt, datas[split], explicit=bool(args.data))
-        except ValueError as exc:
-            raise SystemExit(f"error: split {split!r}: {exc}")
-        if getattr(model, "exclusion_window", 1) != 1 and len(datas[split].counts):
-            from .ops import check_exclusion
-
-            H, W = datas[split].get_batch([0])[0].shape[-2:]
-            try:
-                check_exclusion(model.exclusion_window, (H, W), H * W, model.max_objects, "--exclusion-window")
-            except ValueError as exc:
-                raise SystemExit(f"error: split {split!r}: {exc}")
-    results = {}
-    t0 = time.time()
-    for split in splits:
-        results[split] = evaluate_split(model, datas[split], K=args.K, batch_size=args.batch_size, n_eval=args.n_eval,
-                                        n_bound=args.n_bound, device=args.device, seed=args.seed,
-                                        progress=sys.stderr.isatty())
-    # What was measured, so that the file cannot be attributed to another model or other data:
-    # the checkpoint (file, step, digest), the data (path or generator settings, fingerprint,
-    # whether it is the run's own), the proposal and counting settings, the sample sizes.
-    meta = {"kind": RESULTS_KIND, "run_dir": os.path.abspath(args.run_dir),
-            "checkpoint": {"file": os.path.abspath(used), "step": int(ckpt["step"]), "sha256": ckpt.get("sha256")},
-            "step": int(ckpt["step"]), "model": ckpt["model_config"]["kind"],
-            "data": {**identity, "own": own}, "dataset": identity.get("dataset"), "canvas": identity.get("canvas"),
-            "splits": splits, "K": args.K, "n_eval": args.n_eval, "n_bound": args.n_bound, "seed": args.seed,
-            "count_window": getattr(model, "count_window", None),
-            "exclusion_window": getattr(model, "exclusion_window", None),
-            "seconds": round(time.time() - t0, 1)}
-    print(f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {args.K}"
-          + ("" if own else f" (data other than the run's: {identity.get('path') or identity['fingerprint']})"))
-    print(format_table(results, DETAIL_KEYS))
-    if not write_results(out, {"meta": meta, "results": results}, PROG):
-        return 1
-    print(f"wrote {out}")
-    return 0
+    print(run.summary())
+    return 0 if run.save(PROG) else 1
 
 
 # meta["kind"] of a results file: what `pretrained export` accepts as measured metrics.
