@@ -332,6 +332,8 @@ SUMMARY_KEYS = ("images", "nll_bound", "nll_bound_counted_right", "neg_elbo", "c
 DETAIL_KEYS = ("images", "nll_bound", "nll_bound_counted_right", "neg_elbo", "neg_elbo_terms", "neg_elbo_by_count",
                "count_accuracy", "location_accuracy", "location_accuracy_draws", "near_duplicate_draws", "objects_missed",
                "median_peak_distance")
+# What the CLI's table leaves to the results file: the sample sizes and the bound by true count.
+FILE_ONLY_KEYS = ("bound_images", "K", "nll_bound_by_count")
 
 
 def format_table(results: Dict[str, Dict], keys: Sequence[str] = SUMMARY_KEYS) -> str:
@@ -433,11 +435,12 @@ class RunResults:
 
     def summary(self) -> str:
         """What the CLI prints: a line naming the model, the data and K, and the table of every
-        split (:data:`DETAIL_KEYS`)."""
+        split (:data:`DETAIL_KEYS`, then the metrics of a model's own evaluator)."""
         meta, data = self.meta, self.meta["data"]
         head = (f"{meta['model']} on {meta['dataset']} {meta['canvas']}, step {meta['step']}, K = {meta['K']}"
                 + ("" if data["own"] else f" (data other than the run's: {data.get('path') or data['fingerprint']})"))
-        return head + "\n" + format_table(self.results, DETAIL_KEYS)
+        own = [k for r in self.results.values() for k in r if k not in DETAIL_KEYS and k not in FILE_ONLY_KEYS]
+        return head + "\n" + format_table(self.results, DETAIL_KEYS + tuple(dict.fromkeys(own)))
 
     def save(self, prog: str = PROG) -> bool:
         """Write :attr:`document` to :attr:`path` (atomically) and print ``wrote PATH``; if the

@@ -294,3 +294,17 @@ def test_the_default_evaluator_measures_any_model_with_a_neg_elbo(monkeypatch):
     assert list(res)[-1] == "bounded"  # the evaluator's own results come last
     g = torch.Generator().manual_seed(3)
     assert draws == [torch.rand(1, generator=g).item() for _ in range(2)]  # 2 batches hold the 6 bounded images
+
+
+def test_the_printed_table_shows_an_evaluators_own_metrics():
+    from lavae_fast.evaluate import RunResults
+
+    meta = {"model": "ink", "dataset": "multi-dsprites", "canvas": [32, 32], "step": 4, "K": 0,
+            "data": {"own": True, "path": None, "fingerprint": "f"}}
+    results = {"test": {"images": 3, "bound_images": 3, "K": 0, "neg_elbo": {"mean": 5.0, "sem": 1.0},
+                        "neg_elbo_terms": {}, "neg_elbo_by_count": {"1": 5.0}, "ink_share": 0.125}}
+    text = RunResults(meta, results, "unused.json").summary()
+    assert text.splitlines()[0] == "ink on multi-dsprites [32, 32], step 4, K = 0"
+    rows = [ln.split()[0] for ln in text.splitlines()[1:] if not ln.startswith("-")]
+    assert rows == ["metric", "images", "−ELBO", "−ELBO", "−ELBO", "ink_share"]  # the sizes stay in the file
+    assert "0.1250" in text.splitlines()[-1]
