@@ -31,8 +31,9 @@ def get_extensions():
     if os.environ.get("LAVAE_FAST_PORTABLE") == "1":
         print("lavae_fast: LAVAE_FAST_PORTABLE=1 is no longer needed: every build is portable")
     # The schemas' digest is stamped into the module (csrc/module.cpp) so that lavae_fast finds a
-    # stale build before loading it (lavae_fast/_schemas.py). _schemas imports nothing of the package.
-    spec = importlib.util.spec_from_file_location("_lavae_fast_schemas", os.path.join("lavae_fast", "_schemas.py"))
+    # stale build before loading it (lavae_fast/engine/_schemas.py). _schemas imports nothing of the package.
+    spec = importlib.util.spec_from_file_location("_lavae_fast_schemas",
+                                                  os.path.join("lavae_fast", "engine", "_schemas.py"))
     schemas = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(schemas)
     cxx = ["-std=c++17", "-fopenmp", f"-DLAVAE_FAST_SCHEMA_DIGEST={schemas.digest()}"]
@@ -55,7 +56,7 @@ setup(
     description="Fast, faithful LAVAE (Location-Appearance VAE) with fused CPU and Triton kernels",
     packages=find_packages(include=["lavae_fast", "lavae_fast.*"]) + ["lavae_fast.kernels"],
     package_dir={"lavae_fast.kernels": "kernels"},
-    # The op schemas (read by lavae_fast/_schemas.py at import), and the shipped trained models
+    # The op schemas (read by lavae_fast/engine/_schemas.py at import), and the shipped trained models
     # (lavae_fast.pretrained.REGISTRY): weights + config + provenance; the config files that trained
     # them (lavae_fast/configs/, for `train --config NAME`).
     package_data={"lavae_fast": ["op_schemas.inc", "configs/*.yaml"], "lavae_fast.pretrained": ["*.pt"]},

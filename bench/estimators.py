@@ -329,7 +329,7 @@ def exact_gradient(case: Case, eps: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-sample surrogates, as the model builds them (lavae_fast/model.py, forward)
+# The per-sample surrogates, as the model builds them (lavae_fast/models/lavae.py, forward)
 # ---------------------------------------------------------------------------------------------
 
 

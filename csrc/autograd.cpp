@@ -1,6 +1,6 @@
 // The autograd formula of gumbel_topk_relaxed for CPU tensors, in C++ (registered to AutogradCPU).
 //
-// lavae_fast/ops.py registers the op's autograd formula from Python (torch.library.register_autograd,
+// lavae_fast/engine/ops.py registers the op's autograd formula from Python (torch.library.register_autograd,
 // the Autograd key): that one serves every device and a build without this extension. For CPU
 // tensors this kernel takes precedence (a kernel registered to AutogradCPU itself wins over one
 // registered to the Autograd alias) and does the same thing without the Python glue (re-binding

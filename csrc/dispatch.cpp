@@ -1,8 +1,9 @@
 // Registers the CPU implementation of every op as a call into the kernel variant chosen for this
 // CPU (kernel_table.h). The op names and schemas are those of lavae_fast/op_schemas.inc (defined
-// from it by lavae_fast/ops.py and norm.py); this file does not read it: tests/cpp/test_kernels.cpp
-// checks these registrations against it (every op there has a kernel here, no kernel here lacks
-// a schema there, and the dispatcher checks each kernel's signature against its schema).
+// from it by lavae_fast/engine/ops.py and norm.py); this file does not read it:
+// tests/cpp/test_kernels.cpp checks these registrations against it (every op there has a kernel
+// here, no kernel here lacks a schema there, and the dispatcher checks each kernel's signature
+// against its schema).
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,6 +1,6 @@
 // The Python module lavae_fast._C. Importing it runs the static TORCH_LIBRARY_IMPL registrations
-// of the CPU kernels (csrc/dispatch.cpp) for the ops defined in lavae_fast/ops.py and norm.py. Its
-// functions report and switch the kernel variant (kernel_table.h):
+// of the CPU kernels (csrc/dispatch.cpp) for the ops defined in lavae_fast/engine/ops.py and norm.py.
+// Its functions report and switch the kernel variant (kernel_table.h):
 //   cpu_capability() -> str, available_cpu_capabilities() -> list[str], set_cpu_capability(str)
 #include <Python.h>
 
@@ -9,7 +9,7 @@
 #include "kernel_table.h"
 
 // The digest of the op schemas this build was compiled against (setup.py passes it; see
-// lavae_fast/_schemas.py). Python reads these bytes from the file before loading it: a build from
+// lavae_fast/engine/_schemas.py). Python reads these bytes from the file before loading it: a build from
 // other schemas would fail the dispatcher's schema check inside a static initialiser, which aborts.
 #ifndef LAVAE_FAST_SCHEMA_DIGEST
 #define LAVAE_FAST_SCHEMA_DIGEST unknown

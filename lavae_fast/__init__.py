@@ -1,12 +1,18 @@
 """lavae_fast: a fast, faithful implementation of LAVAE, the Location-Appearance VAE."""
 
-from . import ops, reference
-from .baseline import BetaVAE
-from .model import LAVAE
+from .engine import ops, reference
+from .models.baseline import BetaVAE
+from .models.lavae import LAVAE
 from .recipe import Recipe
 from ._version import __version__
 
 __all__ = ["LAVAE", "BetaVAE", "Recipe", "Trainer", "TrainConfig", "ops", "reference", "__version__"]
+
+# The modules that moved into engine/, models/, runtime/ and hub/ (issue 25) keep their old paths:
+# a file each, importing which gives the moved module. They stay attributes of the package too, as
+# when importing the package imported most of them (``lavae_fast._backends.cpu_capability()``).
+_OLD_PATHS = frozenset({"ops", "norm", "reference", "_schemas", "_backends", "noise", "_common", "model", "baseline",
+                        "aux_vae", "checkpoint", "distributed", "performance", "_io", "_process", "loading"})
 
 
 def __getattr__(name):
@@ -20,4 +26,8 @@ def __getattr__(name):
         from .train_config import TrainConfig
 
         return TrainConfig
+    if name in _OLD_PATHS:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'lavae_fast' has no attribute {name!r}")

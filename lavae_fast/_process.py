@@ -1,19 +1,8 @@
-"""Process helpers shared by the checkpoint writer and the data set writer."""
+"""The old path of :mod:`lavae_fast.runtime._process` (issue 25): importing it gives that module itself, so a name
+read or patched under either path is the same object."""
 
-from __future__ import annotations
+import sys
 
-import os
+from .runtime import _process as _module
 
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (on this machine): a temporary file tagged with a live
-    writer's PID is that writer's, and cleanup must leave it alone."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
+sys.modules[__name__] = _module

@@ -460,7 +460,7 @@ class LAVAERecipe(Recipe):
     def model_config(cls, config, channels: int) -> Dict[str, Any]:
         S = DATASETS[config.dataset].sprite_size
         return {**super().model_config(config, channels), "sprite_size": S, "width": config.width,
-                "sprite_width": config.sprite_width, "ops": config.ops, "location_mode": config.location_mode,
+                "sprite_width": config.sprite_width, "location_mode": config.location_mode,
                 "loc_kl": config.loc_kl, "count_window": config.count_window,
                 "exclusion_window": config.exclusion_window}
 

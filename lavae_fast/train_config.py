@@ -127,7 +127,9 @@ class TrainConfig:
     overwrite: bool = _setting(False, "start afresh in a run directory that holds a run, deleting all of that run's "
                                       "files: checkpoints, metrics.jsonl, args.json, tb/, evaluation results and "
                                       "figures/ (all or nothing; without it such a directory is refused)", kind="flag")
-    ops: str = _setting("fused", choices=["fused", "reference"])
+    ops: str = _setting("fused", "the engine that computes the model's ops: the fused kernels (C++ / Triton) or the "
+                                 "plain-PyTorch reference; chosen where the model runs (lavae_fast.ops.use_engine), "
+                                 "not stored with it", choices=["fused", "reference"])
     location_mode: str = _setting(
         "relaxed", "training estimator of the locations (SPEC §3): the relaxed Gumbel-softmax samples place the "
                    "sprites (default, the paper's) or straight-through (hard in value, relaxed in gradient)",

@@ -52,6 +52,7 @@ from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, TRAINING_KEYS, CheckpointEr
                          load_run_checkpoint, save_checkpoint)
 from .data import DATASETS, load_run_split, parse_canvas
 from .loading import build_model
+from .engine.ops import use_engine
 from .noise import data_indices
 from .recipe import recipe_class
 from .run_folder import (RunDirectoryError, best_on_record, discard_run, prepare_run_directory, truncate_metrics,
@@ -499,9 +500,10 @@ class Trainer:
         training mode."""
         from .evaluate import evaluate_split
 
-        result = evaluate_split(self.model, load_run_split(self.config.to_dict(), split), K=K, n_eval=n_eval,
-                                batch_size=batch_size, device=self.dist.device,
-                                seed=self.config.seed if seed is None else seed)
+        with use_engine(self.config.ops):
+            result = evaluate_split(self.model, load_run_split(self.config.to_dict(), split), K=K, n_eval=n_eval,
+                                    batch_size=batch_size, device=self.dist.device,
+                                    seed=self.config.seed if seed is None else seed)
         self.model.train()
         return result
 
@@ -518,7 +520,8 @@ class Trainer:
             raise RuntimeError("Trainer.fit: call setup() first")
         loop = _Loop(self)
         try:
-            return loop.run()
+            with use_engine(self.config.ops):  # --ops: which implementation of the engine runs the steps
+                return loop.run()
         finally:
             loop.close()
 

@@ -36,8 +36,8 @@ def _defined_schemas() -> dict[str, str]:
 
 
 def test_python_defines_exactly_the_schema_file():
-    # ops.py and norm.py define their ops from lavae_fast/op_schemas.inc: every op of the file, and
-    # no op that is not in it.
+    # engine/ops.py and engine/norm.py define their ops from lavae_fast/op_schemas.inc: every op of
+    # the file, and no op that is not in it.
     defined = _defined_schemas()
     assert sorted(defined.values()) == sorted(_file_schemas())
     assert set(defined) == {"lavae_fast::" + n for n in _schemas.SCHEMAS}

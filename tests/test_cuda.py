@@ -111,7 +111,7 @@ def test_place_is_deterministic_and_accepts_non_contiguous_inputs():
 
 
 def test_place_n_beyond_m_is_clipped_not_a_crash():
-    # ops.py checks n only on the CPU (a GPU check would sync); the kernels clip n to M.
+    # engine/ops.py checks n only on the CPU (a GPU check would sync); the kernels clip n to M.
     H, W = HW
     x, sprites, n, index = (dev(t) for t in place_case(2, 3, 1, 5, H, W, seed=6))
     loc = dev(one_hot_maps(index.cpu(), H, W, torch.float32))

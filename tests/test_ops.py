@@ -962,7 +962,7 @@ def test_a_stale_extension_is_not_loaded_and_the_reference_serves(ext, tmp_path)
     from lavae_fast import _C, _schemas
 
     assert _schemas.extension_digest(_C.__file__) == _schemas.digest()  # the build in use is current
-    pkg = os.path.dirname(_schemas.__file__)
+    pkg = os.path.dirname(_C.__file__)  # the package's folder (_schemas is in its engine/)
     shutil.copytree(pkg, tmp_path / "lavae_fast", ignore=shutil.ignore_patterns("pretrained", "__pycache__"))
     inc = tmp_path / "lavae_fast" / "op_schemas.inc"
     text = inc.read_text()

@@ -232,3 +232,36 @@ def test_a_third_recipe_evaluates_through_the_unchanged_trainer_and_evaluation(t
     assert "tiny on multi-dsprites [32, 32], step 6, K = 0" in capsys.readouterr().out
     with open(os.path.join(run, "eval.json")) as f:
         assert json.load(f)["results"]["test"]["images"] == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: chosen where a model runs, not stored with it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_engine_is_a_context_not_model_state(tmp_path):
+    from lavae_fast import LAVAE, ops, reference
+    from lavae_fast.hub.reader import model_kwargs
+    from lavae_fast.ops import current_engine, use_engine
+
+    m = LAVAE(1, (12, 12), 5, max_objects=3, latent_size=4, width=4, sprite_width=8)
+    assert m.engine is ops and current_engine() == "fused"
+    with use_engine("reference") as impl:
+        assert impl is reference and m.engine is reference
+        with use_engine("fused"):
+            assert m.engine is ops
+        assert m.engine is reference
+    assert m.engine is ops  # restored on exit
+    pinned = LAVAE(1, (12, 12), 5, max_objects=3, latent_size=4, width=4, sprite_width=8, ops="reference")
+    with use_engine("fused"):
+        assert pinned.engine is reference  # a model given an engine keeps it
+    with pytest.raises(ValueError, match="'fused' or 'reference'"):
+        with use_engine("triton"):
+            pass
+    # A run's checkpoint does not record the engine; one written before still loads, unpinned.
+    run = str(tmp_path / "r")
+    train(TrainConfig(out=run, **{**SMALL, "steps": 2, "ops": "reference"}))
+    state = load_run_checkpoint(os.path.join(run, "checkpoint.pt"))[0]
+    assert "ops" not in state["model_config"] and state["args"]["ops"] == "reference"
+    kind, kwargs = model_kwargs({**state["model_config"], "ops": "reference"})
+    assert kind == "lavae" and "ops" not in kwargs

@@ -1,4 +1,4 @@
-// Fused Leaky ReLU → batch norm with batch statistics (lavae_fast/norm.py), forward and backward.
+// Fused Leaky ReLU → batch norm with batch statistics (lavae_fast/engine/norm.py), forward and backward.
 //
 // Forward, two passes over y: (1) per-channel Σd and Σd² of d = a − shift_c, a = leaky_relu(y);
 // (2) out = (a − mean)·invstd·weight + bias. Backward, two passes over (grad_out, y): (1) Σg and

@@ -7,8 +7,8 @@
     BetaVAE.from_pretrained("multi-dsprites")          # the β-VAE baseline trained on the same data
 
 This module is the registry of shipped models (:data:`REGISTRY`, :func:`resolve`); reading a model
-goes through :func:`lavae_fast.checkpoint.read_model_checkpoint` (one verified reader for every
-reader of a run, :func:`lavae_fast.loading.load_model` and ``from_pretrained`` alike): the file is
+goes through :func:`lavae_fast.hub.reader.read_model_checkpoint` (one verified reader for every
+reader of a run, :func:`lavae_fast.hub.loading.load_model` and ``from_pretrained`` alike): the file is
 read with ``torch.load(weights_only=True)`` — tensors and plain data only, so a file carrying other
 pickled objects is refused before any of its code runs — and its SHA-256 digest is verified.
 

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .._io import dumps_strict
-    from ..checkpoint import load_checkpoint
+    from ..runtime._io import dumps_strict
+    from ..runtime.checkpoint import load_checkpoint
 
     try:
         if args.command == "list":

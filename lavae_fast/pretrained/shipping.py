@@ -1,7 +1,7 @@
 """Turn a run (directory or checkpoint file) into a shippable model file with its provenance.
 
 The file is a checkpoint in the run's own format (written by
-:func:`lavae_fast.checkpoint.save_checkpoint`: atomic, with its SHA-256) holding only
+:func:`lavae_fast.runtime.checkpoint.save_checkpoint`: atomic, with its SHA-256) holding only
 :data:`lavae_fast.pretrained.SHIPPED_KEYS` — no optimiser, no warm-up VAE — plus ``provenance``:
 
 * ``command``: the training command, rebuilt from the run's recorded arguments;
@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .._version import __version__
-from ..checkpoint import load_run_checkpoint, save_checkpoint
+from ..runtime.checkpoint import load_run_checkpoint, save_checkpoint
 from ..train_config import resolved_settings
 from . import KINDS, REGISTRY, SHIPPED_KEYS, model_file, names
 
@@ -36,9 +36,16 @@ __all__ = ["export", "training_command", "git_commit", "read_measured_metrics", 
 DATA_KEYS = ("dataset", "data", "canvas", "n_train", "n_test", "n_test7", "data_seed")
 
 
+# The settings that are paths on the machine that trained a model: the shipped provenance names
+# them by these placeholders, not by that machine's folders.
+PATH_PLACEHOLDERS = {"out": "RUN_DIR", "data": "DATA_DIR"}
+
+
 def training_command(args: Dict[str, Any]) -> str:
     """``python -m lavae_fast.train …`` with every recorded argument that differs from the
-    trainer's default, spelled as its own option (so the command is what was run, up to defaults)."""
+    trainer's default, spelled as its own option (so the command is what was run, up to defaults),
+    but for the paths of the machine that ran it: ``--out RUN_DIR`` and ``--data DATA_DIR`` stand
+    for them (:data:`PATH_PLACEHOLDERS`)."""
     import argparse
     import shlex
 
@@ -63,7 +70,7 @@ def training_command(args: Dict[str, Any]) -> str:
         elif action.nargs == 0:  # store_true / store_false: the flag alone says it
             parts.append(flag)
         else:
-            parts += [flag, str(value)]
+            parts += [flag, PATH_PLACEHOLDERS.get(action.dest, str(value))]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -89,8 +96,8 @@ def read_measured_metrics(path: str, state: Dict[str, Any], used: str) -> Dict[s
     digest), of other data than the run's, or measured with other counting or exclusion windows
     than the model's own. Shipping a model with another model's numbers is what this prevents."""
     from ..evaluate import RESULTS_KIND
-    from ..loading import MODEL_CLASSES
-    from ..checkpoint import restore_model
+    from ..hub.loading import MODEL_CLASSES
+    from ..hub.reader import restore_model
 
     try:
         with open(path) as f:
@@ -169,9 +176,10 @@ def export(run: str, *, name: Optional[str] = None, out: Optional[str] = None, m
         "export_commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
         "data": {**{k: args.get(k) for k in DATA_KEYS}, "fingerprint": state.get("data_fingerprint")},
         "metrics": measured,
-        "metrics_file": None if measured is None else os.path.abspath(metrics),
+        # File names, not this machine's paths: the checkpoint's sha256 identifies it.
+        "metrics_file": None if measured is None else os.path.basename(metrics),
         "step": int(state["step"]),
-        "source": {"file": os.path.abspath(used), "sha256": state.get("sha256")},
+        "source": {"file": os.path.basename(used), "sha256": state.get("sha256")},
         "lavae_fast_version": __version__,
         "torch_version": str(torch.__version__),  # a str subclass weights_only would refuse
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

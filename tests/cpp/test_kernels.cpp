@@ -1,13 +1,13 @@
 // Standalone C++ test of the CPU kernels, built by CMakeLists.txt (optionally with
 // -fsanitize=address,undefined). The kernels are called through the dispatcher, as Python calls
 // them, and checked against brute-force loops written here from the definitions in SPEC §9 (and,
-// for the fused Leaky ReLU + batch norm, lavae_fast/norm.py's formulas), on odd shapes that
+// for the fused Leaky ReLU + batch norm, lavae_fast/engine/norm.py's formulas), on odd shapes that
 // exercise the partial-vector tails, sprites larger than the canvas, more than 12 objects (several
 // output blocks), channel counts that are not a multiple of the vector width, both memory layouts
 // and every dtype, on every kernel variant this CPU runs.
 //
 // The op schemas: lavae_fast/op_schemas.inc is their one source. Python defines the ops from it
-// (lavae_fast/_schemas.py); this executable has no Python, so it includes the same file and
+// (lavae_fast/engine/_schemas.py); this executable has no Python, so it includes the same file and
 // defines the ops from it. Before any kernel runs, check_registrations() checks csrc/'s CPU
 // registrations against it: every op there has a CPU kernel, and no kernel is registered for an
 // op that is not there (a misspelt or stale name in csrc/dispatch.cpp). The dispatcher itself
@@ -522,7 +522,7 @@ static T3 brute_norm_backward(const Tensor& grad, const Tensor& y, const Tensor&
   return {gy, gw, gb};
 }
 
-// The layout of out and grad_y (lavae_fast/norm.py output_memory_format): NCHW when y is
+// The layout of out and grad_y (lavae_fast/engine/norm.py output_memory_format): NCHW when y is
 // contiguous, channels-last when y is channels-last only, NCHW otherwise.
 static at::MemoryFormat norm_output_format(const Tensor& y) {
   if (y.is_contiguous()) return at::MemoryFormat::Contiguous;
