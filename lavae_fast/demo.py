@@ -15,6 +15,10 @@ With ``--train`` it trains LAVAE on an in-memory data set with the paper's sched
 ``--steps`` (SPEC §5: every phase scales with the budget), then evaluates it and draws its figures;
 it prints the expected wall time first. A short budget shows the pipeline end to end; counting needs
 a few thousand steps (see the README for measured runs).
+
+The demo is built on the library, not on the other CLIs: :class:`lavae_fast.Trainer` trains (with a
+:class:`~lavae_fast.train_config.TrainConfig`), :func:`lavae_fast.evaluate.evaluate_run` evaluates and
+:func:`lavae_fast.figures.draw_figures` draws; their errors end it with its own messages.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ def output_problem(out: str, mode: str) -> Optional[str]:
     must be a writable folder with room for a file, and must not hold the other mode's output (a
     shipped-model report beside a trained run would mix two models' numbers and figures)."""
     from ._io import OutputLocationError, check_output_folder
-    from .train import run_contents
+    from .run_folder import run_contents
 
     if mode == "shipped":
         other = [n for n in run_contents(out) if n != "figures"]
@@ -148,8 +152,7 @@ def _shipped(args) -> int:
     import torch
 
     from . import BetaVAE, LAVAE
-    from .data.runs import generate_split
-    from .evaluate import evaluate_split, format_table
+    from ._io import write_results
     from .pretrained import shipped
 
     t_start = time.perf_counter()
@@ -159,6 +162,31 @@ def _shipped(args) -> int:
     canvas = tuple(model.canvas)
     print(f"== shipped LAVAE for {args.dataset} ({canvas[0]}×{canvas[1]}); fresh scenes, seed {args.seed}")
     splits = {"test": args.n, "test7": args.n7}
+    results = _fresh_results(model, baseline, args, splits)
+    report = {"dataset": args.dataset, "canvas": list(canvas), "seed": args.seed, "K": args.K, "results": results}
+    if args.canvas_64:
+        report.update(_results_64x64(args, canvas, splits))
+    report["provenance"] = _provenance(args.dataset)
+    if not write_results(os.path.join(args.out, "report.json"), report, PROG):
+        return 1
+    if args.figures:
+        print("== drawing figures")
+        _draw_figures(args.dataset, out=os.path.join(args.out, "figures"),
+                      baseline=args.dataset if baseline is not None else None)
+    print(f"done in {time.perf_counter() - t_start:.0f} s: {args.out}/report.json"
+          + (f", {args.out}/figures/" if args.figures else ""))
+    return 0
+
+
+def _fresh_results(model, baseline, args, splits: Dict[str, int]) -> Dict[str, Dict]:
+    """The shipped LAVAE's results on fresh scenes of each split with a non-zero count in
+    ``splits`` (with the bound, its throughput, and the baseline's bound beside it), printed."""
+    import torch
+
+    from .data.runs import generate_split
+    from .evaluate import evaluate_split, format_table
+
+    canvas = tuple(model.canvas)
     results: Dict[str, Dict] = {}
     for split, n in splits.items():
         if not n:
@@ -177,9 +205,19 @@ def _shipped(args) -> int:
             line += (f"; β-VAE baseline −log p(x) ≤ {r['baseline_nll_bound']['mean']:.1f} "
                      f"(K = {args.K}, {r['bound_images']} images)")
         print(line)
+    return results
 
-    report = {"dataset": args.dataset, "canvas": list(canvas), "seed": args.seed, "K": args.K, "results": results}
-    if args.canvas_64 and canvas != (64, 64):
+
+def _results_64x64(args, canvas, splits: Dict[str, int]) -> Dict[str, Dict]:
+    """The report's entries of the paper's 64×64 canvas, printed: the shipped model run there
+    (``results_64x64``, unless it was trained there) and the model trained there, where one is
+    shipped (``results_trained_64x64``)."""
+    from . import LAVAE
+    from .evaluate import format_table
+    from .pretrained import shipped
+
+    report = {}
+    if canvas != (64, 64):
         # The nets are convolutional and γ = ½ ln D follows the canvas, so the model runs at 64×64
         # unchanged; whether it still counts is measured here, not assumed.
         r64 = _count_fresh(LAVAE.from_pretrained(args.dataset, canvas=(64, 64)), args, splits)
@@ -187,7 +225,7 @@ def _shipped(args) -> int:
         print(format_table(r64))
         report["results_64x64"] = r64
     name64 = f"{args.dataset}-64"
-    if args.canvas_64 and ("lavae", name64) in shipped("lavae"):
+    if ("lavae", name64) in shipped("lavae"):
         # The model trained on the paper's canvas, where the 7-object scenes are not crowded.
         m64 = LAVAE.from_pretrained(name64)
         c64 = tuple(m64.canvas)
@@ -196,25 +234,20 @@ def _shipped(args) -> int:
               "counter)")
         print(format_table(t64))
         report["results_trained_64x64"] = {"name": name64, **t64}
-    report["provenance"] = _provenance(args.dataset)
+    return report
 
-    from ._io import write_results
 
-    if not write_results(os.path.join(args.out, "report.json"), report, PROG):
-        return 1
-    if args.figures:
-        from . import figures
+def _draw_figures(run_or_name: str, **kwargs) -> None:
+    """:func:`lavae_fast.figures.draw_figures`, printing the files written as its CLI does; its
+    errors end the demo as they end that CLI (``error: ...``, exit code 1)."""
+    from .figures import FiguresError, draw_figures
 
-        fig_args = [args.dataset, "--out", os.path.join(args.out, "figures")]
-        if baseline is not None:
-            fig_args += ["--baseline", args.dataset]
-        print("== drawing figures")
-        rc = figures.main(fig_args)
-        if rc:
-            return rc
-    print(f"done in {time.perf_counter() - t_start:.0f} s: {args.out}/report.json"
-          + (f", {args.out}/figures/" if args.figures else ""))
-    return 0
+    try:
+        written = draw_figures(run_or_name, **kwargs)
+    except FiguresError as exc:
+        raise SystemExit(f"error: {exc}")
+    for path in written:
+        print(f"wrote {path}")
 
 
 def _provenance(name: str) -> Optional[Dict]:
@@ -230,24 +263,25 @@ def _provenance(name: str) -> Optional[Dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _seconds_per_step(args) -> float:
+def _seconds_per_step(config) -> float:
     """A measured training step (the fastest of two after a warm one) of the model and recipe that
-    ``--train`` builds, for the wall-time estimate."""
+    ``--train`` builds from ``config`` (its :class:`~lavae_fast.train_config.TrainConfig`), for the
+    wall-time estimate."""
     import torch
 
-    from . import Recipe, train
     from .data import DATASETS as REGISTRY
     from .loading import build_model
     from .performance import bf16_native
+    from .recipe import recipe_class
 
-    ns = train.build_parser().parse_args(_train_argv(args))
-    channels = REGISTRY[args.dataset].channels
-    model = build_model(train.model_config(ns, channels))
+    recipe_cls = recipe_class(config.model)
+    channels = REGISTRY[config.dataset].channels
+    model = build_model(recipe_cls.model_config(config, channels))
     model.accelerate(bf16=bf16_native()[0])  # what training's --bf16 auto picks
-    recipe = Recipe.from_args(model, ns)
+    recipe = recipe_cls.from_config(model, config)
     opt = recipe.optimizer()
-    x = (torch.rand(args.batch_size, channels, *model.canvas) < 0.1).float()
-    ids = torch.arange(args.batch_size)
+    x = (torch.rand(config.batch_size, channels, *model.canvas) < 0.1).float()
+    ids = torch.arange(config.batch_size)
     times = []
     for step in range(3):
         t0 = time.perf_counter()
@@ -264,32 +298,78 @@ def _train_argv(args):
             "--n-test7", "128", "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--out", args.out]
 
 
+def _train_config(args):
+    """The :class:`~lavae_fast.train_config.TrainConfig` of the demo's run (:func:`_train_argv`'s
+    settings), resuming the run that ``--out`` holds; ConfigError names a setting it refuses."""
+    from .train_config import TrainConfig, build_parser
+
+    resume = ["--resume"] if os.path.exists(os.path.join(args.out, "checkpoint.pt")) else []
+    return TrainConfig.from_args(build_parser(raising=True).parse_args([*_train_argv(args), *resume]))
+
+
 def _train(args) -> int:
-    from . import evaluate, figures, train
+    from . import evaluate
+    from .train_config import ConfigError
 
     run = args.out
-    resume = ["--resume"] if os.path.exists(os.path.join(run, "checkpoint.pt")) else []
     try:
-        sec = _seconds_per_step(args)
+        config = _train_config(args)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sec = _seconds_per_step(config)
         print(f"== expected wall time: ~{sec * args.steps / 60:.0f} min for {args.steps} steps "
               f"({sec:.2f} s a step measured here) plus evaluation")
     except Exception as exc:  # the estimate is a courtesy; training itself reports real errors
         print(f"(no wall-time estimate: {exc})", file=sys.stderr)
     print(f"== training LAVAE on in-memory {args.dataset} ({args.canvas}), {args.steps} steps -> {run}")
-    rc = train.main([*_train_argv(args), *resume])
+    rc = _fit(config)
     if rc:
         return rc
     print("== evaluating")
-    rc = evaluate.main([run, "--K", str(args.K), "--n-bound", "64"])
-    if rc:
-        return rc
+    try:
+        results = evaluate.evaluate_run(run, K=args.K, n_bound=64, progress=sys.stderr.isatty())
+    except evaluate.EvaluationError as exc:
+        raise SystemExit(f"error: {exc}")
+    print(results.summary())
+    if not results.save(PROG):
+        return 1
     if args.figures:
         print("== drawing figures")
-        rc = figures.main([run])
-        if rc:
-            return rc
+        _draw_figures(run)
     print(f"done: {run}/eval.json" + (f", {run}/figures/" if args.figures else "") + f", TensorBoard logs in {run}/tb")
     return 0
+
+
+def _fit(config) -> int:
+    """Train the demo's run with :class:`lavae_fast.Trainer` (as ``python -m lavae_fast.train``
+    would): 0, or 128 + the signal that stopped it (its checkpoint written), or, with a message,
+    2 for settings or a run folder it refuses and 1 for a loss that stopped being finite or memory
+    that ran out. A checkpoint that cannot be written (an OSError) ends the demo in :func:`main`."""
+    from .checkpoint import RunDirectoryInUse
+    from .run_folder import RunDirectoryError
+    from .train_config import ConfigError
+    from .trainer import NonFiniteLoss, Trainer
+
+    try:
+        with Trainer(config) as trainer:
+            return trainer.setup().fit().exit_code
+    except (ConfigError, RunDirectoryError, RunDirectoryInUse) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as exc:
+        kept = (f"the last good checkpoint is in {config.out} (step {exc.last_saved})" if exc.last_saved is not None
+                else "no checkpoint was written before it")
+        print(f"{PROG}: error: the loss became {exc.value} at step {exc.step}; training stopped before that step's "
+              f"update; {kept}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        print(f"{PROG}: error: out of memory ({str(exc).splitlines()[0][:200]}): lower --batch-size; the run's "
+              f"checkpoints in {config.out} are intact", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

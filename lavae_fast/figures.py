@@ -26,6 +26,9 @@ one, else the figure of the same experiment on another set ("as paper Fig. 1, mu
   the run's ``metrics.jsonl`` (not a paper figure; the paper reports final values in Table 1).
 
 Every PNG also carries its title and labels as PNG text chunks ("Title", "Description").
+
+From Python, :func:`draw_figures` is this CLI without its parser (it returns the files written;
+its errors are :class:`FiguresError`); each figure is a function of the model and its inferences.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from ._io import OutputLocationError, atomic_write, check_output_folder, describ
 
 __all__ = ["load_run", "tile", "reverse_locations", "paper_ref", "reconstruction_figure", "sample_figure",
            "swap_figure", "location_traversal_figure", "appearance_traversal_figure", "fixed_count_figure",
-           "training_curves_figure", "read_metrics", "save_figure", "figure_texts", "grid_size", "main"]
+           "training_curves_figure", "read_metrics", "save_figure", "figure_texts", "grid_size", "draw_figures",
+           "FiguresError", "main"]
 
 GAP = 2  # pixels of grey between tiles
 UPSCALE = 2  # nearest-neighbour zoom of every tile, so 64×64 canvases stay legible
@@ -456,6 +460,162 @@ class _FigureWriteError(OSError):
     """A figure that could not be written (names it and the figures written before it)."""
 
 
+class FiguresError(ValueError):
+    """A model, its data or an output folder that the figures cannot use; the message names it
+    (the CLI prints ``error: MESSAGE`` and exits with code 1)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's figures, as the CLI draws them
+# ---------------------------------------------------------------------------------------------
+
+
+def draw_figures(run_or_name: str, *, baseline: Optional[str] = None, out: Optional[str] = None, num: int = 8,
+                 seed: int = 0) -> List[str]:
+    """Draw every figure of a LAVAE (a run directory, a checkpoint file or a shipped model's name)
+    into ``out`` (default ``RUN_DIR/figures``, or beside a checkpoint file; required for a name):
+    what ``python -m lavae_fast.figures`` does before printing the written files. ``baseline``: a
+    β-VAE baseline (run, file or name) whose prior samples go beside LAVAE's; ``num``: images per
+    row (1–256); ``seed``: of the samples. Returns the files written, in order.
+
+    The model, the data and the folder are checked before the work (:class:`FiguresError` naming
+    the problem); a figure that the model's inferences cannot give (a swap without two objects)
+    or a split that cannot exist is skipped with a note on standard error; an OSError names a
+    figure that could not be written and those written before it."""
+    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 256:
+        raise FiguresError(f"num (images per row) must be an integer in [1, 256], got {num!r}")
+    model, ckpt, base = _load_models(run_or_name, baseline)
+    is_run = os.path.isdir(run_or_name)
+    is_name = not os.path.exists(run_or_name)
+    folder = _figures_folder(run_or_name, out, is_run, is_name)
+    train_args = dict(ckpt["args"])
+    dataset = train_args.get("dataset")
+    if is_name:
+        # A shipped model comes without its data: draw a few test images of its data set in memory
+        # (same generator, canvas and seed as the run's in-memory sets).
+        train_args.update(data=None, n_test=max(16, num), n_test7=max(16, num))
+    written: List[str] = []
+    save = _saver(folder, written)
+    data = _figure_splits(ckpt, train_args)
+    with torch.no_grad():
+        _draw_model_figures(model, base, data, dataset, num, seed, save)
+    metrics = os.path.join(run_or_name, "metrics.jsonl") if is_run else None
+    records = read_metrics(metrics) if metrics and os.path.isfile(metrics) else []
+    if records:
+        save(training_curves_figure(records, dataset=dataset), "training_curves.png")
+    else:
+        print("skipped training_curves.png: no metrics.jsonl (a run directory has one)", file=sys.stderr)
+    return written
+
+
+def _load_models(run_or_name: str, baseline: Optional[str]):
+    """(LAVAE, its checkpoint, the baseline or None), refusing a model of the wrong kind: these are
+    LAVAE's figures, with the β-VAE baseline's prior samples beside its own."""
+    try:
+        model, ckpt = load_run(run_or_name)
+        base = None
+        if baseline:
+            base, bckpt = load_run(baseline, kind=None if os.path.exists(baseline) else "baseline")
+            if bckpt["model_config"]["kind"] != "baseline":
+                raise FiguresError(f"--baseline {baseline} holds a {bckpt['model_config']['kind']} model, "
+                                   "not the β-VAE baseline (train one with --model baseline)")
+    except FiguresError:
+        raise
+    except (FileNotFoundError, ValueError) as exc:
+        raise FiguresError(str(exc)) from exc
+    if ckpt["model_config"]["kind"] != "lavae":
+        raise FiguresError(f"{run_or_name} holds a {ckpt['model_config']['kind']} model; figures need LAVAE")
+    return model, ckpt, base
+
+
+def _figures_folder(run_or_name: str, out: Optional[str], is_run: bool, is_name: bool) -> str:
+    """The output folder (``out``, or the run's ``figures/``), made and checked writable."""
+    folder = out
+    if folder is None:
+        if is_name:
+            raise FiguresError(f"give --out DIR for the figures of the shipped model {run_or_name!r}")
+        folder = os.path.join(run_or_name if is_run else os.path.dirname(os.path.abspath(run_or_name)), "figures")
+    try:  # before the work: a folder, writable, with room for a figure
+        check_output_folder(folder, "--out" if out else "the figures folder")
+    except OutputLocationError as exc:
+        raise FiguresError(str(exc)) from exc
+    return folder
+
+
+def _saver(folder: str, written: List[str]):
+    """save(fig, name): write ``fig`` as ``folder/name`` and append the path to ``written``; a
+    failure raises an OSError naming the figure and those written before it."""
+
+    def save(fig, name):
+        path = os.path.join(folder, name)
+        try:
+            save_figure(fig, path)
+        except OSError as exc:
+            done = f"; written before it: {', '.join(os.path.basename(p) for p in written)}" if written else ""
+            raise _FigureWriteError(f"could not write {path} ({describe_os_error(exc)}){done}") from None
+        written.append(path)
+
+    return save
+
+
+def _figure_splits(ckpt: Dict, train_args: Dict) -> Dict:
+    """{split: data} of the test splits the figures can use. A run whose data is gone is an error; a
+    split that cannot exist (7 objects on 32×32) or holds no image only costs its figures, as in
+    training's evaluation."""
+    from .data import check_data_fits, load_run_split
+
+    data = {}
+    for split in ("test", "test7"):
+        try:
+            d = load_run_split(train_args, split)
+            check_data_fits(ckpt, d)
+        except (FileNotFoundError, OSError) as exc:
+            raise FiguresError(f"the run's {split} split: {exc}") from exc
+        except ValueError as exc:
+            if train_args.get("data") and not os.path.isdir(str(train_args["data"])):
+                raise FiguresError(f"the run's data set is gone: {exc}") from exc
+            print(f"skipped the {split} split: {exc}", file=sys.stderr)
+            continue
+        if not len(d.counts):
+            print(f"skipped the {split} split: it holds no images", file=sys.stderr)
+            continue
+        data[split] = d
+    if not data:
+        raise FiguresError("neither the test nor the test7 split of the run's data can be used")
+    return data
+
+
+def _draw_model_figures(model, baseline, data: Dict, dataset: Optional[str], num: int, seed: int, save) -> None:
+    """The reconstructions of each split, the prior samples, the fixed-count samples, then the
+    swap and the traversals of each split's most crowded scenes, each through ``save``."""
+    for split, d in data.items():
+        pick = np.arange(min(num, len(d)))
+        x, _ = d.get_batch(pick)
+        save(reconstruction_figure(model, x, np.asarray(d.counts)[pick], dataset=dataset, split=split),
+             f"reconstructions_{split}.png")
+    save(sample_figure(model, 2 * num, baseline=baseline, seed=seed, per_row=num, dataset=dataset), "samples.png")
+    save(fixed_count_figure(model, 2 * num, seed=seed, per_row=num, dataset=dataset), "fixed_count.png")
+    for split, d in data.items():
+        # The scenes with the most objects, so that the swap has two objects to exchange.
+        pick = np.sort(np.argsort(-np.asarray(d.counts), kind="stable")[: min(num, 4)])
+        x, _ = d.get_batch(pick)
+        lat = model.infer(x)
+        kw = {"dataset": dataset, "split": split}
+        for name, make in (
+                ("swap", lambda: swap_figure(model, lat, **kw)),
+                ("traverse_location", lambda: location_traversal_figure(model, lat, steps=num, **kw)),
+                ("traverse_appearance", lambda: appearance_traversal_figure(model, lat, steps=num, **kw))):
+            try:
+                save(make(), f"{name}_{split}.png")
+            except ValueError as exc:  # e.g. an untrained model that finds no objects
+                print(f"skipped {name}_{split}.png: {exc}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: parse, draw_figures, print what was written
+# ---------------------------------------------------------------------------------------------
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _main(argv)
@@ -470,99 +630,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import check_data_fits, load_run_split
-
     try:
-        model, ckpt = load_run(args.run_dir)
-        baseline = None
-        if args.baseline:
-            baseline, bckpt = load_run(args.baseline, kind=None if os.path.exists(args.baseline) else "baseline")
-            if bckpt["model_config"]["kind"] != "baseline":
-                raise SystemExit(f"error: --baseline {args.baseline} holds a {bckpt['model_config']['kind']} model, "
-                                 "not the β-VAE baseline (train one with --model baseline)")
-    except (FileNotFoundError, ValueError) as exc:
+        written = draw_figures(args.run_dir, baseline=args.baseline, out=args.out, num=args.num, seed=args.seed)
+    except FiguresError as exc:
         raise SystemExit(f"error: {exc}")
-    if ckpt["model_config"]["kind"] != "lavae":
-        raise SystemExit(f"error: {args.run_dir} holds a {ckpt['model_config']['kind']} model; figures need LAVAE")
-    is_run = os.path.isdir(args.run_dir)
-    is_name = not os.path.exists(args.run_dir)
-    out = args.out
-    if out is None:
-        if is_name:
-            raise SystemExit(f"error: give --out DIR for the figures of the shipped model {args.run_dir!r}")
-        out = os.path.join(args.run_dir if is_run else os.path.dirname(os.path.abspath(args.run_dir)), "figures")
-    try:  # before the work: a folder, writable, with room for a figure
-        check_output_folder(out, "--out" if args.out else "the figures folder")
-    except OutputLocationError as exc:
-        raise SystemExit(f"error: {exc}")
-    train_args = dict(ckpt["args"])
-    dataset = train_args.get("dataset")
-    if is_name:
-        # A shipped model comes without its data: draw a few test images of its data set in memory
-        # (same generator, canvas and seed as the run's in-memory sets).
-        train_args.update(data=None, n_test=max(16, args.num), n_test7=max(16, args.num))
-    written: List[str] = []
-
-    def save(fig, name):
-        path = os.path.join(out, name)
-        try:
-            save_figure(fig, path)
-        except OSError as exc:
-            done = f"; written before it: {', '.join(os.path.basename(p) for p in written)}" if written else ""
-            raise _FigureWriteError(f"could not write {path} ({describe_os_error(exc)}){done}") from None
-        written.append(path)
-
-    # The splits first: a run whose data is gone is an error; a split that cannot exist (7 objects
-    # on 32×32) or holds no image only costs its figures, as in training's evaluation.
-    data = {}
-    for split in ("test", "test7"):
-        try:
-            d = load_run_split(train_args, split)
-            check_data_fits(ckpt, d)
-        except (FileNotFoundError, OSError) as exc:
-            raise SystemExit(f"error: the run's {split} split: {exc}")
-        except ValueError as exc:
-            if train_args.get("data") and not os.path.isdir(str(train_args["data"])):
-                raise SystemExit(f"error: the run's data set is gone: {exc}")
-            print(f"skipped the {split} split: {exc}", file=sys.stderr)
-            continue
-        if not len(d.counts):
-            print(f"skipped the {split} split: it holds no images", file=sys.stderr)
-            continue
-        data[split] = d
-    if not data:
-        raise SystemExit("error: neither the test nor the test7 split of the run's data can be used")
-
-    with torch.no_grad():
-        for split, d in data.items():
-            pick = np.arange(min(args.num, len(d)))
-            x, _ = d.get_batch(pick)
-            save(reconstruction_figure(model, x, np.asarray(d.counts)[pick], dataset=dataset, split=split),
-                 f"reconstructions_{split}.png")
-        save(sample_figure(model, 2 * args.num, baseline=baseline, seed=args.seed, per_row=args.num, dataset=dataset),
-             "samples.png")
-        save(fixed_count_figure(model, 2 * args.num, seed=args.seed, per_row=args.num, dataset=dataset),
-             "fixed_count.png")
-        for split, d in data.items():
-            # The scenes with the most objects, so that the swap has two objects to exchange.
-            pick = np.sort(np.argsort(-np.asarray(d.counts), kind="stable")[: min(args.num, 4)])
-            x, _ = d.get_batch(pick)
-            lat = model.infer(x)
-            kw = {"dataset": dataset, "split": split}
-            for name, make in (
-                    ("swap", lambda: swap_figure(model, lat, **kw)),
-                    ("traverse_location", lambda: location_traversal_figure(model, lat, steps=args.num, **kw)),
-                    ("traverse_appearance", lambda: appearance_traversal_figure(model, lat, steps=args.num, **kw))):
-                try:
-                    save(make(), f"{name}_{split}.png")
-                except ValueError as exc:  # e.g. an untrained model that finds no objects
-                    print(f"skipped {name}_{split}.png: {exc}", file=sys.stderr)
-    metrics = os.path.join(args.run_dir, "metrics.jsonl") if is_run else None
-    records = read_metrics(metrics) if metrics and os.path.isfile(metrics) else []
-    if records:
-        save(training_curves_figure(records, dataset=dataset), "training_curves.png")
-    else:
-        print("skipped training_curves.png: no metrics.jsonl (a run directory has one)", file=sys.stderr)
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -70,8 +70,9 @@ def run_contents(out: str) -> List[str]:
 
 def validation_score(result: Dict) -> tuple:
     """What the best checkpoint maximises, from :func:`lavae_fast.evaluate.evaluate_split` on the
-    validation split: count accuracy (LAVAE; the baseline has none), then the −ELBO, lower better."""
-    return (float(result.get("count_accuracy", 0.0)), -float(result["neg_elbo"]["mean"]))
+    validation split: count accuracy (LAVAE; the baseline and an unlabelled set have none), then the
+    −ELBO, lower better."""
+    return (float(result.get("count_accuracy") or 0.0), -float(result["neg_elbo"]["mean"]))
 
 
 def best_on_record(path: str, start: int):

@@ -211,3 +211,100 @@ def test_bound_on_the_images_counted_right_averages_exactly_those(monkeypatch):
     assert set(by) == {str(k) for k in np.unique(c)}
     assert sum(by[str(k)] * (c == k).sum() for k in np.unique(c)) / len(c) == pytest.approx(res["neg_elbo"]["mean"],
                                                                                            rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluators by model class: the evaluation knows no kind of model
+# ---------------------------------------------------------------------------------------------
+
+
+class _Ink(torch.nn.Module):
+    """A model the evaluation has never heard of: its −ELBO is the image's ink, in two terms."""
+
+    def forward(self, x):
+        from types import SimpleNamespace
+
+        ink = x.flatten(1).sum(1)
+        return SimpleNamespace(neg_elbo=ink, a=0.25 * ink, b=0.75 * ink)
+
+
+def _scenes(n):
+    from lavae_fast.data import MultiObjectDataset, generate_arrays
+
+    return MultiObjectDataset.from_arrays(generate_arrays("multi-dsprites", n, 3, canvas=(32, 32), counts=(0, 3)))
+
+
+def test_the_evaluator_of_a_model_is_found_by_its_class_and_bases():
+    from lavae_fast import BetaVAE, LAVAE
+    from lavae_fast.evaluate import (EVALUATORS, BetaVAEEvaluator, Evaluator, LAVAEEvaluator, evaluator_class,
+                                     register_evaluator)
+
+    class Wider(BetaVAE):
+        pass
+
+    assert evaluator_class(LAVAE(channels=3, canvas=(32, 32), sprite_size=21, width=6, sprite_width=36)) \
+        is LAVAEEvaluator
+    assert evaluator_class(Wider(channels=3, canvas=(32, 32), width=8)) is BetaVAEEvaluator  # along the MRO
+    assert evaluator_class(_Ink()) is Evaluator  # the default
+
+    class InkEvaluator(Evaluator):
+        terms = ("a", "b")
+
+    try:
+        assert register_evaluator(_Ink, InkEvaluator) is InkEvaluator and evaluator_class(_Ink()) is InkEvaluator
+    finally:
+        EVALUATORS.pop(_Ink)
+    with pytest.raises(TypeError, match="Evaluator subclass"):
+        register_evaluator(_Ink, lambda model: None)
+    with pytest.raises(TypeError, match="model_class must be a class"):
+        register_evaluator(_Ink(), InkEvaluator)
+
+
+def test_the_default_evaluator_measures_any_model_with_a_neg_elbo(monkeypatch):
+    from lavae_fast.evaluate import EVALUATORS, Evaluator, evaluate_split
+
+    data = _scenes(10)
+    x, counts = data.get_batch(range(10))
+    ink = x.flatten(1).sum(1).double().numpy()
+    res = evaluate_split(_Ink(), data, K=0, batch_size=4)
+    assert list(res) == ["images", "bound_images", "K", "neg_elbo", "neg_elbo_terms", "neg_elbo_by_count"]
+    assert res["neg_elbo"]["mean"] == pytest.approx(ink.mean()) and res["neg_elbo_terms"] == {}
+    assert res["neg_elbo_by_count"] == {str(k): pytest.approx(ink[counts == k].mean()) for k in np.unique(counts)}
+    with pytest.raises(ValueError, match="_Ink has no log_likelihood"):
+        evaluate_split(_Ink(), data, K=5)
+
+    class InkEvaluator(Evaluator):
+        terms = ("a", "b")
+
+        def results(self, nll):
+            return {"bounded": len(nll)}
+
+    monkeypatch.setitem(EVALUATORS, _Ink, InkEvaluator)
+    model = _Ink()
+    draws = []
+
+    def log_likelihood(xb, K, generator):  # the bound draws from the evaluation's generator
+        draws.append(torch.rand(1, generator=generator).item())
+        return -xb.flatten(1).sum(1) - K
+
+    model.log_likelihood = log_likelihood
+    res = evaluate_split(model, data, K=5, batch_size=4, n_bound=6, seed=3)
+    assert res["neg_elbo_terms"] == {"a": pytest.approx(0.25 * ink.mean()), "b": pytest.approx(0.75 * ink.mean())}
+    assert res["nll_bound"]["mean"] == pytest.approx(ink[:6].mean() + 5) and res["bounded"] == 6
+    assert list(res)[-1] == "bounded"  # the evaluator's own results come last
+    g = torch.Generator().manual_seed(3)
+    assert draws == [torch.rand(1, generator=g).item() for _ in range(2)]  # 2 batches hold the 6 bounded images
+
+
+def test_the_printed_table_shows_an_evaluators_own_metrics():
+    from lavae_fast.evaluate import RunResults
+
+    meta = {"model": "ink", "dataset": "multi-dsprites", "canvas": [32, 32], "step": 4, "K": 0,
+            "data": {"own": True, "path": None, "fingerprint": "f"}}
+    results = {"test": {"images": 3, "bound_images": 3, "K": 0, "neg_elbo": {"mean": 5.0, "sem": 1.0},
+                        "neg_elbo_terms": {}, "neg_elbo_by_count": {"1": 5.0}, "ink_share": 0.125}}
+    text = RunResults(meta, results, "unused.json").summary()
+    assert text.splitlines()[0] == "ink on multi-dsprites [32, 32], step 4, K = 0"
+    rows = [ln.split()[0] for ln in text.splitlines()[1:] if not ln.startswith("-")]
+    assert rows == ["metric", "images", "−ELBO", "−ELBO", "−ELBO", "ink_share"]  # the sizes stay in the file
+    assert "0.1250" in text.splitlines()[-1]

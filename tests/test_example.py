@@ -1,5 +1,7 @@
-"""examples/train_loop.py, the plain-PyTorch loop on lavae_fast.Recipe, runs as documented."""
+"""The examples run as documented: examples/train_loop.py, the plain-PyTorch loop on lavae_fast.Recipe,
+and examples/train_with_trainer.py, the same training through lavae_fast.Trainer."""
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +23,24 @@ def test_train_loop_example_runs_a_few_steps(tmp_path):
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("count accuracy on 32 held-out images: ")]
     assert line, res.stdout
     assert 0.0 <= float(line[0].rsplit(" ", 1)[1]) <= 1.0
+
+
+def test_trainer_example_trains_resumes_and_evaluates(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_with_trainer.py"), "--steps", "4",
+                          "--out", str(run)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "first session: stopped at step 2 of 4" in res.stdout and "resumed at step 2" in res.stdout
+    assert "second session: done at step 4" in res.stdout, res.stdout
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("count accuracy on 32 test images: ")]
+    assert line, res.stdout
+    assert 0.0 <= float(line[0].rsplit(" ", 1)[1]) <= 1.0
+    with open(run / "metrics.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if "eval" not in r] == [1, 2, 3, 4]
+    with open(run / "checkpoint.best.eval.json") as f:
+        assert json.load(f)["results"]["test"]["images"] == 32
 
 
 @pytest.mark.slow

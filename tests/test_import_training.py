@@ -62,3 +62,26 @@ def test_an_imported_set_needs_its_directory_and_its_name(imported, tmp_path):
             t.setup()
     with pytest.raises(ConfigError, match="sprite_size"):
         TrainConfig(out="r", sprite_size=8).checked()  # odd only
+
+
+def test_an_unlabelled_set_trains_and_evaluates_saying_what_it_skipped(tmp_path):
+    from lavae_fast.evaluate import evaluate_run
+
+    pngs, out = str(tmp_path / "pngs"), str(tmp_path / "set")
+    write_scene_folder(pngs, n=120, canvas=32, seed=4)
+    os.remove(os.path.join(pngs, "labels.csv"))  # the scenes alone, as a user's folder would be
+    import_images(pngs, out, progress=False)
+    run = str(tmp_path / "r")
+    train(TrainConfig(out=run, data=out, **{**SMALL, "eval_every": 2, "eval_size": 8}))
+    logged = _metrics(run)
+    assert not any("count_acc" in r or "loc_acc" in r for r in logged if "eval" not in r)
+    evals = [r["eval"] for r in logged if "eval" in r]
+    assert evals and all(set(e) == {"val", "test"} for e in evals)  # no test7 in an imported set
+    for e in evals:
+        assert "count_accuracy" not in e["val"] and e["val"]["neg_elbo_by_count"] == {}
+        assert "no labels" in e["val"]["skipped"]
+    # Without counts, the best checkpoint is the lowest validation −ELBO.
+    best = load_run_checkpoint(os.path.join(run, "checkpoint.best.pt"))[0]
+    assert best["validation"]["neg_elbo"]["mean"] == min(e["val"]["neg_elbo"]["mean"] for e in evals)
+    res = evaluate_run(run, splits=("test",), K=2, n_eval=8).results["test"]
+    assert res["nll_bound"]["mean"] > 0 and res["nll_bound_by_count"] == {} and "count_accuracy" not in res

@@ -192,6 +192,15 @@ def test_readers_of_a_run_do_not_import_the_trainer(reader):
         f"{reader} imports lavae_fast.train (directly or through the modules it imports)")
 
 
+@pytest.mark.parametrize("reader", ["lavae_fast.evaluate", "lavae_fast.figures", "lavae_fast.metrics"])
+def test_the_evaluation_imports_no_training_module(reader):
+    # Every module reaches the recipes through the package's __init__ (lavae_fast.Recipe), so this
+    # checks the module's own imports: the evaluation finds a model's evaluator by its class, never
+    # through a recipe or the trainer.
+    training = {"lavae_fast.train", "lavae_fast.trainer", "lavae_fast.train_config", "lavae_fast.recipe"}
+    assert not import_graph()[reader] & training
+
+
 def test_the_model_knows_only_the_ops_api():
     graph = import_graph()
     models = [name for name in graph if _layer(name) == "lavae_fast.models"]

@@ -38,7 +38,7 @@ MODULES = {
     "lavae_fast.data.shapes": ["draw_scenes", "write_scene_folder"],
     "lavae_fast.recipe": ["Recipe", "LAVAERecipe", "BetaVAERecipe", "register_recipe"],
     "lavae_fast.train": ["main"],
-    "lavae_fast.evaluate": ["main"],
+    "lavae_fast.evaluate": ["main", "evaluate_run"],
     "lavae_fast.figures": ["main"],
     "lavae_fast.pretrained": ["REGISTRY", "resolve", "shipped"],
     "lavae_fast.pretrained.shipping": ["export"],

@@ -195,6 +195,50 @@ def test_a_third_recipe_trains_and_resumes_through_the_unchanged_trainer(tmp_pat
     assert logged[-1]["loss"] < logged[0]["loss"]  # it learns
 
 
+def test_a_third_recipe_evaluates_and_exports_through_the_unchanged_trainer_evaluation_and_hub(tmp_path, tiny_recipe,
+                                                                                              capsys):
+    """The tiny model has no evaluator of its own and no bound: the default one measures its −ELBO,
+    during fit (the best checkpoint is chosen on the validation split) and on its finished run."""
+    from lavae_fast.evaluate import EvaluationError, Evaluator, evaluate_run, evaluator_class
+    from lavae_fast.evaluate import main as eval_main
+
+    run = str(tmp_path / "tiny")
+    train(TrainConfig(out=run, **{**SMALL, "model": "tiny", "n_val": 6, "eval_every": 3, "eval_size": 8}))
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "eval" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in evals:
+        assert set(r["eval"]) == {"val", "test"}  # test7 holds no image (n_test7 = 0)
+        val = r["eval"]["val"]
+        assert val["images"] == 6 and val["neg_elbo"]["mean"] > 0 and val["neg_elbo_terms"] == {}
+        assert "count_accuracy" not in val and "nll_bound" not in val
+    best = load_run_checkpoint(os.path.join(run, "checkpoint.best.pt"))[0]
+    lowest = min(evals, key=lambda r: r["eval"]["val"]["neg_elbo"]["mean"])
+    assert best["step"] == lowest["step"] and best["validation"]["neg_elbo"] == lowest["eval"]["val"]["neg_elbo"]
+    with Trainer(TrainConfig(out=run, resume=True, **{**SMALL, "model": "tiny"})) as trainer:
+        assert evaluator_class(trainer.setup().model) is Evaluator
+
+    # The readers of a run find its model class by the kind the recipe registered: nothing in the
+    # hub or the evaluation names it.
+    with pytest.raises(EvaluationError, match="no log_likelihood.*--K 0"):  # before the work
+        evaluate_run(run)
+    ours = evaluate_run(os.path.join(run, "checkpoint.best.pt"), splits=("val", "test"), K=0)
+    assert ours.meta["model"] == "tiny" and ours.meta["step"] == best["step"]
+    assert ours.results["val"]["neg_elbo"]["mean"] == pytest.approx(best["validation"]["neg_elbo"]["mean"], rel=1e-5)
+    assert eval_main([run, "--K", "0", "--splits", "test", "--threads", "1"]) == 0
+    assert "tiny on multi-dsprites [32, 32], step 6, K = 0" in capsys.readouterr().out
+    with open(os.path.join(run, "eval.json")) as f:
+        assert json.load(f)["results"]["test"]["images"] == 16
+    # Exported as a model file with its provenance, and loaded back as its own class.
+    from lavae_fast.loading import load_model
+    from lavae_fast.pretrained.shipping import export
+
+    shipped = export(run, out=str(tmp_path / "tiny.pt"), train_commit="abc")
+    model, state = load_model(shipped)
+    assert isinstance(model, TinyAE) and state["provenance"]["config"]["model"] == "tiny"
+    assert state["provenance"]["metrics"]["results"]["test"]["images"] == 16
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine: chosen where a model runs, not stored with it
 # ---------------------------------------------------------------------------------------------
