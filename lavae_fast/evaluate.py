@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=positive_int, default=None, help="images per split for accuracies (default all)")
     p.add_argument("--n-bound", type=nonneg_int, default=None, help="images per split that get the K-sample bound")
     p.add_argument("--batch-size", type=_cli.batch_size, default=32)
-    p.add_argument("--splits", default="test,test7", help="comma-separated splits")
+    p.add_argument("--splits", default=None, help="comma-separated splits (default test,test7: those of them the "
+                                                  "data holds; an imported set has no test7)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--ops", choices=["fused", "reference"], default=None, help="engine (default: the run's)")
     p.add_argument("--count-window", type=odd_positive_int, default=None, metavar="N",
@@ -471,7 +472,10 @@ class RunResults:
         return True
 
 
-def evaluate_run(run: str, *, splits: Sequence[str] = ("test", "test7"), K: int = 100, n_eval: Optional[int] = None,
+DEFAULT_SPLITS = ("test", "test7")
+
+
+def evaluate_run(run: str, *, splits: Optional[Sequence[str]] = None, K: int = 100, n_eval: Optional[int] = None,
                  n_bound: Optional[int] = None, batch_size: int = 32, data: Optional[str] = None,
                  out: Optional[str] = None, device="cpu", ops: Optional[str] = None,
                  count_window: Optional[int] = None, exclusion_window: Optional[int] = None, seed: int = 0,
@@ -481,6 +485,8 @@ def evaluate_run(run: str, *, splits: Sequence[str] = ("test", "test7"), K: int 
     ``python -m lavae_fast.evaluate`` does before printing and writing the results
     (:meth:`RunResults.summary`, :meth:`RunResults.save`).
 
+    ``splits``: default :data:`DEFAULT_SPLITS`, those of them the data holds (an imported set has
+    no "test7"); named splits must all be there.
     ``out``: the results file (default :func:`default_results_path`); ``ops``, ``count_window``,
     ``exclusion_window``: the engine and the windows to evaluate with (default the model's own;
     a window the model has none of is an error). Everything that can fail on the inputs — the
@@ -491,6 +497,8 @@ def evaluate_run(run: str, *, splits: Sequence[str] = ("test", "test7"), K: int 
     # Where the results go is checked (and its folder made) before the long work.
     path = _results_file(run, out, identity, own)
     _set_options(model, run, ckpt["model_config"]["kind"], ops, count_window, exclusion_window, K)
+    if splits is None:
+        splits = _held_splits(train_args)
     datas = _load_splits(model, ckpt, train_args, splits, explicit=bool(data))
     t0 = time.time()
     results = {split: evaluate_split(model, datas[split], K=K, batch_size=batch_size, n_eval=n_eval,
@@ -574,6 +582,21 @@ def _set_options(model, run: str, kind: str, ops: Optional[str], count_window: O
                               "for the K-sample bound: evaluate it with --K 0")
 
 
+def _held_splits(train_args: Dict) -> Tuple[str, ...]:
+    """:data:`DEFAULT_SPLITS`, less those the run's data directory does not hold (an imported set has
+    no "test7"); generated data holds both."""
+    root = train_args.get("data")
+    if not root:
+        return DEFAULT_SPLITS
+    from .data.storage import read_meta
+
+    try:
+        held = read_meta(root).get("splits", {})
+    except (ValueError, OSError):  # reported, with its reason, when the split is loaded
+        return DEFAULT_SPLITS
+    return tuple(s for s in DEFAULT_SPLITS if s in held) or DEFAULT_SPLITS
+
+
 def _load_splits(model, ckpt: Dict, train_args: Dict, splits: Sequence[str], explicit: bool) -> Dict:
     """{split: its data}, each checked to fit the model (and, for the run's own data, to be the set
     it was trained on) and, for a model with an exclusion window, to hold that window."""
@@ -619,9 +642,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    splits = [s for s in args.splits.split(",") if s]
-    bad = [s for s in splits if s not in SPLITS]
-    if bad or not splits:
+    splits = None if args.splits is None else [s for s in args.splits.split(",") if s]
+    bad = [] if splits is None else [s for s in splits if s not in SPLITS]
+    if bad or splits == []:
         parser.error(f"--splits must be a comma-separated subset of train,val,test,test7, got {args.splits!r}")
     try:
         torch.device(args.device)

@@ -85,3 +85,14 @@ def test_an_unlabelled_set_trains_and_evaluates_saying_what_it_skipped(tmp_path)
     assert best["validation"]["neg_elbo"]["mean"] == min(e["val"]["neg_elbo"]["mean"] for e in evals)
     res = evaluate_run(run, splits=("test",), K=2, n_eval=8).results["test"]
     assert res["nll_bound"]["mean"] > 0 and res["nll_bound_by_count"] == {} and "count_accuracy" not in res
+
+
+def test_evaluate_takes_the_splits_an_imported_set_holds(imported, tmp_path):
+    from lavae_fast.evaluate import EvaluationError, evaluate_run
+
+    run = str(tmp_path / "r")
+    train(TrainConfig(out=run, data=imported, **{**SMALL, "steps": 2}))
+    res = evaluate_run(run, K=0, n_eval=8)  # default: test and test7, those the set holds
+    assert list(res.results) == ["test"] and 0.0 <= res.results["test"]["count_accuracy"] <= 1.0
+    with pytest.raises(EvaluationError, match="split 'test7'.*not 'test7'"):  # named: it must be there
+        evaluate_run(run, splits=("test", "test7"), K=0, n_eval=8)
