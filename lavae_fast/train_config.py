@@ -45,18 +45,6 @@ class ConfigError(ValueError):
     The CLI reports it as a usage error (exit code 2)."""
 
 
-def _scale(s):
-    if s == "auto":
-        return s
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, got {s}")
-    return v
-
-
 def _auto_or_length(positive: bool):
     """'auto' or a finite length in pixels (> 0 when ``positive``, else >= 0)."""
     need = "> 0" if positive else ">= 0"
@@ -163,7 +151,7 @@ class TrainConfig:
                                           "100)", run=True, type=_cli.positive_float)
     warmup_scale: Union[str, float] = _setting(
         "auto", "multiplier of the aux VAE's KL map as h_loc's target: a number (1 = the raw map, nats per latent "
-                "location) or 'auto' (peaks lifted to 2·4γ, see aux_vae.auto_target_scale)", run=True, type=_scale)
+                "location) or 'auto' (peaks lifted to 2·4γ, see aux_vae.auto_target_scale)", run=True, type=_auto_or_length(True))
     warmup_peak: float = _setting(
         2.0, "height of the target's object peaks as a multiple of the threshold 4γ (with --warmup-target map: of the "
              "auto-scaled map's typical peak)", run=True, type=_cli.positive_float)
